@@ -1,0 +1,28 @@
+"""sessionscope: one SQLAlchemy Session per concurrent unit, enforced.
+
+``scoped_session`` is a drop-in for SQLAlchemy's whose default scope is the unit actually running:
+a thread, a greenlet (gevent, eventlet, raw), an asyncio task or a trio task. A unit never receives
+another unit's implicit session, and its session is closed when it ends. ``Session.scope()`` gives a
+block its own session that commits, rolls back and closes.
+"""
+
+from __future__ import annotations
+
+from ._scope import SessionScope
+from ._scoping import scoped_session
+from ._units import ThreadUnit, Unit, current_unit, describe_unit
+from .exc import CrossUnitError, ScopeEndedError, ShareNothingError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CrossUnitError",
+    "ScopeEndedError",
+    "SessionScope",
+    "ShareNothingError",
+    "ThreadUnit",
+    "Unit",
+    "current_unit",
+    "describe_unit",
+    "scoped_session",
+]

@@ -1,0 +1,89 @@
+"""Registries that follow SQLAlchemy's protocol (``__call__``, ``has``, ``set``, ``clear``).
+
+``UnitRegistry`` is the default: one session per concurrent unit, closed when the unit ends.
+``ScopefuncRegistry`` is SQLAlchemy's own ``ScopedRegistry`` for an explicit ``scopefunc``. Both
+answer with the active ``Session.scope()`` session first, so scopes work whatever the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.util import ScopedRegistry
+
+from ._scope import ScopeState
+from ._session_end import close_quietly_or_invalidate
+from ._unit_local import UnitLocal
+
+S = TypeVar("S")
+
+
+class UnitRegistry(Generic[S]):
+    """One session per concurrent unit (see :func:`sessionscope.current_unit`)."""
+
+    def __init__(
+        self,
+        createfunc: Callable[[], S],
+        scope_var: ContextVar[ScopeState[S] | None],
+        on_unit_end: Callable[[S], None] = close_quietly_or_invalidate,
+    ) -> None:
+        self.createfunc = createfunc
+        self._scope_var = scope_var
+        self._local: UnitLocal[S] = UnitLocal(on_unit_end)
+
+    def __call__(self) -> S:
+        scope = self._scope_var.get()
+        if scope is not None:
+            return scope.session_for_use()
+        session = self._local.get()
+        if session is None:
+            session = self.createfunc()
+            self._local.set(session)
+        return session
+
+    def has(self) -> bool:
+        """Whether the current unit has a session: its scope's, or an implicit one."""
+        scope = self._scope_var.get()
+        return (scope is not None and not scope.ended) or self._local.get() is not None
+
+    def set(self, obj: S) -> None:
+        self._local.set(obj)
+
+    def clear(self) -> None:
+        self._local.pop()
+
+    def implicit(self) -> S | None:
+        """The current unit's implicit session (not a scope's), or None."""
+        return self._local.get()
+
+    def __len__(self) -> int:
+        """How many units hold an implicit session now."""
+        return len(self._local)
+
+
+class ScopefuncRegistry(ScopedRegistry[S]):
+    """SQLAlchemy's ``ScopedRegistry`` keyed by the application's ``scopefunc``, scope-aware."""
+
+    def __init__(
+        self,
+        createfunc: Callable[[], S],
+        scopefunc: Callable[[], Any],
+        scope_var: ContextVar[ScopeState[S] | None],
+    ) -> None:
+        super().__init__(createfunc, scopefunc)
+        self._scope_var = scope_var
+
+    def __call__(self) -> S:
+        scope = self._scope_var.get()
+        if scope is not None:
+            return scope.session_for_use()
+        return super().__call__()
+
+    def has(self) -> bool:
+        scope = self._scope_var.get()
+        return (scope is not None and not scope.ended) or super().has()
+
+    def implicit(self) -> S | None:
+        return super().__call__() if super().has() else None

@@ -1,0 +1,198 @@
+"""Explicit scopes: ``with Session.scope() as s:`` commits, rolls back, closes.
+
+The active scope of a registry lives in a :class:`contextvars.ContextVar`, which is exactly what
+makes it follow the block into work the block hands off and waits for: ``asyncio.to_thread``,
+``contextvars.copy_context().run``, anyio/Starlette thread pools and asgiref all run that work in a
+copy of the caller's context. (``loop.run_in_executor`` does not copy the context; work sent there
+gets its own implicit session.) A unit that outlives the block and still asks for the scope's
+session gets :class:`~sessionscope.exc.ScopeEndedError` instead of a closed session.
+
+Nesting: a ``scope()`` inside an active one joins it (same session; the outer block alone commits
+or rolls back); ``scope(new=True)`` always starts an independent session.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import exc as sa_exc
+
+from ._session_end import seal
+from ._units import Unit, current_unit, describe_unit
+from .exc import CrossUnitError, ScopeEndedError, background
+
+S = TypeVar("S")
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("sessionscope")
+
+
+class ScopeState(Generic[S]):
+    """The session of one active (or ended) scope and who opened it."""
+
+    __slots__ = ("session", "owner", "ended")
+
+    def __init__(self, session: S, owner: Unit) -> None:
+        self.session = session
+        self.owner = owner
+        self.ended = False
+
+    def session_for_use(self) -> S:
+        if self.ended:
+            raise ScopeEndedError(
+                f"The session of a Session.scope() block opened in {describe_unit(self.owner)} "
+                f"was requested by {describe_unit(current_unit())} after the block had ended; the "
+                "session is closed. Wait for work you hand off before leaving the block (await "
+                "it, join it), or give that work a scope of its own. " + background("scope-ended")
+            )
+        return self.session
+
+
+class SessionScope(Generic[S]):
+    """What ``Session.scope()`` returns: a context manager around one session.
+
+    On a successful block the session commits (or rolls back with ``commit=False``); when the
+    block raises it rolls back and the exception propagates unchanged; either way it is closed.
+    """
+
+    def __init__(
+        self,
+        scope_var: ContextVar[ScopeState[S] | None],
+        factory: Callable[..., S],
+        *,
+        new: bool,
+        commit: bool,
+        session_kw: dict[str, Any],
+    ) -> None:
+        self._var = scope_var
+        self._factory = factory
+        self._new = new
+        self._commit = commit
+        self._session_kw = session_kw
+        self._entered_by: Unit | None = None
+        self._state: ScopeState[S] | None = None
+        self._token: Token[ScopeState[S] | None] | None = None
+
+    def enter(self) -> S:
+        """Open (or join) the scope; shared by the sync and async context-manager protocols."""
+        if self._entered_by is not None:
+            raise sa_exc.InvalidRequestError(
+                "This Session.scope() was already entered; call Session.scope() again for "
+                "another block."
+            )
+        self._entered_by = current_unit()
+        outer = self._var.get()
+        if outer is not None and not outer.ended and not self._new:
+            if self._session_kw:
+                raise sa_exc.InvalidRequestError(
+                    "A nested Session.scope() joins the enclosing scope's session and cannot take "
+                    f"session arguments ({', '.join(sorted(self._session_kw))}); use "
+                    "Session.scope(new=True, ...) for an independent session."
+                )
+            return outer.session
+        self._state = ScopeState(self._factory(**self._session_kw), self._entered_by)
+        self._token = self._var.set(self._state)
+        return self._state.session
+
+    def __enter__(self) -> S:
+        return self.enter()
+
+    def check_exit_unit(self) -> bool:
+        """True if exiting from the unit that entered; else end the scope safely and raise."""
+        if self._entered_by is None:
+            raise sa_exc.InvalidRequestError("Session.scope() exited without being entered.")
+        exiting = current_unit()
+        if exiting is self._entered_by:
+            return True
+        message = (
+            f"Session.scope() was entered in {describe_unit(self._entered_by)} but exited in "
+            f"{describe_unit(exiting)}. A scope must end in the unit that began it"
+        )
+        if self._state is not None:
+            message += "; its work was rolled back (not committed) and its session closed"
+        raise CrossUnitError(
+            message + ". Use `with`/`async with` in one unit, and hand other units objects with "
+            "sessionscope.copy_to() or a scope of their own. " + background("scope-cross-unit")
+        )
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            same_unit = self.check_exit_unit()
+        except CrossUnitError:
+            self.finish(commit=False, failing=True)
+            raise
+        if same_unit:
+            self.finish(commit=self._commit and exc_type is None, failing=exc_type is not None)
+
+    def finish(self, *, commit: bool, failing: bool) -> None:
+        """Commit if asked, then always close; a joined scope leaves this to its outer block."""
+        state = self._state
+        if state is None:
+            return
+        try:
+            if commit:
+                state.session.commit()  # type: ignore[attr-defined]
+        except BaseException:
+            failing = True
+            raise
+        finally:
+            state.ended = True
+            try:
+                state.session.close()  # type: ignore[attr-defined]
+            except Exception:
+                if not failing:
+                    raise
+                log.exception("sessionscope: closing a scope's session failed")
+            finally:
+                seal(state.session)
+                self._reset_var()
+
+    def _reset_var(self) -> None:
+        if self._token is None:
+            return
+        try:
+            self._var.reset(self._token)
+        except ValueError:  # exited in another context: that context's copy keeps the ended state
+            pass
+
+
+def scoped_decorator(
+    open_scope: Callable[..., SessionScope[Any]],
+    fn: F | None,
+    *,
+    new: bool,
+    commit: bool,
+    session_kw: dict[str, Any],
+) -> Any:
+    """``@Session.scoped`` / ``@Session.scoped(new=True)``: run each call in its own scope."""
+    if fn is None:
+        return lambda f: scoped_decorator(
+            open_scope, f, new=new, commit=commit, session_kw=session_kw
+        )
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"@scoped on {fn.__qualname__}: a coroutine needs an AsyncSession scope; use "
+            "sessionscope.async_scoped_session(...).scoped."
+        )
+    if inspect.isgeneratorfunction(fn):
+        raise TypeError(
+            f"@scoped on generator {fn.__qualname__}: the scope would end at the first yield; "
+            "open `with Session.scope():` inside the generator instead."
+        )
+
+    @functools.wraps(fn)
+    def run_in_scope(*args: Any, **kwargs: Any) -> Any:
+        with open_scope(new=new, commit=commit, **session_kw):
+            return fn(*args, **kwargs)
+
+    return run_in_scope

@@ -1,0 +1,42 @@
+"""How a session is let go of when nobody will use it again: closed, or at worst invalidated.
+
+Used when a unit ends without ``remove()``. The point is that the connection goes back to the pool
+through the front door (``close()`` rolls back and checks it in), never through the garbage
+collector, which SQLAlchemy reports as "The garbage collector is trying to clean up non-checked-in
+connection".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:  # SQLAlchemy >= 2.0.22: a closed session can refuse further use
+    from sqlalchemy.orm.session import _SessionCloseState
+
+    _CLOSED: Any = _SessionCloseState.CLOSED
+except ImportError:  # pragma: no cover
+    _CLOSED = None
+
+
+def close_quietly_or_invalidate(session: Any) -> None:
+    """Close ``session``; if closing fails (a dead connection), invalidate it, then re-raise."""
+    try:
+        session.close()
+    except BaseException:
+        invalidate = getattr(session, "invalidate", None)
+        if invalidate is not None:
+            try:
+                invalidate()
+            except Exception:  # the original error is the one worth reporting
+                pass
+        raise
+
+
+def seal(session: Any) -> None:
+    """Make a closed session refuse further use, as ``Session(close_resets_only=False)`` does.
+
+    Any later use then fails with SQLAlchemy's own "This Session has been permanently closed"
+    instead of silently opening a new transaction behind a scope that has ended.
+    """
+    if _CLOSED is not None and hasattr(session, "_close_state"):
+        session._close_state = _CLOSED

@@ -1,0 +1,91 @@
+"""Which concurrent unit is running now: one function in front of one small module per model.
+
+Order matters and is deliberate: an asyncio task, else a trio task, else a greenlet that is not a
+thread's main greenlet, else the OS thread. A task runs inside some greenlet (usually the thread's
+main one), so tasks must be asked about first; a greenlet runs inside a thread, so greenlets come
+before threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from greenlet import greenlet
+
+from .. import _fork
+from . import _asyncio, _greenlet, _trio
+from ._greenlet import ThreadUnit
+
+Unit = Hashable
+"""An asyncio ``Task``, a trio ``Task``, a ``greenlet`` or a :class:`ThreadUnit`."""
+
+__all__ = ["ThreadUnit", "Unit", "current_unit", "describe_unit", "watch_unit_end"]
+
+
+def current_unit() -> Unit:
+    """The concurrent unit running now, as a hashable object that lives exactly as long as it.
+
+    - the running asyncio task; else
+    - the running trio task; else
+    - the current greenlet, when it is not a thread's main greenlet (gevent, eventlet, raw
+      greenlets; monkey-patched before, after or never). SQLAlchemy's internal greenlets are looked
+      through, so AsyncSession event hooks belong to the task that drives them; else
+    - the real OS thread, as a :class:`ThreadUnit`.
+
+    Identities are the objects themselves, never ``id()`` values, which are reused once an object
+    dies. A forked child gets a new identity for its thread.
+    """
+    task = _asyncio.running_task()
+    if task is not None:
+        return task
+    trio_task = _trio.running_task()
+    if trio_task is not None:
+        return trio_task
+    current = _greenlet.driving_greenlet()
+    if current.parent is None:
+        return _greenlet.thread_unit(current)
+    return current
+
+
+def describe_unit(unit: Unit) -> str:
+    """A human description of ``unit`` for error messages: kind and name."""
+    if isinstance(unit, asyncio.Task):
+        return _asyncio.describe(unit)
+    if isinstance(unit, ThreadUnit):
+        return _greenlet.describe_thread(unit)
+    if isinstance(unit, greenlet):
+        return _greenlet.describe(unit)
+    if type(unit).__module__.startswith("trio"):
+        return _trio.describe(unit)
+    return repr(unit)
+
+
+def watch_unit_end(unit: Unit, callback: Callable[[], None]) -> Callable[[], None]:
+    """Arrange for ``callback`` to run once ``unit`` has ended; returns a function that cancels.
+
+    A thread is watched through its main greenlet, so this must be called from that thread.
+    """
+    if isinstance(unit, asyncio.Task):
+        return _asyncio.watch_end(unit, callback)
+    if isinstance(unit, greenlet):
+        return _greenlet.watch_end(unit, callback)
+    if isinstance(unit, ThreadUnit):
+        main = _greenlet.main_greenlet_of_thread(unit)
+        if main is None:
+            raise RuntimeError(f"{describe_unit(unit)} can only be watched from itself")
+        return _greenlet.watch_end(main, callback)
+    return _trio.watch_end(unit, callback)
+
+
+def is_finished(unit: Any) -> bool:
+    """True when ``unit`` is known to have finished (used to sweep raw greenlets kept alive)."""
+    if isinstance(unit, greenlet):
+        return bool(unit.dead)
+    if isinstance(unit, asyncio.Task):
+        return unit.done()
+    return False
+
+
+_fork.on_fork_in_child(_greenlet.renew_thread_unit)

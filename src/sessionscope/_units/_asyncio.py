@@ -1,0 +1,49 @@
+"""asyncio: the running task is the unit.
+
+A task's "current task" stays set while SQLAlchemy's internal greenlets run inside the task's step
+(the AsyncSession runs the ORM inside ``greenlet_spawn``), so ORM event hooks of an AsyncSession
+resolve to the task that drives them without any special case here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+_get_running_loop = asyncio.events._get_running_loop
+
+try:  # CPython 3.10-3.13 keep the loop -> task mapping in a dict; reading it skips a call.
+    from asyncio.tasks import _current_tasks as _current_tasks_by_loop
+
+    current_task_of_loop: Callable[[Any], asyncio.Task[Any] | None] = _current_tasks_by_loop.get
+except ImportError:  # pragma: no cover - newer interpreters keep it in the thread state
+
+    def current_task_of_loop(loop: Any) -> asyncio.Task[Any] | None:
+        return asyncio.current_task(loop)
+
+
+def running_task() -> asyncio.Task[Any] | None:
+    """The asyncio task running in this thread, or None outside a task."""
+    loop = _get_running_loop()
+    if loop is None:
+        return None
+    return current_task_of_loop(loop)
+
+
+def watch_end(task: asyncio.Task[Any], callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` on the task's loop once the task is done (result, error or cancel)."""
+
+    def on_done(_: asyncio.Future[Any]) -> None:
+        callback()
+
+    task.add_done_callback(on_done)
+
+    def cancel() -> None:
+        task.remove_done_callback(on_done)
+
+    return cancel
+
+
+def describe(task: asyncio.Task[Any]) -> str:
+    return f"asyncio task {task.get_name()!r}"

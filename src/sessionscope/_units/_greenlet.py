@@ -1,0 +1,154 @@
+"""Greenlets and OS threads: the current greenlet is the unit, unless it is a thread's main one.
+
+Every OS thread has exactly one *main* greenlet (``parent is None``) for its whole life, whatever
+gevent or eventlet patched and whenever they patched it, so "main greenlet" is how sessionscope
+recognises "plain thread code" and the main greenlet's ``__dict__`` is where a thread keeps its
+sessions. It is freed when the thread exits, which is the signal that the thread ended.
+
+SQLAlchemy's own greenlets (``__sqlalchemy_greenlet_provider__``, spawned by AsyncSession to run the
+ORM) are looked through: code in them belongs to the greenlet that drives them.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from greenlet import getcurrent, greenlet
+
+SQLALCHEMY_PROVIDER = "__sqlalchemy_greenlet_provider__"
+THREAD_UNIT_ATTR = "_sessionscope_thread_unit"
+
+
+class ThreadUnit:
+    """The identity of one OS thread (the real one, also under monkey-patching).
+
+    A token rather than :class:`threading.Thread`: under gevent or eventlet patching
+    ``threading.current_thread()`` answers for greenlets, and foreign threads only have dummy Thread
+    objects that never die. One token lives on each thread's main greenlet; a forked child gets a
+    new one, so a child never shares a unit with its parent.
+    """
+
+    __slots__ = ("name", "native_id", "__weakref__")
+
+    def __init__(self) -> None:
+        self.name = threading.current_thread().name
+        self.native_id = threading.get_native_id()
+
+    def __repr__(self) -> str:
+        return f"<ThreadUnit {self.name!r} native_id={self.native_id}>"
+
+
+def driving_greenlet() -> greenlet:
+    """The current greenlet, looking through SQLAlchemy's internal greenlets."""
+    current = getcurrent()
+    while getattr(current, SQLALCHEMY_PROVIDER, False) and current.parent is not None:
+        current = current.parent
+    return current
+
+
+def thread_unit(main: greenlet) -> ThreadUnit:
+    """The token of the thread whose main greenlet is ``main``."""
+    unit: ThreadUnit | None = main.__dict__.get(THREAD_UNIT_ATTR)
+    if unit is None:
+        unit = main.__dict__[THREAD_UNIT_ATTR] = ThreadUnit()
+    return unit
+
+
+def main_greenlet_of_thread(unit: ThreadUnit) -> greenlet | None:
+    """The main greenlet holding ``unit``, when asked from that very thread (else None)."""
+    main = getcurrent()
+    while main.parent is not None:
+        main = main.parent
+    return main if main.__dict__.get(THREAD_UNIT_ATTR) is unit else None
+
+
+def renew_thread_unit() -> list[Any]:
+    """After fork: the surviving thread gets a new identity; the old token is abandoned."""
+    main = getcurrent()
+    while main.parent is not None:
+        main = main.parent
+    old = main.__dict__.pop(THREAD_UNIT_ATTR, None)
+    return [old] if old is not None else []
+
+
+def _in_hub() -> Callable[[Callable[[], None]], None] | None:
+    """If running in a gevent or eventlet hub, a way to run work in a fresh greenlet instead.
+
+    Closing a session may do network I/O, and a hub must never block: gevent raises
+    ``BlockingSwitchOutError`` and eventlet deadlocks.
+    """
+    current = getcurrent()
+    gevent_hub = sys.modules.get("gevent.hub")
+    if gevent_hub is not None and isinstance(current, gevent_hub.Hub):
+        import gevent
+
+        return lambda fn: gevent.spawn(fn) and None
+    eventlet_hubs = sys.modules.get("eventlet.hubs")
+    if eventlet_hubs is not None:
+        hub = getattr(eventlet_hubs._threadlocal, "hub", None)
+        if hub is not None and hub.greenlet is current:
+            import eventlet
+
+            return lambda fn: eventlet.spawn_n(fn) and None
+    return None
+
+
+def run_outside_hub(callback: Callable[[], None]) -> None:
+    """Run ``callback`` now, or in a fresh greenlet when the caller is a gevent/eventlet hub."""
+    spawn = _in_hub()
+    if spawn is None:
+        callback()
+    else:
+        spawn(callback)
+
+
+def watch_end(unit: greenlet, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` when ``unit`` finishes, is killed, or is garbage collected.
+
+    gevent Greenlets and eventlet GreenThreads announce their end (``rawlink`` / ``link``), so the
+    session is closed as the greenlet finishes even if the application keeps the greenlet object.
+    Every greenlet, raw ones and a thread's main greenlet included, is also watched weakly: the
+    callback runs when it is freed. ``callback`` must tolerate being called more than once.
+    """
+
+    def on_freed(_: Any) -> None:
+        run_outside_hub(callback)
+
+    watchers: list[Any] = [weakref.ref(unit, on_freed)]
+    cancels: list[Callable[[], None]] = []
+
+    rawlink = getattr(unit, "rawlink", None)  # gevent.Greenlet
+    if rawlink is not None:
+
+        def on_gevent_end(_: Any) -> None:
+            run_outside_hub(callback)
+
+        rawlink(on_gevent_end)
+        cancels.append(lambda: unit.unlink(on_gevent_end))  # type: ignore[attr-defined]
+    elif hasattr(unit, "link") and hasattr(unit, "unlink") and hasattr(unit, "_exit_event"):
+
+        def on_eventlet_end(_: Any) -> None:  # eventlet.greenthread.GreenThread
+            run_outside_hub(callback)
+
+        unit.link(on_eventlet_end)
+        cancels.append(lambda: unit.unlink(on_eventlet_end))  # type: ignore[attr-defined]
+
+    def cancel() -> None:
+        watchers.clear()  # dropping the weakref disarms its callback
+        for undo in cancels:
+            undo()
+
+    return cancel
+
+
+def describe(unit: greenlet) -> str:
+    name = getattr(unit, "name", None) or type(unit).__name__
+    return f"greenlet {name!r} at {id(unit):#x}"
+
+
+def describe_thread(unit: ThreadUnit) -> str:
+    return f"thread {unit.name!r} (native id {unit.native_id})"

@@ -1,0 +1,32 @@
+"""sessionscope's errors, in SQLAlchemy's style: what happened, why it matters, what to do.
+
+All of them subclass :class:`sqlalchemy.exc.InvalidRequestError`, so code that already catches
+SQLAlchemy's misuse errors catches these too. Each message ends with a pointer into
+``docs/errors.md``, where the pattern behind it is explained.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+
+DOCS = "docs/errors.md"
+
+
+def background(anchor: str) -> str:
+    return f"(Background on this error: sessionscope {DOCS}#{anchor})"
+
+
+class ShareNothingError(sa_exc.InvalidRequestError):
+    """A session, or an object attached to it, was used outside the unit that owns it.
+
+    A Session and every object attached to it are proxies for one database connection, so the
+    whole graph belongs to one concurrent unit at a time ("share nothing").
+    """
+
+
+class CrossUnitError(ShareNothingError):
+    """A unit used (or ended) something that belongs to another unit."""
+
+
+class ScopeEndedError(sa_exc.ResourceClosedError):
+    """The session of a ``Session.scope()`` block was asked for after the block ended."""
