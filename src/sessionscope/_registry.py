@@ -11,11 +11,17 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
+import sys
+
+from greenlet import getcurrent
 from sqlalchemy.util import ScopedRegistry
 
 from ._scope import ScopeState
 from ._session_end import close_quietly_or_invalidate
 from ._unit_local import UnitLocal
+from ._units._asyncio import _get_running_loop, current_task_of_loop
+
+_modules = sys.modules
 
 S = TypeVar("S")
 
@@ -32,15 +38,33 @@ class UnitRegistry(Generic[S]):
         self.createfunc = createfunc
         self._scope_var = scope_var
         self._local: UnitLocal[S] = UnitLocal(on_unit_end)
+        self._key = self._local._key
+        self._task_values = self._local._task_values
 
     def __call__(self) -> S:
+        # The hot path of every proxied call: UnitLocal.get() inlined, see there.
         scope = self._scope_var.get()
         if scope is not None:
             return scope.session_for_use()
+        loop = _get_running_loop()
+        if loop is not None:
+            task = current_task_of_loop(loop)
+            if task is not None:
+                try:
+                    return self._task_values[task]
+                except KeyError:
+                    return self._create()
+        if "trio" not in _modules:
+            try:
+                return getcurrent().__dict__[self._key]  # type: ignore[no-any-return]
+            except KeyError:
+                pass
         session = self._local.get()
-        if session is None:
-            session = self.createfunc()
-            self._local.set(session)
+        return self._create() if session is None else session
+
+    def _create(self) -> S:
+        session = self.createfunc()
+        self._local.set(session)
         return session
 
     def has(self) -> bool:

@@ -2,20 +2,26 @@
 
 Where a unit's value lives is chosen for the speed of the lookup that every proxied call makes:
 
-- greenlets, and threads through their main greenlet: in the greenlet's own ``__dict__``. The value
-  dies with the greenlet; a lookup is ``getcurrent().__dict__.get(key)``.
-- asyncio and trio tasks (which take no attributes): in a dict keyed by the task itself. The task
-  is held strongly only until its done-callback (asyncio) or trio's ``task_exited`` removes it.
+- greenlets, and threads through their main greenlet: in the greenlet's own ``__dict__``. A lookup
+  is ``getcurrent().__dict__[key]``.
+- asyncio and trio tasks (which take no attributes): in a dict keyed by the task itself, held
+  strongly only until the task's end is reported.
 
-Nothing is keyed by ``id()``. When a unit ends, ``on_end(value)`` runs once (a registry closes its
-session there), even if the application never says so; see :func:`watch_unit_end` for how each
-kind of unit announces its end.
+Nothing is keyed by ``id()``. When a unit ends, ``on_end(value)`` runs exactly once (a registry
+closes its session there), even if the application never says so. The signals: an asyncio task's
+done-callback, trio's ``task_exited``, a thread's own teardown, gevent/eventlet end-of-greenlet links,
+and for every greenlet a weak reference that fires when it is freed. Raw greenlets that finished
+but are still referenced are swept whenever the number of live entries doubles.
+
+Each live unit costs one small ``_Entry`` (which is also its end listener) and, for greenlets, one
+weak reference: no closures per unit.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -23,38 +29,63 @@ from typing import Any, Generic, TypeVar
 from greenlet import getcurrent, greenlet
 
 from . import _fork
-from ._units import ThreadUnit, current_unit, describe_unit, is_finished, watch_unit_end
+from ._units import (
+    ThreadUnit,
+    current_unit,
+    describe_unit,
+    is_finished,
+    unwatch_unit_end,
+    watch_unit_end,
+)
 from ._units import _trio
 from ._units._asyncio import _get_running_loop, current_task_of_loop
-from ._units._greenlet import main_greenlet_of_thread
+from ._units._greenlet import THREAD_UNIT_ATTR, main_greenlet_of_thread, run_outside_hub
 
 T = TypeVar("T")
 
 log = logging.getLogger("sessionscope")
 _ids = itertools.count(1)
+_modules = sys.modules
 _all_locals: weakref.WeakSet[UnitLocal[Any]] = weakref.WeakSet()
 _SWEEP_MIN = 64
+_MISSING: Any = object()
 
 
 class _Entry:
-    """One unit's value, and how to forget it."""
+    """One unit's value in one ``UnitLocal``; also the listener told when the unit ends."""
 
-    __slots__ = ("value", "holder_ref", "description", "cancel_watch", "__weakref__")
+    __slots__ = ("value", "local", "holder", "__weakref__")
 
-    def __init__(self, value: Any, holder: Any, description: str) -> None:
+    def __init__(self, value: Any, local: UnitLocal[Any], holder: Any) -> None:
         self.value = value
-        # The holder is the greenlet whose __dict__ keeps the value (a thread's main greenlet for a
-        # thread), or the task. Tasks are held strongly until their end-callback fires; greenlets
-        # weakly, since they die on their own.
-        self.holder_ref: Callable[[], Any] = (
-            weakref.ref(holder) if isinstance(holder, greenlet) else (lambda: holder)
-        )
-        self.description = description
-        self.cancel_watch: Callable[[], None] = _noop
+        self.local = local
+        if isinstance(holder, greenlet):
+            # Weak: a greenlet dies on its own. Being freed is an end signal too (raw greenlets
+            # have no other), but a thread's main greenlet is freed late, on the main thread, so
+            # a thread's end comes from its own teardown instead (see _units._thread).
+            is_thread = holder.parent is None
+            self.holder: Any = weakref.ref(holder, None if is_thread else self.unit_ended)
+        else:
+            self.holder = holder  # a task, strongly, until its end is reported
 
+    def holder_object(self) -> Any:
+        holder = self.holder
+        return holder() if isinstance(holder, weakref.ref) else holder
 
-def _noop() -> None:
-    pass
+    def unit_ended(self, *_: Any) -> None:
+        """The end signal of any kind of unit; safe to receive more than once, anywhere."""
+        run_outside_hub(self._end)
+
+    def _end(self) -> None:
+        self.local._end(self)
+
+    def describe(self) -> str:
+        holder = self.holder_object()
+        if holder is None:
+            return "a greenlet that has been freed"
+        if isinstance(holder, greenlet) and holder.parent is None:
+            return describe_unit(holder.__dict__.get(THREAD_UNIT_ATTR, holder))
+        return describe_unit(holder)
 
 
 class UnitLocal(Generic[T]):
@@ -71,15 +102,18 @@ class UnitLocal(Generic[T]):
         _all_locals.add(self)
 
     def get(self) -> T | None:
-        """The current unit's value, or None. The hot path of every registry lookup."""
+        """The current unit's value, or None. The hot path of every registry lookup.
+
+        ``UnitRegistry.__call__`` inlines this body (a call costs as much as the lookup); keep the
+        two in step.
+        """
         loop = _get_running_loop()
         if loop is not None:
             task = current_task_of_loop(loop)
             if task is not None:
                 return self._task_values.get(task)
-        if _trio._run_context is not None or _trio._bind() is not None:
-            if _trio.running_task() is not None:
-                return self._get_slow()
+        if "trio" in _modules and _trio.running_task() is not None:
+            return self._get_slow()
         value: T | None = getcurrent().__dict__.get(self._key)
         if value is None:
             return self._get_slow()
@@ -98,47 +132,31 @@ class UnitLocal(Generic[T]):
         unit = current_unit()
         holder = _holder_of(unit)
         entry = self._entry_of(holder)
-        if entry is not None:
-            entry.value = value
-            self._store(holder, value, entry)
-            return
-        if len(self._live) >= self._sweep_at:
-            self._sweep()
-        entry = _Entry(value, holder, describe_unit(unit))
-        self._store(holder, value, entry)
-        self._live[entry] = None
-        entry_ref = weakref.ref(entry)
-
-        def on_unit_end() -> None:
-            ended = entry_ref()
-            if ended is not None:
-                self._end(ended)
-
-        entry.cancel_watch = watch_unit_end(unit, on_unit_end)
-
-    def pop(self) -> T | None:
-        """Forget the current unit's value without ending it; return it (or None)."""
-        entry = self._entry_of(_holder_of(current_unit()))
         if entry is None:
-            return None
-        self._live.pop(entry, None)
-        self._forget_storage(entry)
-        entry.cancel_watch()
-        value: T = entry.value
-        return value
-
-    def _entry_of(self, holder: Any) -> _Entry | None:
-        if isinstance(holder, greenlet):
-            return holder.__dict__.get(self._entry_key)
-        return self._task_entries.get(holder)
-
-    def _store(self, holder: Any, value: T, entry: _Entry) -> None:
+            if len(self._live) >= self._sweep_at:
+                self._sweep()
+            entry = _Entry(value, self, holder)
+            self._live[entry] = None
+            watch_unit_end(unit, entry)
+        entry.value = value
         if isinstance(holder, greenlet):
             holder.__dict__[self._key] = value
             holder.__dict__[self._entry_key] = entry
         else:
             self._task_values[holder] = value
             self._task_entries[holder] = entry
+
+    def pop(self) -> T | None:
+        """Forget the current unit's value without ending it; return it (or None)."""
+        unit = current_unit()
+        entry = self._entry_of(_holder_of(unit))
+        if entry is None:
+            return None
+        self._live.pop(entry, None)
+        self._forget_storage(entry)
+        unwatch_unit_end(unit, entry)
+        value: T = entry.value
+        return value
 
     def __len__(self) -> int:
         """How many units hold a value right now."""
@@ -147,53 +165,48 @@ class UnitLocal(Generic[T]):
     def values(self) -> list[T]:
         return [entry.value for entry in list(self._live)]
 
+    def _entry_of(self, holder: Any) -> _Entry | None:
+        if isinstance(holder, greenlet):
+            return holder.__dict__.get(self._entry_key)
+        return self._task_entries.get(holder)
+
     def _forget_storage(self, entry: _Entry) -> None:
-        holder = entry.holder_ref()
-        if holder is None:
-            return  # a freed greenlet took its __dict__ with it
+        holder = entry.holder_object()
         if isinstance(holder, greenlet):
             holder.__dict__.pop(self._key, None)
             holder.__dict__.pop(self._entry_key, None)
-        else:
+        elif holder is not None:
             self._task_values.pop(holder, None)
             self._task_entries.pop(holder, None)
-        entry.holder_ref = _gone  # release a task held strongly
+        entry.holder = None  # release a task held strongly, disarm a greenlet's weak reference
 
     def _end(self, entry: _Entry) -> None:
         """The unit of ``entry`` ended: forget it and hand its value to ``on_end``, once."""
         if self._live.pop(entry, _MISSING) is _MISSING:
             return
+        description = entry.describe()
         self._forget_storage(entry)
-        entry.cancel_watch()
         try:
             self._on_end(entry.value)
         except Exception:  # an end-of-unit hook must never break a loop, a hub or a thread exit
-            log.exception("sessionscope: cleaning up after %s failed", entry.description)
+            log.exception("sessionscope: cleaning up after %s failed", description)
 
     def _sweep(self) -> None:
         """End entries whose greenlet finished but is still referenced by the application."""
         for entry in list(self._live):
-            holder = entry.holder_ref()
+            holder = entry.holder_object()
             if holder is not None and is_finished(holder):
                 self._end(entry)
         self._sweep_at = max(_SWEEP_MIN, 2 * len(self._live))
 
     def _forget_parent_units(self) -> list[Any]:
-        abandoned: list[Any] = []
-        for entry in list(self._live):
+        abandoned = list(self._live)
+        for entry in abandoned:
             self._forget_storage(entry)
-            abandoned.append(entry)
         self._live.clear()
         self._task_values.clear()
         self._task_entries.clear()
         return abandoned
-
-
-_MISSING: Any = object()
-
-
-def _gone() -> None:
-    return None
 
 
 def _holder_of(unit: Any) -> Any:

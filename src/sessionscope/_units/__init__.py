@@ -9,19 +9,26 @@ before threads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 from greenlet import greenlet
 
 from .. import _fork
-from . import _asyncio, _greenlet, _trio
+from . import _asyncio, _greenlet, _thread, _trio
 from ._greenlet import ThreadUnit
 
 Unit = Hashable
 """An asyncio ``Task``, a trio ``Task``, a ``greenlet`` or a :class:`ThreadUnit`."""
 
-__all__ = ["ThreadUnit", "Unit", "current_unit", "describe_unit", "watch_unit_end"]
+__all__ = [
+    "ThreadUnit",
+    "Unit",
+    "current_unit",
+    "describe_unit",
+    "unwatch_unit_end",
+    "watch_unit_end",
+]
 
 
 def current_unit() -> Unit:
@@ -62,21 +69,33 @@ def describe_unit(unit: Unit) -> str:
     return repr(unit)
 
 
-def watch_unit_end(unit: Unit, callback: Callable[[], None]) -> Callable[[], None]:
-    """Arrange for ``callback`` to run once ``unit`` has ended; returns a function that cancels.
+def watch_unit_end(unit: Unit, listener: Any) -> None:
+    """Arrange for ``listener.unit_ended()`` to be called once ``unit`` has ended.
 
-    A thread is watched through its main greenlet, so this must be called from that thread.
+    Must be called from ``unit`` itself. It may be called more than once (a greenlet that finishes
+    and is then freed); listeners make it idempotent. Raw greenlets have no end signal: their
+    storage is watched for being freed instead (see ``UnitLocal``).
     """
     if isinstance(unit, asyncio.Task):
-        return _asyncio.watch_end(unit, callback)
-    if isinstance(unit, greenlet):
-        return _greenlet.watch_end(unit, callback)
-    if isinstance(unit, ThreadUnit):
-        main = _greenlet.main_greenlet_of_thread(unit)
-        if main is None:
-            raise RuntimeError(f"{describe_unit(unit)} can only be watched from itself")
-        return _greenlet.watch_end(main, callback)
-    return _trio.watch_end(unit, callback)
+        _asyncio.watch_end(unit, listener)
+    elif isinstance(unit, greenlet):
+        _greenlet.watch_end(unit, listener)
+    elif isinstance(unit, ThreadUnit):
+        _thread.watch_end(listener)
+    else:
+        _trio.watch_end(unit, listener)
+
+
+def unwatch_unit_end(unit: Unit, listener: Any) -> None:
+    """Undo :func:`watch_unit_end`; called from ``unit`` itself."""
+    if isinstance(unit, asyncio.Task):
+        _asyncio.unwatch_end(unit, listener)
+    elif isinstance(unit, greenlet):
+        _greenlet.unwatch_end(unit, listener)
+    elif isinstance(unit, ThreadUnit):
+        _thread.unwatch_end(listener)
+    else:
+        _trio.unwatch_end(unit, listener)
 
 
 def is_finished(unit: Any) -> bool:

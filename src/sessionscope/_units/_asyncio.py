@@ -31,18 +31,13 @@ def running_task() -> asyncio.Task[Any] | None:
     return current_task_of_loop(loop)
 
 
-def watch_end(task: asyncio.Task[Any], callback: Callable[[], None]) -> Callable[[], None]:
-    """Call ``callback`` on the task's loop once the task is done (result, error or cancel)."""
+def watch_end(task: asyncio.Task[Any], listener: Any) -> None:
+    """Call ``listener.unit_ended(task)`` on the task's loop once it is done (any outcome)."""
+    task.add_done_callback(listener.unit_ended)
 
-    def on_done(_: asyncio.Future[Any]) -> None:
-        callback()
 
-    task.add_done_callback(on_done)
-
-    def cancel() -> None:
-        task.remove_done_callback(on_done)
-
-    return cancel
+def unwatch_end(task: asyncio.Task[Any], listener: Any) -> None:
+    task.remove_done_callback(listener.unit_ended)
 
 
 def describe(task: asyncio.Task[Any]) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -106,43 +105,24 @@ def run_outside_hub(callback: Callable[[], None]) -> None:
         spawn(callback)
 
 
-def watch_end(unit: greenlet, callback: Callable[[], None]) -> Callable[[], None]:
-    """Call ``callback`` when ``unit`` finishes, is killed, or is garbage collected.
+def watch_end(unit: greenlet, listener: Any) -> None:
+    """Call ``listener.unit_ended()`` when a gevent or eventlet greenlet finishes or is killed.
 
-    gevent Greenlets and eventlet GreenThreads announce their end (``rawlink`` / ``link``), so the
-    session is closed as the greenlet finishes even if the application keeps the greenlet object.
-    Every greenlet, raw ones and a thread's main greenlet included, is also watched weakly: the
-    callback runs when it is freed. ``callback`` must tolerate being called more than once.
+    Those announce their end (``rawlink`` / ``link``), so the session is closed as the greenlet
+    finishes even if the application keeps the greenlet object. Raw greenlets announce nothing;
+    ``UnitLocal`` watches them (and all others) by a weak reference that fires when they are freed.
     """
+    if hasattr(unit, "rawlink"):  # gevent.Greenlet
+        unit.rawlink(listener.unit_ended)
+    elif hasattr(unit, "link") and hasattr(unit, "_exit_event"):  # eventlet GreenThread
+        unit.link(listener.unit_ended)
 
-    def on_freed(_: Any) -> None:
-        run_outside_hub(callback)
 
-    watchers: list[Any] = [weakref.ref(unit, on_freed)]
-    cancels: list[Callable[[], None]] = []
-
-    rawlink = getattr(unit, "rawlink", None)  # gevent.Greenlet
-    if rawlink is not None:
-
-        def on_gevent_end(_: Any) -> None:
-            run_outside_hub(callback)
-
-        rawlink(on_gevent_end)
-        cancels.append(lambda: unit.unlink(on_gevent_end))  # type: ignore[attr-defined]
-    elif hasattr(unit, "link") and hasattr(unit, "unlink") and hasattr(unit, "_exit_event"):
-
-        def on_eventlet_end(_: Any) -> None:  # eventlet.greenthread.GreenThread
-            run_outside_hub(callback)
-
-        unit.link(on_eventlet_end)
-        cancels.append(lambda: unit.unlink(on_eventlet_end))  # type: ignore[attr-defined]
-
-    def cancel() -> None:
-        watchers.clear()  # dropping the weakref disarms its callback
-        for undo in cancels:
-            undo()
-
-    return cancel
+def unwatch_end(unit: greenlet, listener: Any) -> None:
+    if hasattr(unit, "rawlink"):
+        unit.unlink(listener.unit_ended)
+    elif hasattr(unit, "link") and hasattr(unit, "_exit_event"):
+        unit.unlink(listener.unit_ended)
 
 
 def describe(unit: greenlet) -> str:

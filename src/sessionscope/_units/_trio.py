@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 _run_context: Any = None  # trio._core._run.GLOBAL_RUN_CONTEXT once trio has been imported
@@ -34,36 +33,36 @@ def running_task() -> Any:
 
 
 class _TaskEndInstrument:
-    """Calls the callbacks registered for a task when trio reports that it exited."""
+    """Tells the listeners registered for a task when trio reports that it exited."""
 
     def __init__(self) -> None:
-        self.callbacks: dict[Any, list[Callable[[], None]]] = {}
+        self.listeners: dict[Any, list[Any]] = {}
 
     def task_exited(self, task: Any) -> None:
-        for callback in self.callbacks.pop(task, ()):
-            callback()
+        for listener in self.listeners.pop(task, ()):
+            listener.unit_ended()
 
 
 _instruments: weakref.WeakKeyDictionary[Any, _TaskEndInstrument] = weakref.WeakKeyDictionary()
 
 
-def watch_end(task: Any, callback: Callable[[], None]) -> Callable[[], None]:
-    """Call ``callback`` in trio's run loop when ``task`` exits."""
+def watch_end(task: Any, listener: Any) -> None:
+    """Call ``listener.unit_ended()`` in trio's run loop when ``task`` exits."""
     import trio
 
     runner = _run_context.runner
     instrument = _instruments.get(runner)
     if instrument is None:
         instrument = _instruments[runner] = _TaskEndInstrument()
-        trio.lowlevel.add_instrument(instrument)  # type: ignore[arg-type]
-    instrument.callbacks.setdefault(task, []).append(callback)
+        trio.lowlevel.add_instrument(instrument)
+    instrument.listeners.setdefault(task, []).append(listener)
 
-    def cancel() -> None:
-        callbacks = instrument.callbacks.get(task)
-        if callbacks and callback in callbacks:
-            callbacks.remove(callback)
 
-    return cancel
+def unwatch_end(task: Any, listener: Any) -> None:
+    instrument = _instruments.get(_run_context.runner)
+    listeners = instrument.listeners.get(task, []) if instrument is not None else []
+    if listener in listeners:
+        listeners.remove(listener)
 
 
 def describe(task: Any) -> str:

@@ -1,0 +1,77 @@
+"""OS threads: how a thread's end is seen, in that very thread.
+
+CPython clears a thread's ``_thread._local`` storage while the ending thread still runs (in
+``PyThreadState_Clear``, before ``Thread.join()`` can return). A sentinel kept in such a local is
+therefore freed *in the ending thread*, early enough that its session is closed by its own thread
+(SQLite's same-thread check holds) and before anyone joining it looks at the pool. A thread's main
+greenlet, by contrast, is freed later through a pending call that only the main thread runs.
+
+The local must be the interpreter's own: gevent and eventlet replace ``_thread._local`` with a
+greenlet-local one when they patch, so the original is fetched from them when needed.
+"""
+
+from __future__ import annotations
+
+import _thread
+import atexit
+import sys
+from typing import Any, Protocol
+
+
+class UnitEndListener(Protocol):
+    def unit_ended(self, *_: Any) -> None: ...
+
+
+def _original_local_type() -> Any:
+    local_type = _thread._local
+    if local_type.__module__ == "_thread":
+        return local_type
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("thread"):
+        return gevent_monkey.get_original("_thread", "_local")
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None:
+        return eventlet_patcher.original("_thread")._local
+    return local_type  # pragma: no cover - an unknown patcher; best effort
+
+
+_shutting_down = False
+
+
+@atexit.register
+def _at_exit() -> None:  # the main thread's locals are cleared late in shutdown: leave it be
+    global _shutting_down
+    _shutting_down = True
+
+
+class _ThreadEndSentinel:
+    """Lives in the thread's own local storage; telling listeners when the thread is done."""
+
+    __slots__ = ("listeners",)
+
+    def __init__(self) -> None:
+        self.listeners: list[UnitEndListener] = []
+
+    def __del__(self) -> None:
+        if _shutting_down:
+            return
+        for listener in self.listeners:
+            listener.unit_ended()
+
+
+_per_thread = _original_local_type()()
+
+
+def watch_end(listener: UnitEndListener) -> None:
+    """Call ``listener.unit_ended()`` in the current thread when it ends."""
+    sentinel = getattr(_per_thread, "sentinel", None)
+    if sentinel is None:
+        sentinel = _per_thread.sentinel = _ThreadEndSentinel()
+    sentinel.listeners.append(listener)
+
+
+def unwatch_end(listener: UnitEndListener) -> None:
+    """Stop watching for ``listener`` (called from the same thread)."""
+    sentinel = getattr(_per_thread, "sentinel", None)
+    if sentinel is not None and listener in sentinel.listeners:
+        sentinel.listeners.remove(listener)

@@ -1,0 +1,87 @@
+"""Shared fixtures: real databases only.
+
+``db_url`` runs a test on an SQLite file and on the PostgreSQL server at 127.0.0.1:5432 (psycopg).
+Outside CI an unreachable server skips with its reason; with CI=true it fails the test, because CI
+promises PostgreSQL. Each PostgreSQL test works in a schema of its own, so parallel or repeated runs
+don't see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import QueuePool
+
+from tests.models import Base
+
+PG_URL = os.environ.get("SESSIONSCOPE_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require_server(reason: str) -> None:
+    """Skip (locally) or fail (in CI) when a database server the test needs is unreachable."""
+    if IN_CI:
+        pytest.fail(f"CI requires this server: {reason}")
+    pytest.skip(reason)
+
+
+def postgres_available() -> str | None:
+    """None if PostgreSQL answers, else why not."""
+    try:
+        engine = create_engine(PG_URL)
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        return f"PostgreSQL at {PG_URL} unreachable: {type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_schema() -> Iterator[str]:
+    reason = postgres_available()
+    if reason:
+        require_server(reason)
+    schema = f"ss_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f'create schema "{schema}"'))
+    yield schema
+    with engine.begin() as conn:
+        conn.execute(text(f'drop schema "{schema}" cascade'))
+    engine.dispose()
+
+
+def sqlite_file_url(tmp_path: os.PathLike[str]) -> str:
+    return f"sqlite:///{os.path.join(os.fspath(tmp_path), 'sessionscope-test.db')}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> str:
+    """A database URL (SQLite file, PostgreSQL via psycopg) with the test tables created empty."""
+    if request.param == "sqlite":
+        url = sqlite_file_url(tmp_path)
+        engine = create_engine(url)
+    else:
+        schema = request.getfixturevalue("pg_schema")
+        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+        engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on ``db_url`` with a real pool; asserts every connection came back."""
+    kw = {"poolclass": QueuePool, "pool_size": 5, "max_overflow": 60, "pool_timeout": 10}
+    if db_url.startswith("sqlite"):
+        kw["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    eng = create_engine(db_url, **kw)
+    yield eng
+    eng.dispose()

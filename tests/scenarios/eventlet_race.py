@@ -1,0 +1,50 @@
+"""eventlet: 30 greenlet requests through one scoped session registry; prints the facts as JSON.
+
+    python eventlet_race.py --registry {sqlalchemy,sessionscope} \
+        --patch {before,after,never} --url URL
+
+``before``: ``eventlet.monkey_patch()`` before SQLAlchemy is imported; ``after``: SQLAlchemy and
+sessionscope are imported and the registry is created, then eventlet patches, then the engine is
+made (see below why); ``never``: no patching, greenlets switch only at ``eventlet.sleep``.
+See ``_common.run_race`` for the workload.
+"""
+
+from __future__ import annotations
+
+from _eventlet import args, green, patch_after, patched  # first: may monkey-patch
+
+# isort: split
+from _common import (
+    capture_diagnostics,
+    make_engine,
+    make_registry,
+    probe_cooperative_io,
+    psycopg_wait_function,
+    report,
+    reset_table,
+    run_race,
+    versions,
+)
+
+Session = make_registry(args.registry)
+# --patch after: the registry exists, then eventlet patches. The engine is made after patching:
+# eventlet cannot green the RLock of a pool created before (it says so, and SQLAlchemy's pool then
+# fails with "cannot notify on un-acquired lock" whatever the registry).
+patch_after()
+engine = make_engine(args.url)
+Session.configure(bind=engine)
+capture_diagnostics()
+reset_table(args.url)
+facts = {
+    "framework": "eventlet",
+    "registry": args.registry,
+    "patch": args.patch,
+    "patched": patched(),
+    "dialect": engine.dialect.name,
+    "psycopg_wait": psycopg_wait_function(),
+    "db_io_cooperative": probe_cooperative_io(green, args.url),
+    "versions": versions("eventlet"),
+}
+facts.update(run_race(green, Session, engine, args.url))
+report(facts)
+engine.dispose()  # close idle pooled connections before the interpreter exits
