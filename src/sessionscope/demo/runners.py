@@ -24,10 +24,6 @@ Runner = Callable[[int, StartRequest], None]
 THREAD_PAUSE_SECONDS = 0.005
 """Long enough for the other threads to run; every thread waits at a barrier first anyway."""
 
-THREAD_SETTLE_SECONDS = 0.05
-"""greenlet frees an ended thread's main greenlet (the signal sessionscope watches) a little after
-``join()`` returns, in the main thread, as a pending call: the main thread must get to run."""
-
 GEVENT_SETTLE_SECONDS = 0.05
 """gevent reports a finished greenlet from its hub, which hands cleanup to a fresh greenlet."""
 
@@ -45,8 +41,7 @@ def run_in_threads(units: int, start_request: StartRequest) -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
-    time.sleep(THREAD_SETTLE_SECONDS)
+        thread.join()  # a thread's session is closed in that thread, before join() returns
 
 
 def run_in_greenlets(units: int, start_request: StartRequest) -> None:
