@@ -10,20 +10,35 @@ closed even if nobody calls ``remove()``. On top, ``scope()`` / ``scoped`` open 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Any, TypeVar, overload
 
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
+from sqlalchemy.util import warn_deprecated
 
-from ._registry import ScopefuncRegistry, UnitRegistry
-from ._scope import ScopeState, SessionScope, scoped_decorator
+from ._scope import SessionScope, scoped_decorator
+from ._session_end import close_quietly_or_invalidate
+from ._unit_scoping import UnitScoping
 
 _S = TypeVar("_S", bound=Session)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class scoped_session(_sa_scoped_session[_S]):
+def _warn_if_asyncio(session: Any) -> None:
+    """SQLAlchemy's deprecation warning for an AsyncSession in a sync scoped_session.
+
+    SQLAlchemy checks on every call; here it is checked once, when the session is made.
+    """
+    if getattr(session, "_is_asyncio", False):
+        warn_deprecated(
+            "Using `scoped_session` with asyncio is deprecated and "
+            "will raise an error in a future version. "
+            "Please use `async_scoped_session` instead.",
+            "1.4.23",
+        )
+
+
+class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[misc]
     """A drop-in ``sqlalchemy.orm.scoped_session`` whose default scope is the concurrent unit.
 
     :param session_factory: any callable making a session, usually a ``sessionmaker``.
@@ -32,21 +47,22 @@ class scoped_session(_sa_scoped_session[_S]):
      session, closed when that unit ends.
     """
 
-    registry: UnitRegistry[_S] | ScopefuncRegistry[_S]  # type: ignore[assignment]
+    def __new__(cls, session_factory: Any = None, scopefunc: Any = None) -> Any:
+        if scopefunc is not None and cls is scoped_session:
+            cls = _scopefunc_scoped_session
+        return super().__new__(cls)
 
     def __init__(
         self,
         session_factory: Callable[..., _S],
         scopefunc: Callable[[], Any] | None = None,
     ) -> None:
-        self.session_factory = session_factory  # type: ignore[assignment]
-        self._scope_var: ContextVar[ScopeState[_S] | None] = ContextVar(
-            "sessionscope.scope", default=None
+        self._set_up_registry(
+            session_factory,
+            scopefunc,
+            on_unit_end=close_quietly_or_invalidate,
+            on_create=_warn_if_asyncio,
         )
-        if scopefunc:
-            self.registry = ScopefuncRegistry(session_factory, scopefunc, self._scope_var)
-        else:
-            self.registry = UnitRegistry(session_factory, self._scope_var)
 
     def remove(self) -> None:
         """Close and discard the current unit's implicit session, if any.
@@ -84,3 +100,10 @@ class scoped_session(_sa_scoped_session[_S]):
     ) -> Any:
         """Decorator form of :meth:`scope`: ``@Session.scoped`` or ``@Session.scoped(new=True)``."""
         return scoped_decorator(self.scope, fn, new=new, commit=commit, session_kw=kw)
+
+
+class _scopefunc_scoped_session(scoped_session[_S]):
+    """``scoped_session(factory, scopefunc)``: SQLAlchemy's registry, SQLAlchemy's lookups."""
+
+    _proxied = _sa_scoped_session._proxied
+    __call__ = _sa_scoped_session.__call__

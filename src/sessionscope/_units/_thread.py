@@ -35,13 +35,14 @@ def _original_local_type() -> Any:
     return local_type  # pragma: no cover - an unknown patcher; best effort
 
 
-_shutting_down = False
+# The main thread's locals are cleared late in interpreter shutdown, after module globals have
+# been set to None; the sentinel reaches this state through a default argument, which survives.
+_interpreter = {"shutting_down": False}
 
 
 @atexit.register
-def _at_exit() -> None:  # the main thread's locals are cleared late in shutdown: leave it be
-    global _shutting_down
-    _shutting_down = True
+def _at_exit() -> None:
+    _interpreter["shutting_down"] = True
 
 
 class _ThreadEndSentinel:
@@ -52,9 +53,9 @@ class _ThreadEndSentinel:
     def __init__(self) -> None:
         self.listeners: list[UnitEndListener] = []
 
-    def __del__(self) -> None:
-        if _shutting_down:
-            return
+    def __del__(self, _interpreter: dict[str, bool] = _interpreter) -> None:
+        if _interpreter["shutting_down"]:
+            return  # connections die with the process; nothing may run this late
         for listener in self.listeners:
             listener.unit_ended()
 

@@ -1,0 +1,65 @@
+"""What sessionscope's ``scoped_session`` and ``async_scoped_session`` add to SQLAlchemy's.
+
+Mixed in front of SQLAlchemy's own classes, so all their generated proxies, ``configure``, errors
+and warnings stay SQLAlchemy's. This mixin swaps the registry for a :class:`UnitRegistry`, and
+makes ``_proxied`` (what every proxy calls) the registry's own lookup, :func:`unit_session`,
+reading the registry's storage through aliases: one Python frame per proxied call, as in
+SQLAlchemy.
+
+With an explicit ``scopefunc`` the registry is SQLAlchemy's ``ScopedRegistry`` and the classes
+switch (in ``__new__``) to a variant whose ``_proxied`` and ``__call__`` are SQLAlchemy's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, Generic, TypeVar
+
+from ._registry import ScopefuncRegistry, UnitRegistry, unit_session
+from ._scope import ScopeState
+
+S = TypeVar("S")
+
+
+class UnitScoping(Generic[S]):
+    """The registry set-up and the fast ``_proxied`` shared by the sync and async classes."""
+
+    registry: UnitRegistry[S] | ScopefuncRegistry[S]
+    session_factory: Callable[..., S]
+    _scope_var: ContextVar[ScopeState[S] | None]
+    _key: str
+    _task_values: dict[Any, S]
+
+    def _set_up_registry(
+        self,
+        session_factory: Callable[..., S],
+        scopefunc: Callable[[], Any] | None,
+        *,
+        on_unit_end: Callable[[S], None],
+        on_create: Callable[[S], None] | None = None,
+    ) -> None:
+        self.session_factory = session_factory
+        self._scope_var = ContextVar("sessionscope.scope", default=None)
+        if scopefunc:
+            self.registry = ScopefuncRegistry(session_factory, scopefunc, self._scope_var)
+            # Keys that never match: a subclass that kept the fast _proxied still answers right.
+            self._key, self._task_values = "", {}
+        else:
+            self.registry = UnitRegistry(session_factory, self._scope_var, on_unit_end, on_create)
+            self._key, self._task_values = self.registry._key, self.registry._task_values
+
+    _proxied = property(unit_session)
+
+    def _miss(self) -> S:
+        return self.registry()
+
+    def __call__(self, **kw: Any) -> S:
+        """Return the current unit's session, creating it if needed (as SQLAlchemy's).
+
+        With keyword arguments and no session yet, a session is made with them; if one exists,
+        SQLAlchemy's "Scoped session is already present" error is raised.
+        """
+        if kw:
+            return super().__call__(**kw)  # type: ignore[misc,no-any-return]
+        return unit_session(self)
