@@ -3,12 +3,14 @@
 ``scoped_session`` is a drop-in for SQLAlchemy's whose default scope is the unit actually running:
 a thread, a greenlet (gevent, eventlet, raw), an asyncio task or a trio task. A unit never receives
 another unit's implicit session, and its session is closed when it ends. ``Session.scope()`` gives a
-block its own session that commits, rolls back and closes.
+block its own session that commits, rolls back and closes. ``async_scoped_session`` does the same
+for AsyncSession, one per task.
 """
 
 from __future__ import annotations
 
-from ._scope import SessionScope
+from ._async_scoping import async_scoped_session
+from ._scope import AsyncSessionScope, SessionScope
 from ._scoping import scoped_session
 from ._units import ThreadUnit, Unit, current_unit, describe_unit
 from .exc import CrossUnitError, ScopeEndedError, ShareNothingError
@@ -16,6 +18,7 @@ from .exc import CrossUnitError, ScopeEndedError, ShareNothingError
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSessionScope",
     "CrossUnitError",
     "ScopeEndedError",
     "SessionScope",
@@ -23,6 +26,7 @@ __all__ = [
     "ThreadUnit",
     "Unit",
     "current_unit",
+    "async_scoped_session",
     "describe_unit",
     "scoped_session",
 ]

@@ -166,6 +166,60 @@ class SessionScope(Generic[S]):
             pass
 
 
+class AsyncSessionScope(SessionScope[S]):
+    """What ``AsyncScoped.scope()`` returns: ``async with`` around one AsyncSession.
+
+    The same rules as :class:`SessionScope`; commit and close are awaited, and the close runs in
+    a task that cancellation cannot stop (as SQLAlchemy's own ``AsyncSession.__aexit__`` does), so a
+    block cancelled in the middle of a flush or commit still returns its connection.
+    """
+
+    def __enter__(self) -> S:
+        raise TypeError("An AsyncSession scope is entered with `async with`, not `with`.")
+
+    async def __aenter__(self) -> S:
+        return self.enter()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            same_unit = self.check_exit_unit()
+        except CrossUnitError:
+            await self.finish_async(commit=False, failing=True)
+            raise
+        if same_unit:
+            await self.finish_async(
+                commit=self._commit and exc_type is None, failing=exc_type is not None
+            )
+
+    async def finish_async(self, *, commit: bool, failing: bool) -> None:
+        from ._async_session_end import close_shielded
+
+        state = self._state
+        if state is None:
+            return
+        try:
+            if commit:
+                await state.session.commit()  # type: ignore[attr-defined]
+        except BaseException:
+            failing = True
+            raise
+        finally:
+            state.ended = True
+            try:
+                await close_shielded(state.session, then_seal=True)
+            except Exception:
+                if not failing:
+                    raise
+                log.exception("sessionscope: closing a scope's AsyncSession failed")
+            finally:
+                self._reset_var()
+
+
 def scoped_decorator(
     open_scope: Callable[..., SessionScope[Any]],
     fn: F | None,
@@ -173,12 +227,16 @@ def scoped_decorator(
     new: bool,
     commit: bool,
     session_kw: dict[str, Any],
+    for_coroutines: bool = False,
 ) -> Any:
     """``@Session.scoped`` / ``@Session.scoped(new=True)``: run each call in its own scope."""
     if fn is None:
         return lambda f: scoped_decorator(
-            open_scope, f, new=new, commit=commit, session_kw=session_kw
+            open_scope, f, new=new, commit=commit, session_kw=session_kw,
+            for_coroutines=for_coroutines,
         )
+    if for_coroutines:
+        return _scoped_coroutine(open_scope, fn, new=new, commit=commit, session_kw=session_kw)
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise TypeError(
             f"@scoped on {fn.__qualname__}: a coroutine needs an AsyncSession scope; use "
@@ -194,5 +252,28 @@ def scoped_decorator(
     def run_in_scope(*args: Any, **kwargs: Any) -> Any:
         with open_scope(new=new, commit=commit, **session_kw):
             return fn(*args, **kwargs)
+
+    return run_in_scope
+
+
+def _scoped_coroutine(
+    open_scope: Callable[..., SessionScope[Any]],
+    fn: F,
+    *,
+    new: bool,
+    commit: bool,
+    session_kw: dict[str, Any],
+) -> Any:
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"@scoped of an async_scoped_session on {fn.__qualname__}: only coroutine functions "
+            "(async def) can run in an AsyncSession scope; use sessionscope.scoped_session for "
+            "synchronous code."
+        )
+
+    @functools.wraps(fn)
+    async def run_in_scope(*args: Any, **kwargs: Any) -> Any:
+        async with open_scope(new=new, commit=commit, **session_kw):
+            return await fn(*args, **kwargs)
 
     return run_in_scope

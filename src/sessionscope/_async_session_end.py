@@ -1,0 +1,78 @@
+"""Closing an AsyncSession when its task ends: awaited, on its own loop, never by the collector.
+
+An AsyncSession can only be closed by awaiting ``close()`` on the loop its connections belong to.
+A task's end is reported by its done-callback, on that loop, so the close runs there in a task of
+its own. That task must not be cancellable: ``asyncio.run()`` cancels every task still pending
+when the main coroutine returns, which is exactly when the main task's done-callback schedules
+its close, and a coroutine cancelled before its first step never runs at all (its connection would
+then be left to the garbage collector). ``asyncio.run()`` waits for the tasks it cancelled, so an
+uncancellable close finishes before the loop closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from ._session_end import seal
+from ._units._asyncio import _get_running_loop
+
+log = logging.getLogger("sessionscope")
+_closing: set[asyncio.Task[Any]] = set()  # strong references until done: tasks are held weakly
+
+
+class _CloseTask(asyncio.Task):  # type: ignore[type-arg]
+    """A task that ignores ``cancel()``: it finishes returning a connection to its pool."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+async def _close(session: Any, *, then_seal: bool) -> None:
+    try:
+        await session.close()
+    except BaseException:
+        try:
+            await session.invalidate()
+        except Exception:  # the close error is the one worth reporting
+            pass
+        raise
+    finally:
+        if then_seal:
+            seal(session.sync_session)
+
+
+def start_close(session: Any, *, then_seal: bool = False) -> asyncio.Task[None]:
+    """Begin closing ``session`` on the running loop, in a task that cancellation can't stop."""
+    coroutine: Coroutine[Any, Any, None] = _close(session, then_seal=then_seal)
+    task: asyncio.Task[None] = _CloseTask(coroutine, loop=asyncio.get_running_loop())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+    return task
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "sessionscope: closing an AsyncSession at the end of its task failed",
+            exc_info=task.exception(),
+        )
+
+
+def close_on_its_loop(session: Any) -> None:
+    """End-of-unit hook of the async registry: close the task's AsyncSession on its loop."""
+    if _get_running_loop() is None:
+        # Not a task (a thread or greenlet used an AsyncSession): with no loop it never awaited,
+        # so it never checked out a connection. Nothing to await on, nothing to return.
+        if session.sync_session.get_transaction() is not None:
+            log.warning("sessionscope: an AsyncSession ended outside any event loop while in a "
+                        "transaction; it could not be closed")
+        return
+    start_close(session).add_done_callback(_report_failure)
+
+
+async def close_shielded(session: Any, *, then_seal: bool) -> None:
+    """Close ``session`` and wait for it; if the waiter is cancelled, the close still completes."""
+    await asyncio.shield(start_close(session, then_seal=then_seal))
