@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import inspect
 import random
 import sys
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import event, exc, func, select, text
+from sqlalchemy import event, exc, select, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -52,8 +51,12 @@ def async_url(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[
     return url, connect_args
 
 
-def run(async_url: tuple[str, dict[str, Any]], scenario: Callable[..., Awaitable[None]], *,
-        loop_factory: Any = None) -> None:
+def run(
+    async_url: tuple[str, dict[str, Any]],
+    scenario: Callable[..., Awaitable[None]],
+    *,
+    loop_factory: Any = None,
+) -> None:
     """Run ``scenario(Scoped, engine)`` in a fresh loop; afterwards nothing may be left behind.
 
     SQLAlchemy warnings (and the garbage-collector connection messages) are errors here.
@@ -63,9 +66,12 @@ def run(async_url: tuple[str, dict[str, Any]], scenario: Callable[..., Awaitable
     registries: list[Any] = []
 
     async def main() -> None:
-        engine = create_async_engine(url, connect_args=connect_args, pool_size=5, max_overflow=20,
-                                     pool_timeout=60)
-        Scoped = sessionscope.async_scoped_session(async_sessionmaker(engine, expire_on_commit=False))
+        engine = create_async_engine(
+            url, connect_args=connect_args, pool_size=5, max_overflow=20, pool_timeout=60
+        )
+        Scoped = sessionscope.async_scoped_session(
+            async_sessionmaker(engine, expire_on_commit=False)
+        )
         registries.append(Scoped)
         try:
             await scenario(Scoped, engine)
@@ -106,7 +112,7 @@ async def committed(engine: AsyncEngine) -> Counter[str]:
 
 def test_it_is_sqlalchemys_async_scoped_session_with_the_same_proxies() -> None:
     assert issubclass(sessionscope.async_scoped_session, sa_async_scoped_session)
-    for name, value in vars(sa_async_scoped_session).items():
+    for name in vars(sa_async_scoped_session):
         if name.startswith("_") or name in {"remove", "configure"}:
             continue
         ours = inspect.getattr_static(sessionscope.async_scoped_session, name)
@@ -184,13 +190,17 @@ def test_a_thousand_tasks_that_never_call_remove_leave_nothing_behind(async_url:
             if i % 3 == 0:
                 raise ValueError("some tasks fail")
 
-        results = await asyncio.gather(*(short_task(i) for i in range(1000)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(short_task(i) for i in range(1000)), return_exceptions=True
+        )
         assert sum(isinstance(r, ValueError) for r in results) == 334
 
     run(async_url, scenario)
 
 
-def test_300_concurrent_tasks_commit_their_own_rows_and_never_see_each_others(async_url: Any) -> None:
+def test_300_concurrent_tasks_commit_their_own_rows_and_never_see_each_others(
+    async_url: Any,
+) -> None:
     foreign: list[str] = []
 
     async def scenario(Scoped: Any, engine: AsyncEngine) -> None:
@@ -200,9 +210,7 @@ def test_300_concurrent_tasks_commit_their_own_rows_and_never_see_each_others(as
             await asyncio.sleep(0)
             await Scoped.flush()
             foreign.extend(obj.owner for obj in Scoped.new if obj.owner != name)
-            foreign.extend(
-                obj.owner for obj in Scoped.identity_map.values() if obj.owner != name
-            )
+            foreign.extend(obj.owner for obj in Scoped.identity_map.values() if obj.owner != name)
             await Scoped.commit()
 
         await asyncio.gather(*(request(i) for i in range(300)))

@@ -34,7 +34,9 @@ def test_it_is_a_sqlalchemy_scoped_session_with_the_very_same_proxies() -> None:
         for name, value in vars(sa_scoped_session).items()
         if not name.startswith("_") and name not in {"remove", "configure"}
     ]
-    assert {"add", "execute", "get", "merge", "info", "query_property", "identity_key"} <= set(proxied)
+    assert {"add", "execute", "get", "merge", "info", "query_property", "identity_key"} <= set(
+        proxied
+    )
     for name in proxied:
         # inherited, not re-implemented: arguments are forwarded exactly as SQLAlchemy does
         ours = inspect.getattr_static(sessionscope.scoped_session, name)
@@ -70,7 +72,9 @@ def test_an_application_keeps_working_when_only_the_import_changes(
 
 
 @BOTH
-def test_query_property_and_configure_behave_as_in_sqlalchemy(registry_class: Any, sqlite_engine: Any) -> None:
+def test_query_property_and_configure_behave_as_in_sqlalchemy(
+    registry_class: Any, sqlite_engine: Any
+) -> None:
     factory = sessionmaker()
     Session = registry_class(factory)
     Session.configure(bind=sqlite_engine)  # no session yet: no warning
@@ -94,11 +98,16 @@ def test_query_property_and_configure_behave_as_in_sqlalchemy(registry_class: An
 
 
 @BOTH
-def test_arguments_when_a_session_exists_raise_sqlalchemys_error(registry_class: Any, sqlite_engine: Any) -> None:
+def test_arguments_when_a_session_exists_raise_sqlalchemys_error(
+    registry_class: Any, sqlite_engine: Any
+) -> None:
     Session = registry_class(sessionmaker(sqlite_engine))
     custom = Session(info={"x": 1})
     assert Session() is custom and custom.info == {"x": 1}
-    with pytest.raises(exc.InvalidRequestError, match="Scoped session is already present; no new arguments may be specified."):
+    with pytest.raises(
+        exc.InvalidRequestError,
+        match="Scoped session is already present; no new arguments may be specified.",
+    ):
         Session(info={"y": 2})
     Session.remove()
 
@@ -119,7 +128,9 @@ def test_any_callable_works_as_session_factory(registry_class: Any, sqlite_engin
 
 
 @BOTH
-def test_an_explicit_scopefunc_keys_sessions_like_sqlalchemy(registry_class: Any, sqlite_engine: Any) -> None:
+def test_an_explicit_scopefunc_keys_sessions_like_sqlalchemy(
+    registry_class: Any, sqlite_engine: Any
+) -> None:
     token = ["a"]
     Session = registry_class(sessionmaker(sqlite_engine), lambda: token[0])
     first = Session()

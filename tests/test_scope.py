@@ -1,4 +1,4 @@
-"""Explicit scopes: commit, roll back, close; follow the context into handed-off work; clear errors."""
+"""Explicit scopes: commit, roll back, close; follow the context into handed-off work."""
 
 from __future__ import annotations
 
@@ -194,7 +194,11 @@ def test_a_unit_that_outlives_the_scope_gets_a_clear_error(Scoped: Any) -> None:
     assert isinstance(error, sessionscope.ScopeEndedError)
     assert isinstance(error, exc.InvalidRequestError)
     message = str(error)
-    assert "MainThread" in message and "late-worker" in message and "after the block had ended" in message
+    assert (
+        "MainThread" in message
+        and "late-worker" in message
+        and "after the block had ended" in message
+    )
 
 
 def test_exiting_a_scope_from_another_unit_rolls_back_closes_and_raises(

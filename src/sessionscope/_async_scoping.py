@@ -54,9 +54,7 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
             await session.close()
         self.registry.clear()
 
-    def scope(
-        self, *, new: bool = False, commit: bool = True, **kw: Any
-    ) -> AsyncSessionScope[_AS]:
+    def scope(self, *, new: bool = False, commit: bool = True, **kw: Any) -> AsyncSessionScope[_AS]:
         """``async with AsyncScoped.scope() as s:``: commit on success, roll back on error, close.
 
         The same semantics as ``scoped_session.scope()``: nested scopes join, ``new=True`` is

@@ -12,6 +12,7 @@ uncancellable close finishes before the loop closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -34,10 +35,8 @@ async def _close(session: Any, *, then_seal: bool) -> None:
     try:
         await session.close()
     except BaseException:
-        try:
+        with contextlib.suppress(Exception):  # the close error is the one worth reporting
             await session.invalidate()
-        except Exception:  # the close error is the one worth reporting
-            pass
         raise
     finally:
         if then_seal:
@@ -67,8 +66,10 @@ def close_on_its_loop(session: Any) -> None:
         # Not a task (a thread or greenlet used an AsyncSession): with no loop it never awaited,
         # so it never checked out a connection. Nothing to await on, nothing to return.
         if session.sync_session.get_transaction() is not None:
-            log.warning("sessionscope: an AsyncSession ended outside any event loop while in a "
-                        "transaction; it could not be closed")
+            log.warning(
+                "sessionscope: an AsyncSession ended outside any event loop while in a "
+                "transaction; it could not be closed"
+            )
         return
     start_close(session).add_done_callback(_report_failure)
 

@@ -13,6 +13,7 @@ or rolls back); ``scope(new=True)`` always starts an independent session.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -160,10 +161,9 @@ class SessionScope(Generic[S]):
     def _reset_var(self) -> None:
         if self._token is None:
             return
-        try:
+        # exited in another context: ValueError, and that context's copy keeps the ended state
+        with contextlib.suppress(ValueError):
             self._var.reset(self._token)
-        except ValueError:  # exited in another context: that context's copy keeps the ended state
-            pass
 
 
 class AsyncSessionScope(SessionScope[S]):
@@ -232,11 +232,21 @@ def scoped_decorator(
     """``@Session.scoped`` / ``@Session.scoped(new=True)``: run each call in its own scope."""
     if fn is None:
         return lambda f: scoped_decorator(
-            open_scope, f, new=new, commit=commit, session_kw=session_kw,
+            open_scope,
+            f,
+            new=new,
+            commit=commit,
+            session_kw=session_kw,
             for_coroutines=for_coroutines,
         )
     if for_coroutines:
-        return _scoped_coroutine(open_scope, fn, new=new, commit=commit, session_kw=session_kw)
+        return _scoped_coroutine(
+            open_scope,  # type: ignore[arg-type]  # the async registry opens AsyncSessionScopes
+            fn,
+            new=new,
+            commit=commit,
+            session_kw=session_kw,
+        )
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise TypeError(
             f"@scoped on {fn.__qualname__}: a coroutine needs an AsyncSession scope; use "
@@ -257,7 +267,7 @@ def scoped_decorator(
 
 
 def _scoped_coroutine(
-    open_scope: Callable[..., SessionScope[Any]],
+    open_scope: Callable[..., AsyncSessionScope[Any]],
     fn: F,
     *,
     new: bool,

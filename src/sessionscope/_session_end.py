@@ -8,6 +8,7 @@ connection".
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 try:  # SQLAlchemy >= 2.0.22: a closed session can refuse further use
@@ -25,10 +26,8 @@ def close_quietly_or_invalidate(session: Any) -> None:
     except BaseException:
         invalidate = getattr(session, "invalidate", None)
         if invalidate is not None:
-            try:
+            with contextlib.suppress(Exception):  # the original error is the one to report
                 invalidate()
-            except Exception:  # the original error is the one worth reporting
-                pass
         raise
 
 

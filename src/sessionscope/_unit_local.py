@@ -8,9 +8,9 @@ Where a unit's value lives is chosen for the speed of the lookup that every prox
   strongly only until the task's end is reported.
 
 Nothing is keyed by ``id()``. When a unit ends, ``on_end(value)`` runs exactly once (a registry
-closes its session there), even if the application never says so. The signals: an asyncio task's
-done-callback, trio's ``task_exited``, a thread's own teardown, gevent/eventlet end-of-greenlet links,
-and for every greenlet a weak reference that fires when it is freed. Raw greenlets that finished
+closes its session there), even if the application never says so. The signals: an asyncio
+task's done-callback, trio's ``task_exited``, a thread's own teardown, gevent/eventlet links, and
+for every greenlet a weak reference that fires when it is freed. Raw greenlets that finished
 but are still referenced are swept whenever the number of live entries doubles.
 
 Each live unit costs one small ``_Entry`` (which is also its end listener) and, for greenlets, one
@@ -31,13 +31,13 @@ from greenlet import getcurrent, greenlet
 from . import _fork
 from ._units import (
     ThreadUnit,
+    _trio,
     current_unit,
     describe_unit,
     is_finished,
     unwatch_unit_end,
     watch_unit_end,
 )
-from ._units import _trio
 from ._units._asyncio import _get_running_loop, current_task_of_loop
 from ._units._greenlet import THREAD_UNIT_ATTR, main_greenlet_of_thread, run_outside_hub
 
@@ -167,7 +167,8 @@ class UnitLocal(Generic[T]):
 
     def _entry_of(self, holder: Any) -> _Entry | None:
         if isinstance(holder, greenlet):
-            return holder.__dict__.get(self._entry_key)
+            entry: _Entry | None = holder.__dict__.get(self._entry_key)
+            return entry
         return self._task_entries.get(holder)
 
     def _forget_storage(self, entry: _Entry) -> None:

@@ -47,11 +47,11 @@ def current_unit() -> Unit:
     task = _asyncio.running_task()
     if task is not None:
         return task
-    trio_task = _trio.running_task()
+    trio_task: Unit | None = _trio.running_task()
     if trio_task is not None:
         return trio_task
-    current = _greenlet.driving_greenlet()
-    if current.parent is None:
+    current: Unit = _greenlet.driving_greenlet()
+    if current.parent is None:  # type: ignore[attr-defined]
         return _greenlet.thread_unit(current)
     return current
 

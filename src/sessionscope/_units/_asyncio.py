@@ -14,7 +14,7 @@ from typing import Any
 _get_running_loop = asyncio.events._get_running_loop
 
 try:  # CPython 3.10-3.13 keep the loop -> task mapping in a dict; reading it skips a call.
-    from asyncio.tasks import _current_tasks as _current_tasks_by_loop
+    from asyncio.tasks import _current_tasks as _current_tasks_by_loop  # type: ignore[attr-defined]
 
     current_task_of_loop: Callable[[Any], asyncio.Task[Any] | None] = _current_tasks_by_loop.get
 except ImportError:  # pragma: no cover - newer interpreters keep it in the thread state

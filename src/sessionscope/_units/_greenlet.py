@@ -119,9 +119,7 @@ def watch_end(unit: greenlet, listener: Any) -> None:
 
 
 def unwatch_end(unit: greenlet, listener: Any) -> None:
-    if hasattr(unit, "rawlink"):
-        unit.unlink(listener.unit_ended)
-    elif hasattr(unit, "link") and hasattr(unit, "_exit_event"):
+    if hasattr(unit, "rawlink") or hasattr(unit, "link") and hasattr(unit, "_exit_event"):
         unit.unlink(listener.unit_ended)
 
 

@@ -54,7 +54,7 @@ def watch_end(task: Any, listener: Any) -> None:
     instrument = _instruments.get(runner)
     if instrument is None:
         instrument = _instruments[runner] = _TaskEndInstrument()
-        trio.lowlevel.add_instrument(instrument)
+        trio.lowlevel.add_instrument(instrument)  # type: ignore[arg-type]  # duck-typed, as trio allows
     instrument.listeners.setdefault(task, []).append(listener)
 
 
