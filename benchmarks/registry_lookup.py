@@ -15,12 +15,30 @@ import greenlet
 from _envs import ENVS
 from _timing import Comparison, Settings, compare
 from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 import sessionscope
 
 # Sessions never touch the database here: only the registry lookup and the proxy are measured.
 SESSION_FACTORY = sessionmaker(create_engine("sqlite://"))
+ASYNC_SESSION_FACTORY = async_sessionmaker(create_async_engine("sqlite+aiosqlite://"))
+
+
+@dataclass(frozen=True)
+class Registries:
+    """SQLAlchemy's registry class, sessionscope's drop-in for it, the factory both are given."""
+
+    sqlalchemy: Callable[..., Any]
+    sessionscope: Callable[..., Any]
+    factory: Callable[[], Any]
+    target: float  # from the issue: the highest acceptable ratio sessionscope / SQLAlchemy
+
+
+SYNC = Registries(scoped_session, sessionscope.scoped_session, SESSION_FACTORY, 1.5)
+ASYNC = Registries(
+    async_scoped_session, sessionscope.async_scoped_session, ASYNC_SESSION_FACTORY, 1.25
+)
 
 
 @dataclass(frozen=True)
@@ -28,8 +46,14 @@ class Contest:
     """The anchor (SQLAlchemy as people use it for this unit) against sessionscope's default."""
 
     anchor: str
-    make: Callable[[], tuple[Any, Any]]
-    missing: str | None = None  # why sessionscope cannot take part (yet), if it cannot
+    registries: Registries
+    scopefunc: Callable[[], Any] | None
+
+    def make_anchor(self) -> Any:
+        return self.registries.sqlalchemy(self.registries.factory, scopefunc=self.scopefunc)
+
+    def make_candidate(self) -> Any:
+        return self.registries.sessionscope(self.registries.factory)
 
 
 @dataclass(frozen=True)
@@ -45,38 +69,10 @@ class Case:
         return f"{self.unit}, {self.peers:,} live" if self.peers else self.unit
 
 
-def _scopefunc_contest(label: str, scopefunc: Callable[[], Any] | None) -> Contest:
-    def make() -> tuple[Any, Any]:
-        anchor = scoped_session(SESSION_FACTORY, scopefunc=scopefunc)
-        return anchor, sessionscope.scoped_session(SESSION_FACTORY)
-
-    return Contest(label, make)
-
-
-def _async_contest() -> Contest:
-    label = "async_scoped_session(scopefunc=current_task)"
-    candidate = getattr(sessionscope, "async_scoped_session", None)
-    if candidate is None:
-        return Contest(label, lambda: (None, None), "sessionscope.async_scoped_session not found")
-
-    def make() -> tuple[Any, Any]:
-        from sqlalchemy.ext.asyncio import (
-            async_scoped_session,
-            async_sessionmaker,
-            create_async_engine,
-        )
-
-        factory = async_sessionmaker(create_async_engine("sqlite+aiosqlite://"))
-        anchor = async_scoped_session(factory, scopefunc=asyncio.current_task)
-        return anchor, candidate(factory)
-
-    return Contest(label, make)
-
-
-THREAD_LOCAL = _scopefunc_contest("scoped_session (thread-local)", None)
-GREENLET = _scopefunc_contest("scopefunc=greenlet.getcurrent", greenlet.getcurrent)
-TASK = _scopefunc_contest("scopefunc=asyncio.current_task", asyncio.current_task)
-ASYNC_TASK = _async_contest()
+THREAD_LOCAL = Contest("scoped_session (thread-local)", SYNC, None)
+GREENLET = Contest("scopefunc=greenlet.getcurrent", SYNC, greenlet.getcurrent)
+TASK = Contest("scopefunc=asyncio.current_task", SYNC, asyncio.current_task)
+ASYNC_TASK = Contest("async_scoped_session(scopefunc=current_task)", ASYNC, asyncio.current_task)
 
 SYNC_OPS = (
     ("Session()", "S()"),
@@ -102,16 +98,20 @@ def build_cases(live_unit_counts: Sequence[int] = LIVE_UNIT_COUNTS) -> list[Case
         for unit, peers, contest, ops in per_unit
         for op, expr in ops
     ]
-    for unit, contest in (("asyncio task", TASK), ("greenlet", GREENLET)):
-        cases += [Case("Session()", "S()", unit, contest, n) for n in live_unit_counts]
+    live = [
+        ("Session()", "asyncio task", TASK),
+        ("AsyncSession()", "asyncio task", ASYNC_TASK),
+        ("Session()", "greenlet", GREENLET),
+    ]
+    cases += [
+        Case(op, "S()", unit, contest, n) for op, unit, contest in live for n in live_unit_counts
+    ]
     return cases
 
 
 def run_case(case: Case, settings: Settings) -> Comparison:
     """Measure ``case`` inside a fresh unit while ``case.peers`` others hold sessions of both."""
-    if case.contest.missing:
-        raise LookupError(case.contest.missing)
-    anchor, candidate = case.contest.make()
+    anchor, candidate = case.contest.make_anchor(), case.contest.make_candidate()
 
     def hold() -> None:
         anchor()

@@ -1,28 +1,31 @@
 """Memory per live unit that a registry adds on top of the Session itself (tracemalloc).
 
-N units are started and each keeps one session, three ways: appended to a plain list (the
-baseline: the unit and its Session, nothing else), through SQLAlchemy's ``scoped_session`` with
-the usual ``scopefunc``, and through ``sessionscope.scoped_session``. Subtracting the baseline
-cancels out the Session and the unit, leaving the registry's bookkeeping per unit.
+N units are started and each keeps one session (a Session, or an AsyncSession), three ways:
+appended to a plain list (the baseline: the unit and its session, nothing else), through
+SQLAlchemy's ``scoped_session`` / ``async_scoped_session`` with the usual ``scopefunc``, and through
+sessionscope's drop-in for it. Subtracting the baseline cancels out the session and the unit,
+leaving the registry's bookkeeping per unit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import greenlet
 from _envs import ENVS
-from registry_lookup import SESSION_FACTORY
-from sqlalchemy.orm import Session, scoped_session
+from registry_lookup import ASYNC_TASK, GREENLET, TASK, Contest
 
-import sessionscope
-
-UNITS = ("asyncio task", "greenlet", "gevent")
 Hold = Callable[[], object]
+
+# Each row: the kind of unit started, and the two registries compared in it.
+ROWS: dict[str, tuple[str, Contest]] = {
+    "asyncio task": ("asyncio task", TASK),
+    "asyncio task, AsyncSession": ("asyncio task", ASYNC_TASK),
+    "greenlet": ("greenlet", GREENLET),
+    "gevent": ("gevent", GREENLET),
+}
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class Traced:
 
 @dataclass(frozen=True)
 class MemoryResult:
-    unit: str
+    unit: str  # the row: a kind of unit, and the kind of session if not Session
     units: int
     plain: Traced
     sqlalchemy: Traced
@@ -68,18 +71,18 @@ class MemoryResult:
         }
 
 
-def _plain() -> Hold:
-    sessions: list[Session] = []
-    return lambda: sessions.append(SESSION_FACTORY())
-
-
-def _holders(unit: str) -> dict[str, Callable[[], Hold]]:
+def _holders(contest: Contest) -> dict[str, Callable[[], Hold]]:
     """Per variant, a maker of a fresh ``hold()``: each unit calls it once to keep a session."""
-    scopefunc = asyncio.current_task if unit == "asyncio task" else greenlet.getcurrent
+    factory = contest.registries.factory
+
+    def plain() -> Hold:
+        sessions: list[object] = []
+        return lambda: sessions.append(factory())
+
     return {
-        "plain": _plain,
-        "sqlalchemy": lambda: scoped_session(SESSION_FACTORY, scopefunc=scopefunc),
-        "sessionscope": lambda: sessionscope.scoped_session(SESSION_FACTORY),
+        "plain": plain,
+        "sqlalchemy": contest.make_anchor,
+        "sessionscope": contest.make_candidate,
     }
 
 
@@ -94,10 +97,11 @@ def _traced(unit: str, hold: Hold, units: int) -> Traced:
     return Traced(held=(current - start) / units, peak=(peak - start) / units)
 
 
-def measure_memory(unit: str, units: int) -> MemoryResult:
-    """Bytes per unit of each variant with ``units`` units alive, each holding its session."""
-    holders = _holders(unit)
+def measure_memory(row: str, units: int) -> MemoryResult:
+    """Bytes per unit of each variant of ``row`` with ``units`` units alive, each holding one."""
+    unit, contest = ROWS[row]
+    holders = _holders(contest)
     for make_hold in holders.values():  # warm up: first-use caches must not count as per-unit
         ENVS[unit](lambda: None, make_hold(), min(units, 200))
     traced = {name: _traced(unit, make_hold(), units) for name, make_hold in holders.items()}
-    return MemoryResult(unit, units, **traced)
+    return MemoryResult(row, units, **traced)

@@ -65,19 +65,22 @@ def database_url(db: str, tmp_path: Path, request: pytest.FixtureRequest) -> str
     return f"{PG_URL}?options=-csearch_path%3D{schema}"
 
 
-def run_scenario(script: str, *, registry: str, patch: str, url: str) -> dict[str, Any]:
-    """Run ``tests/scenarios/<script>`` in a fresh interpreter and return its JSON facts."""
+def run_scenario(
+    framework: str, workload: str, *, registry: str, patch: str, url: str
+) -> dict[str, Any]:
+    """Run ``tests/scenarios/green.py`` in a fresh interpreter and return its JSON facts."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONWARNINGS", None)
     command = [
         sys.executable,
-        str(SCENARIOS / script),
+        str(SCENARIOS / "green.py"),
+        *("--framework", framework, "--workload", workload),
         *("--registry", registry, "--patch", patch, "--url", url),
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=90, env=env)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and lines, (
-        f"{script} --registry {registry} --patch {patch} exited {proc.returncode}\n"
+        f"{framework} {workload} --registry {registry} --patch {patch} exited {proc.returncode}\n"
         f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     )
     facts: dict[str, Any] = json.loads(lines[-1])
@@ -105,7 +108,7 @@ def test_sessionscope_gives_each_greenlet_its_own_session_and_loses_no_rows(
     once, and the ended greenlets' sessions are closed without ``remove()``: nothing stays checked
     out of the pool, nothing stays in the registry."""
     url = database_url(db, tmp_path, request)
-    facts = run_scenario(f"{framework}_race.py", registry="sessionscope", patch=patch, url=url)
+    facts = run_scenario(framework, "race", registry="sessionscope", patch=patch, url=url)
 
     assert facts["patched"] is (patch != "never")
     assert facts["errors"] == []
@@ -144,7 +147,7 @@ def test_sqlalchemy_scoped_session_shares_one_session_and_loses_rows_unless_patc
     objects, and the failing request's rollback discards the rows of the 7 requests that were
     waiting between add and commit, while at least one of them "commits" without any error."""
     url = database_url(db, tmp_path, request)
-    facts = run_scenario(f"{framework}_race.py", registry="sqlalchemy", patch=patch, url=url)
+    facts = run_scenario(framework, "race", registry="sqlalchemy", patch=patch, url=url)
 
     assert facts["distinct_sessions"] == 1
     assert facts["units_sharing_a_session"] == UNITS
@@ -171,7 +174,7 @@ def test_sqlalchemy_scoped_session_is_per_greenlet_when_patched_before_it_is_cre
     sessions are still not closed when the greenlets end; that is ``remove()``'s job there, and not
     asserted here.)"""
     url = database_url(db, tmp_path, request)
-    facts = run_scenario(f"{framework}_race.py", registry="sqlalchemy", patch="before", url=url)
+    facts = run_scenario(framework, "race", registry="sqlalchemy", patch="before", url=url)
 
     assert facts["errors"] == []
     assert facts["distinct_sessions"] == UNITS
@@ -193,7 +196,7 @@ def test_killed_greenlets_leave_no_checked_out_connection_registry_entry_or_rows
     rolled back, its registry entry goes, its rows (flushed on the server, or pending) are never
     committed, and the database and pool serve the next requests (SQLite's write lock is free)."""
     url = database_url(db, tmp_path, request)
-    facts = run_scenario(f"{framework}_kill.py", registry="sessionscope", patch=patch, url=url)
+    facts = run_scenario(framework, "kill", registry="sessionscope", patch=patch, url=url)
 
     victims = facts["victims"]
     # The victims really held something when they were killed ...

@@ -10,17 +10,16 @@ the task ends, whether it finished, failed or was cancelled.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.asyncio import async_scoped_session as _sa_async_scoped_session
 
 from ._async_session_end import close_on_its_loop
-from ._scope import AsyncSessionScope, scoped_decorator
+from ._scope import AsyncSessionScope
 from ._unit_scoping import UnitScoping
 
 _AS = TypeVar("_AS", bound=AsyncSession)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # type: ignore[misc]
@@ -31,6 +30,8 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
     :param scopefunc: optional; with one, sessions are keyed by it exactly as in SQLAlchemy (and
      must be removed with ``await remove()`` as there).
     """
+
+    _scopes_coroutines = True
 
     def __new__(cls, session_factory: Any = None, scopefunc: Any = None) -> Any:
         if scopefunc is not None and cls is async_scoped_session:
@@ -62,22 +63,6 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
         """
         return AsyncSessionScope(
             self._scope_var, self.session_factory, new=new, commit=commit, session_kw=kw
-        )
-
-    @overload
-    def scoped(self, fn: F, /) -> F: ...
-
-    @overload
-    def scoped(
-        self, fn: None = None, /, *, new: bool = False, commit: bool = True, **kw: Any
-    ) -> Callable[[F], F]: ...
-
-    def scoped(
-        self, fn: F | None = None, /, *, new: bool = False, commit: bool = True, **kw: Any
-    ) -> Any:
-        """Decorator for coroutine functions: each call runs in its own AsyncSession scope."""
-        return scoped_decorator(
-            self.scope, fn, new=new, commit=commit, session_kw=kw, for_coroutines=True
         )
 
 

@@ -103,23 +103,30 @@ class SessionScope(Generic[S]):
     def __enter__(self) -> S:
         return self.enter()
 
-    def check_exit_unit(self) -> bool:
-        """True if exiting from the unit that entered; else end the scope safely and raise."""
+    def how_to_end(
+        self, exc_type: type[BaseException] | None
+    ) -> tuple[bool, bool, CrossUnitError | None]:
+        """(commit, failing, misuse) for an exit: a misuse is raised after the session is closed.
+
+        Exiting from another unit than the one that entered is a misuse: the scope's work is then
+        rolled back, never committed from a unit that does not own the session.
+        """
         if self._entered_by is None:
             raise sa_exc.InvalidRequestError("Session.scope() exited without being entered.")
         exiting = current_unit()
         if exiting is self._entered_by:
-            return True
+            return self._commit and exc_type is None, exc_type is not None, None
         message = (
             f"Session.scope() was entered in {describe_unit(self._entered_by)} but exited in "
             f"{describe_unit(exiting)}. A scope must end in the unit that began it"
         )
         if self._state is not None:
             message += "; its work was rolled back (not committed) and its session closed"
-        raise CrossUnitError(
-            message + ". Use `with`/`async with` in one unit, and hand other units objects with "
-            "sessionscope.copy_to() or a scope of their own. " + background("scope-cross-unit")
+        misuse = CrossUnitError(
+            message + ". Use `with`/`async with` in one unit, and give other units copies of "
+            "objects (Session.merge()) or a scope of their own. " + background("scope-cross-unit")
         )
+        return False, True, misuse
 
     def __exit__(
         self,
@@ -127,13 +134,10 @@ class SessionScope(Generic[S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            same_unit = self.check_exit_unit()
-        except CrossUnitError:
-            self.finish(commit=False, failing=True)
-            raise
-        if same_unit:
-            self.finish(commit=self._commit and exc_type is None, failing=exc_type is not None)
+        commit, failing, misuse = self.how_to_end(exc_type)
+        self.finish(commit=commit, failing=failing)
+        if misuse is not None:
+            raise misuse
 
     def finish(self, *, commit: bool, failing: bool) -> None:
         """Commit if asked, then always close; a joined scope leaves this to its outer block."""
@@ -186,15 +190,10 @@ class AsyncSessionScope(SessionScope[S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            same_unit = self.check_exit_unit()
-        except CrossUnitError:
-            await self.finish_async(commit=False, failing=True)
-            raise
-        if same_unit:
-            await self.finish_async(
-                commit=self._commit and exc_type is None, failing=exc_type is not None
-            )
+        commit, failing, misuse = self.how_to_end(exc_type)
+        await self.finish_async(commit=commit, failing=failing)
+        if misuse is not None:
+            raise misuse
 
     async def finish_async(self, *, commit: bool, failing: bool) -> None:
         from ._async_session_end import close_shielded

@@ -10,18 +10,17 @@ closed even if nobody calls ``remove()``. On top, ``scope()`` / ``scoped`` open 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import warn_deprecated
 
-from ._scope import SessionScope, scoped_decorator
+from ._scope import SessionScope
 from ._session_end import close_quietly_or_invalidate
 from ._unit_scoping import UnitScoping
 
 _S = TypeVar("_S", bound=Session)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _warn_if_asyncio(session: Any) -> None:
@@ -86,20 +85,6 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         return SessionScope(
             self._scope_var, self.session_factory, new=new, commit=commit, session_kw=kw
         )
-
-    @overload
-    def scoped(self, fn: F, /) -> F: ...
-
-    @overload
-    def scoped(
-        self, fn: None = None, /, *, new: bool = False, commit: bool = True, **kw: Any
-    ) -> Callable[[F], F]: ...
-
-    def scoped(
-        self, fn: F | None = None, /, *, new: bool = False, commit: bool = True, **kw: Any
-    ) -> Any:
-        """Decorator form of :meth:`scope`: ``@Session.scoped`` or ``@Session.scoped(new=True)``."""
-        return scoped_decorator(self.scope, fn, new=new, commit=commit, session_kw=kw)
 
 
 class _scopefunc_scoped_session(scoped_session[_S]):

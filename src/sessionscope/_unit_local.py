@@ -31,6 +31,7 @@ from greenlet import getcurrent, greenlet
 from . import _fork
 from ._units import (
     ThreadUnit,
+    _thread,
     _trio,
     current_unit,
     describe_unit,
@@ -39,7 +40,7 @@ from ._units import (
     watch_unit_end,
 )
 from ._units._asyncio import _get_running_loop, current_task_of_loop
-from ._units._greenlet import THREAD_UNIT_ATTR, main_greenlet_of_thread, run_outside_hub
+from ._units._greenlet import main_greenlet, run_outside_hub
 
 T = TypeVar("T")
 
@@ -54,11 +55,12 @@ _MISSING: Any = object()
 class _Entry:
     """One unit's value in one ``UnitLocal``; also the listener told when the unit ends."""
 
-    __slots__ = ("value", "local", "holder", "__weakref__")
+    __slots__ = ("value", "local", "holder", "thread", "__weakref__")
 
-    def __init__(self, value: Any, local: UnitLocal[Any], holder: Any) -> None:
+    def __init__(self, value: Any, local: UnitLocal[Any], unit: Any, holder: Any) -> None:
         self.value = value
         self.local = local
+        self.thread = unit if isinstance(unit, ThreadUnit) else None  # for error messages
         if isinstance(holder, greenlet):
             # Weak: a greenlet dies on its own. Being freed is an end signal too (raw greenlets
             # have no other), but a thread's main greenlet is freed late, on the main thread, so
@@ -80,12 +82,10 @@ class _Entry:
         self.local._end(self)
 
     def describe(self) -> str:
+        if self.thread is not None:
+            return describe_unit(self.thread)
         holder = self.holder_object()
-        if holder is None:
-            return "a greenlet that has been freed"
-        if isinstance(holder, greenlet) and holder.parent is None:
-            return describe_unit(holder.__dict__.get(THREAD_UNIT_ATTR, holder))
-        return describe_unit(holder)
+        return "a greenlet that has been freed" if holder is None else describe_unit(holder)
 
 
 class UnitLocal(Generic[T]):
@@ -135,7 +135,7 @@ class UnitLocal(Generic[T]):
         if entry is None:
             if len(self._live) >= self._sweep_at:
                 self._sweep()
-            entry = _Entry(value, self, holder)
+            entry = _Entry(value, self, unit, holder)
             self._live[entry] = None
             watch_unit_end(unit, entry)
         entry.value = value
@@ -213,9 +213,8 @@ class UnitLocal(Generic[T]):
 def _holder_of(unit: Any) -> Any:
     """The object that keeps ``unit``'s values: a thread's main greenlet, else the unit itself."""
     if isinstance(unit, ThreadUnit):
-        main = main_greenlet_of_thread(unit)
-        assert main is not None, "a thread's storage is reached from that thread only"
-        return main
+        assert _thread.is_current(unit), "a thread's storage is reached from that thread only"
+        return main_greenlet()
     return unit
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from ._registry import ScopefuncRegistry, UnitRegistry, unit_session
-from ._scope import ScopeState
+from ._scope import ScopeState, SessionScope, scoped_decorator
 
 S = TypeVar("S")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class UnitScoping(Generic[S]):
@@ -53,6 +54,37 @@ class UnitScoping(Generic[S]):
 
     def _miss(self) -> S:
         return self.registry()
+
+    _scopes_coroutines = False
+    """True for the async registry: its ``scoped`` decorates coroutine functions."""
+
+    def scope(self, *, new: bool = False, commit: bool = True, **kw: Any) -> SessionScope[S]:
+        raise NotImplementedError  # each registry opens its own kind of scope
+
+    @overload
+    def scoped(self, fn: F, /) -> F: ...
+
+    @overload
+    def scoped(
+        self, fn: None = None, /, *, new: bool = False, commit: bool = True, **kw: Any
+    ) -> Callable[[F], F]: ...
+
+    def scoped(
+        self, fn: F | None = None, /, *, new: bool = False, commit: bool = True, **kw: Any
+    ) -> Any:
+        """Decorator form of ``scope()``: ``@Session.scoped`` or ``@Session.scoped(new=True)``.
+
+        Each call of the decorated function runs in a scope of its own; for the async registry
+        the function must be a coroutine function.
+        """
+        return scoped_decorator(
+            self.scope,
+            fn,
+            new=new,
+            commit=commit,
+            session_kw=kw,
+            for_coroutines=self._scopes_coroutines,
+        )
 
     def __call__(self, **kw: Any) -> S:
         """Return the current unit's session, creating it if needed (as SQLAlchemy's).

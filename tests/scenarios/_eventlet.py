@@ -8,12 +8,10 @@ deprecated and says so on import; that warning is expected and ignored.
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
+from typing import Any
 
-from _cli import parse_args
-
-args = parse_args(sys.argv[0], ("before", "after", "never"))
+from _cli import args
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -22,13 +20,19 @@ with warnings.catch_warnings():
 if args.patch == "before":
     eventlet.monkey_patch()
 
-from _common import Green  # noqa: E402
+from _common import Green, make_engine  # noqa: E402
 from greenlet import GreenletExit  # noqa: E402
 
 
-def patch_after() -> None:
+def make_engine_and_patch_after(url: str) -> Any:
+    """``--patch after`` patches once the registry exists, *then* the engine is made.
+
+    eventlet cannot green the RLock of a pool created before it patched (it says so, and
+    SQLAlchemy's pool then fails with "cannot notify on un-acquired lock" whatever the registry).
+    """
     if args.patch == "after":
         eventlet.monkey_patch()
+    return make_engine(url)
 
 
 def patched() -> bool:

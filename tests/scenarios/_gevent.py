@@ -6,11 +6,9 @@ else; ``after`` is done by :func:`patch_after`, once the engine and registry exi
 
 from __future__ import annotations
 
-import sys
+from typing import Any
 
-from _cli import parse_args
-
-args = parse_args(sys.argv[0], ("before", "after", "never"))
+from _cli import args
 
 if args.patch == "before":
     from gevent import monkey
@@ -18,14 +16,17 @@ if args.patch == "before":
     monkey.patch_all()
 
 import gevent  # noqa: E402  (after patching, on purpose)
-from _common import Green  # noqa: E402
+from _common import Green, make_engine  # noqa: E402
 
 
-def patch_after() -> None:
+def make_engine_and_patch_after(url: str) -> Any:
+    """The engine exists before ``--patch after`` patches, as in an app that patches late."""
+    engine = make_engine(url)
     if args.patch == "after":
         from gevent import monkey
 
         monkey.patch_all()
+    return engine
 
 
 def patched() -> bool:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable
+from types import ModuleType
 from typing import Any
 
 from greenlet import greenlet
 
 from .. import _fork
 from . import _asyncio, _greenlet, _thread, _trio
-from ._greenlet import ThreadUnit
+from ._thread import ThreadUnit
 
 Unit = Hashable
 """An asyncio ``Task``, a trio ``Task``, a ``greenlet`` or a :class:`ThreadUnit`."""
@@ -52,21 +53,25 @@ def current_unit() -> Unit:
         return trio_task
     current: Unit = _greenlet.driving_greenlet()
     if current.parent is None:  # type: ignore[attr-defined]
-        return _greenlet.thread_unit(current)
+        return _thread.current_thread_unit()
     return current
+
+
+def _model_of(unit: Unit) -> ModuleType:
+    """The module that knows ``unit``'s concurrency model."""
+    if isinstance(unit, asyncio.Task):
+        return _asyncio
+    if isinstance(unit, ThreadUnit):
+        return _thread
+    if isinstance(unit, greenlet):
+        return _greenlet
+    return _trio
 
 
 def describe_unit(unit: Unit) -> str:
     """A human description of ``unit`` for error messages: kind and name."""
-    if isinstance(unit, asyncio.Task):
-        return _asyncio.describe(unit)
-    if isinstance(unit, ThreadUnit):
-        return _greenlet.describe_thread(unit)
-    if isinstance(unit, greenlet):
-        return _greenlet.describe(unit)
-    if type(unit).__module__.startswith("trio"):
-        return _trio.describe(unit)
-    return repr(unit)
+    description: str = _model_of(unit).describe(unit)
+    return description
 
 
 def watch_unit_end(unit: Unit, listener: Any) -> None:
@@ -76,26 +81,12 @@ def watch_unit_end(unit: Unit, listener: Any) -> None:
     and is then freed); listeners make it idempotent. Raw greenlets have no end signal: their
     storage is watched for being freed instead (see ``UnitLocal``).
     """
-    if isinstance(unit, asyncio.Task):
-        _asyncio.watch_end(unit, listener)
-    elif isinstance(unit, greenlet):
-        _greenlet.watch_end(unit, listener)
-    elif isinstance(unit, ThreadUnit):
-        _thread.watch_end(listener)
-    else:
-        _trio.watch_end(unit, listener)
+    _model_of(unit).watch_end(unit, listener)
 
 
 def unwatch_unit_end(unit: Unit, listener: Any) -> None:
     """Undo :func:`watch_unit_end`; called from ``unit`` itself."""
-    if isinstance(unit, asyncio.Task):
-        _asyncio.unwatch_end(unit, listener)
-    elif isinstance(unit, greenlet):
-        _greenlet.unwatch_end(unit, listener)
-    elif isinstance(unit, ThreadUnit):
-        _thread.unwatch_end(listener)
-    else:
-        _trio.unwatch_end(unit, listener)
+    _model_of(unit).unwatch_end(unit, listener)
 
 
 def is_finished(unit: Any) -> bool:
@@ -107,4 +98,4 @@ def is_finished(unit: Any) -> bool:
     return False
 
 
-_fork.on_fork_in_child(_greenlet.renew_thread_unit)
+_fork.on_fork_in_child(_thread.renew_after_fork)

@@ -3,7 +3,8 @@
 Every OS thread has exactly one *main* greenlet (``parent is None``) for its whole life, whatever
 gevent or eventlet patched and whenever they patched it, so "main greenlet" is how sessionscope
 recognises "plain thread code" and the main greenlet's ``__dict__`` is where a thread keeps its
-sessions. It is freed when the thread exits, which is the signal that the thread ended.
+sessions. (The thread's identity and the signal of its end live in ``_thread``: a main greenlet is
+freed late, by the main thread.)
 
 SQLAlchemy's own greenlets (``__sqlalchemy_greenlet_provider__``, spawned by AsyncSession to run the
 ORM) are looked through: code in them belongs to the greenlet that drives them.
@@ -12,33 +13,12 @@ ORM) are looked through: code in them belongs to the greenlet that drives them.
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from greenlet import getcurrent, greenlet
 
 SQLALCHEMY_PROVIDER = "__sqlalchemy_greenlet_provider__"
-THREAD_UNIT_ATTR = "_sessionscope_thread_unit"
-
-
-class ThreadUnit:
-    """The identity of one OS thread (the real one, also under monkey-patching).
-
-    A token rather than :class:`threading.Thread`: under gevent or eventlet patching
-    ``threading.current_thread()`` answers for greenlets, and foreign threads only have dummy Thread
-    objects that never die. One token lives on each thread's main greenlet; a forked child gets a
-    new one, so a child never shares a unit with its parent.
-    """
-
-    __slots__ = ("name", "native_id", "__weakref__")
-
-    def __init__(self) -> None:
-        self.name = threading.current_thread().name
-        self.native_id = threading.get_native_id()
-
-    def __repr__(self) -> str:
-        return f"<ThreadUnit {self.name!r} native_id={self.native_id}>"
 
 
 def driving_greenlet() -> greenlet:
@@ -49,29 +29,12 @@ def driving_greenlet() -> greenlet:
     return current
 
 
-def thread_unit(main: greenlet) -> ThreadUnit:
-    """The token of the thread whose main greenlet is ``main``."""
-    unit: ThreadUnit | None = main.__dict__.get(THREAD_UNIT_ATTR)
-    if unit is None:
-        unit = main.__dict__[THREAD_UNIT_ATTR] = ThreadUnit()
-    return unit
-
-
-def main_greenlet_of_thread(unit: ThreadUnit) -> greenlet | None:
-    """The main greenlet holding ``unit``, when asked from that very thread (else None)."""
+def main_greenlet() -> greenlet:
+    """The current thread's main greenlet, where a thread keeps its sessions."""
     main = getcurrent()
     while main.parent is not None:
         main = main.parent
-    return main if main.__dict__.get(THREAD_UNIT_ATTR) is unit else None
-
-
-def renew_thread_unit() -> list[Any]:
-    """After fork: the surviving thread gets a new identity; the old token is abandoned."""
-    main = getcurrent()
-    while main.parent is not None:
-        main = main.parent
-    old = main.__dict__.pop(THREAD_UNIT_ATTR, None)
-    return [old] if old is not None else []
+    return main
 
 
 def _in_hub() -> Callable[[Callable[[], None]], None] | None:
@@ -126,7 +89,3 @@ def unwatch_end(unit: greenlet, listener: Any) -> None:
 def describe(unit: greenlet) -> str:
     name = getattr(unit, "name", None) or type(unit).__name__
     return f"greenlet {name!r} at {id(unit):#x}"
-
-
-def describe_thread(unit: ThreadUnit) -> str:
-    return f"thread {unit.name!r} (native id {unit.native_id})"

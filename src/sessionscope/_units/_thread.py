@@ -1,4 +1,4 @@
-"""OS threads: how a thread's end is seen, in that very thread.
+"""OS threads: a thread's identity, and how its end is seen, in that very thread.
 
 CPython clears a thread's ``_thread._local`` storage while the ending thread still runs (in
 ``PyThreadState_Clear``, before ``Thread.join()`` can return). A sentinel kept in such a local is
@@ -15,7 +15,27 @@ from __future__ import annotations
 import _thread
 import atexit
 import sys
+import threading
 from typing import Any, Protocol
+
+
+class ThreadUnit:
+    """The identity of one OS thread (the real one, also under monkey-patching).
+
+    A token rather than :class:`threading.Thread`: under gevent or eventlet patching
+    ``threading.current_thread()`` answers for greenlets, and foreign threads only have dummy Thread
+    objects that never die. One token lives in each thread's own (unpatched) local storage, so it
+    dies with the thread; a forked child gets a new one, so it never shares a unit with its parent.
+    """
+
+    __slots__ = ("name", "native_id", "__weakref__")
+
+    def __init__(self) -> None:
+        self.name = threading.current_thread().name
+        self.native_id = threading.get_native_id()
+
+    def __repr__(self) -> str:
+        return f"<ThreadUnit {self.name!r} native_id={self.native_id}>"
 
 
 class UnitEndListener(Protocol):
@@ -63,16 +83,40 @@ class _ThreadEndSentinel:
 _per_thread = _original_local_type()()
 
 
-def watch_end(listener: UnitEndListener) -> None:
-    """Call ``listener.unit_ended()`` in the current thread when it ends."""
+def current_thread_unit() -> ThreadUnit:
+    """The running thread's identity."""
+    try:
+        unit: ThreadUnit = _per_thread.unit
+    except AttributeError:
+        unit = _per_thread.unit = ThreadUnit()
+    return unit
+
+
+def is_current(unit: ThreadUnit) -> bool:
+    return getattr(_per_thread, "unit", None) is unit
+
+
+def renew_after_fork() -> list[Any]:
+    """In a forked child the surviving thread gets a new identity; the old one is abandoned."""
+    old = getattr(_per_thread, "unit", None)
+    _per_thread.unit = ThreadUnit()
+    return [old] if old is not None else []
+
+
+def watch_end(unit: Any, listener: UnitEndListener) -> None:
+    """Call ``listener.unit_ended()`` in the current thread (``unit``) when it ends."""
     sentinel = getattr(_per_thread, "sentinel", None)
     if sentinel is None:
         sentinel = _per_thread.sentinel = _ThreadEndSentinel()
     sentinel.listeners.append(listener)
 
 
-def unwatch_end(listener: UnitEndListener) -> None:
+def unwatch_end(unit: Any, listener: UnitEndListener) -> None:
     """Stop watching for ``listener`` (called from the same thread)."""
     sentinel = getattr(_per_thread, "sentinel", None)
     if sentinel is not None and listener in sentinel.listeners:
         sentinel.listeners.remove(listener)
+
+
+def describe(unit: Any) -> str:
+    return f"thread {unit.name!r} (native id {unit.native_id})"
