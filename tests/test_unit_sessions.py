@@ -198,3 +198,30 @@ def test_remove_closes_only_the_current_units_session(Scoped: Any) -> None:
     assert len(Scoped.registry) == 1
     release.set()
     thread.join()
+
+
+def test_trio_tasks_get_their_own_sessions_closed_when_each_task_exits(Scoped: Any) -> None:
+    trio = pytest.importorskip("trio")
+    sessions: list[Session] = []
+    live_while_running: list[int] = []
+
+    async def request() -> None:
+        sessions.append(hold_connection(Scoped))
+        await trio.sleep(0)
+        assert Scoped() is sessions[-1] or Scoped() in sessions
+        live_while_running.append(len(Scoped.registry))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(request)
+        await trio.sleep(0)
+
+    thread_session = Scoped()  # the thread's own session is not what trio tasks get
+    with no_garbage_collector_cleanup():
+        trio.run(main)
+    assert len({id(s) for s in sessions}) == 5 and thread_session not in sessions
+    assert max(live_while_running) == 6  # five tasks and this thread
+    assert all(not s.in_transaction() for s in sessions)
+    assert len(Scoped.registry) == 1  # only this thread's
+    Scoped.remove()
