@@ -1,11 +1,21 @@
 # `make test` and `make demo` set themselves up from nothing: a virtual environment in .venv,
 # the package installed into it with the extras they need, then the run.
+#
+# `make test` runs lint, types and the whole suite on the newest supported stack (this Python,
+# SQLAlchemy 2.1), then the suite again on the oldest (Python 3.10, SQLAlchemy 2.0) in
+# .venv-compat, when a Python 3.10 is on the machine.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo bench lint venv clean
+# the real interpreter, not a pyenv shim that exists but refuses to run
+PYTHON_COMPAT ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.executable)' 2>/dev/null) \
+                             $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10))
+COMPAT_VENV   := .venv-compat
+COMPAT_STAMP  := $(COMPAT_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: test test-newest test-compat demo bench lint venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +27,25 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-test: lint
+test: test-newest test-compat
+
+test-newest: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+$(COMPAT_STAMP): pyproject.toml
+	$(PYTHON_COMPAT) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install --quiet -e '.[test]' 'SQLAlchemy>=2.0.22,<2.1'
+	rm -f $(COMPAT_VENV)/.installed-* && touch $@
+
+ifeq ($(PYTHON_COMPAT),)
+test-compat:
+	@echo "test-compat SKIPPED: no Python 3.10 on this machine (Python 3.10 + SQLAlchemy 2.0 untested)"
+else
+test-compat: $(COMPAT_STAMP)
+	@echo "== again on the oldest supported stack: Python 3.10, SQLAlchemy 2.0 =="
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+endif
 
 demo: $(STAMP)
 	$(BIN)/python -m sessionscope demo $(DEMO_ARGS)
@@ -32,4 +59,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache .mypy_cache
