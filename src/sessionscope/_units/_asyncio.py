@@ -8,16 +8,20 @@ resolve to the task that drives them without any special case here.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from typing import Any
 
 _get_running_loop = asyncio.events._get_running_loop
 
-try:  # CPython 3.10-3.13 keep the loop -> task mapping in a dict; reading it skips a call.
+if sys.version_info < (3, 14):
+    # CPython 3.10-3.13 keep the loop -> task mapping in a dict that the C tasks write; reading it
+    # skips a call. From 3.14 the current task lives in the thread state, and a module-level
+    # `_current_tasks` may remain only for the pure-Python tasks, so it is not trusted there.
     from asyncio.tasks import _current_tasks as _current_tasks_by_loop  # type: ignore[attr-defined]
 
     current_task_of_loop: Callable[[Any], asyncio.Task[Any] | None] = _current_tasks_by_loop.get
-except ImportError:  # pragma: no cover - newer interpreters keep it in the thread state
+else:  # pragma: no cover - newer interpreters
 
     def current_task_of_loop(loop: Any) -> asyncio.Task[Any] | None:
         return asyncio.current_task(loop)
