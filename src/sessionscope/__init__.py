@@ -10,6 +10,7 @@ for AsyncSession, one per task.
 from __future__ import annotations
 
 from ._async_scoping import async_scoped_session
+from ._copy import copy_to
 from ._scope import AsyncSessionScope, SessionScope
 from ._scoping import scoped_session
 from ._units import ThreadUnit, Unit, current_unit, describe_unit
@@ -27,6 +28,7 @@ __all__ = [
     "Unit",
     "current_unit",
     "async_scoped_session",
+    "copy_to",
     "describe_unit",
     "scoped_session",
 ]
