@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import exc as sa_exc
 
+from ._async_session_end import close_shielded
 from ._session_end import seal
 from ._units import Unit, current_unit, describe_unit
 from .exc import CrossUnitError, ScopeEndedError, background
@@ -196,8 +197,7 @@ class AsyncSessionScope(SessionScope[S]):
             raise misuse
 
     async def finish_async(self, *, commit: bool, failing: bool) -> None:
-        from ._async_session_end import close_shielded
-
+        """As :meth:`SessionScope.finish`, awaited; the close survives a cancelled waiter."""
         state = self._state
         if state is None:
             return

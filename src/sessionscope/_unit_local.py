@@ -81,10 +81,9 @@ class _Entry:
     def _end(self) -> None:
         self.local._end(self)
 
-    def describe(self) -> str:
+    def describe(self, holder: Any) -> str:
         if self.thread is not None:
             return describe_unit(self.thread)
-        holder = self.holder_object()
         return "a greenlet that has been freed" if holder is None else describe_unit(holder)
 
 
@@ -104,8 +103,8 @@ class UnitLocal(Generic[T]):
     def get(self) -> T | None:
         """The current unit's value, or None. The hot path of every registry lookup.
 
-        ``UnitRegistry.__call__`` inlines this body (a call costs as much as the lookup); keep the
-        two in step.
+        ``_registry.unit_session`` inlines this body (a call costs as much as the lookup); keep
+        the two in step.
         """
         loop = _get_running_loop()
         if loop is not None:
@@ -162,9 +161,6 @@ class UnitLocal(Generic[T]):
         """How many units hold a value right now."""
         return len(self._live)
 
-    def values(self) -> list[T]:
-        return [entry.value for entry in list(self._live)]
-
     def _entry_of(self, holder: Any) -> _Entry | None:
         if isinstance(holder, greenlet):
             entry: _Entry | None = holder.__dict__.get(self._entry_key)
@@ -185,12 +181,12 @@ class UnitLocal(Generic[T]):
         """The unit of ``entry`` ended: forget it and hand its value to ``on_end``, once."""
         if self._live.pop(entry, _MISSING) is _MISSING:
             return
-        description = entry.describe()
+        holder = entry.holder_object()  # kept for the error message only
         self._forget_storage(entry)
         try:
             self._on_end(entry.value)
         except Exception:  # an end-of-unit hook must never break a loop, a hub or a thread exit
-            log.exception("sessionscope: cleaning up after %s failed", description)
+            log.exception("sessionscope: cleaning up after %s failed", entry.describe(holder))
 
     def _sweep(self) -> None:
         """End entries whose greenlet finished but is still referenced by the application."""
