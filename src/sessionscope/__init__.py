@@ -26,9 +26,9 @@ __all__ = [
     "ShareNothingError",
     "ThreadUnit",
     "Unit",
-    "current_unit",
     "async_scoped_session",
     "copy_to",
+    "current_unit",
     "describe_unit",
     "scoped_session",
 ]
