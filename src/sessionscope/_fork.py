@@ -17,8 +17,6 @@ from typing import Any
 
 _after_fork_callbacks: list[Callable[[], list[Any]]] = []
 _orphans: list[Any] = []
-generation = 0
-"""Bumped in every forked child; lets owners recorded before the fork be told apart."""
 
 
 def on_fork_in_child(callback: Callable[[], list[Any]]) -> None:
@@ -27,8 +25,6 @@ def on_fork_in_child(callback: Callable[[], list[Any]]) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global generation
-    generation += 1
     for callback in _after_fork_callbacks:
         _orphans.extend(callback())
 
