@@ -65,7 +65,7 @@ def test_contenders_give_each_unit_its_own_session(
 
     ENVS[unit](body, hold, 3)
     assert len({id(s) for s in held}) == len(held) == 8
-    assert all(type(s) is session_type for s in held)
+    assert all(isinstance(s, session_type) for s in held)
 
 
 @pytest.mark.parametrize("row", unit_memory.ROWS)

@@ -5,30 +5,47 @@ a thread, a greenlet (gevent, eventlet, raw), an asyncio task or a trio task. A 
 another unit's implicit session, and its session is closed when it ends. ``Session.scope()`` gives a
 block its own session that commits, rolls back and closes. ``async_scoped_session`` does the same
 for AsyncSession, one per task.
+
+Their sessions are guarded: used from another unit (or by two units at once) they raise
+``CrossUnitError`` (``ConcurrentUseError``). ``guard()`` guards any session or sessionmaker;
+``copy_to()``, ``hand_off()``/``adopt()`` and ``SharedSession`` are the ways to cross units.
 """
 
 from __future__ import annotations
 
 from ._async_scoping import async_scoped_session
 from ._copy import copy_to
+from ._guard import SharedSession, adopt, guard, hand_off
 from ._scope import AsyncSessionScope, SessionScope
 from ._scoping import scoped_session
 from ._units import ThreadUnit, Unit, current_unit, describe_unit
-from .exc import CrossUnitError, ScopeEndedError, ShareNothingError
+from .exc import (
+    ConcurrentUseError,
+    CrossUnitError,
+    ScopeEndedError,
+    ShareNothingError,
+    ShareNothingWarning,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncSessionScope",
+    "ConcurrentUseError",
     "CrossUnitError",
     "ScopeEndedError",
     "SessionScope",
     "ShareNothingError",
+    "ShareNothingWarning",
+    "SharedSession",
     "ThreadUnit",
     "Unit",
+    "adopt",
     "async_scoped_session",
     "copy_to",
     "current_unit",
     "describe_unit",
+    "guard",
+    "hand_off",
     "scoped_session",
 ]

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.asyncio import async_scoped_session as _sa_async_scoped_session
 
 from ._async_session_end import close_on_its_loop
+from ._guard import Mode
 from ._scope import AsyncSessionScope
 from ._unit_scoping import UnitScoping
 
@@ -29,11 +30,13 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
      or any callable making an AsyncSession.
     :param scopefunc: optional; with one, sessions are keyed by it exactly as in SQLAlchemy (and
      must be removed with ``await remove()`` as there).
+    :param guard: ``"raise"`` (default), ``"warn"`` or ``"off"``, as for
+     :class:`sessionscope.scoped_session`.
     """
 
     _scopes_coroutines = True
 
-    def __new__(cls, session_factory: Any = None, scopefunc: Any = None) -> Any:
+    def __new__(cls, session_factory: Any = None, scopefunc: Any = None, **kw: Any) -> Any:
         if scopefunc is not None and cls is async_scoped_session:
             cls = _scopefunc_async_scoped_session
         return super().__new__(cls)
@@ -42,8 +45,12 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
         self,
         session_factory: Callable[..., _AS],
         scopefunc: Callable[[], Any] | None = None,
+        *,
+        guard: Mode = "raise",
     ) -> None:
-        self._set_up_registry(session_factory, scopefunc, on_unit_end=close_on_its_loop)
+        self._set_up_registry(
+            session_factory, scopefunc, guard=guard, on_unit_end=close_on_its_loop
+        )
 
     async def remove(self) -> None:
         """Close and discard the current unit's implicit AsyncSession, if any.
@@ -62,7 +69,12 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
         independent, ``commit=False`` rolls back; work the block awaits in ``to_thread`` shares it.
         """
         return AsyncSessionScope(
-            self._scope_var, self.session_factory, new=new, commit=commit, session_kw=kw
+            self._scope_var,
+            self.session_factory,
+            new=new,
+            commit=commit,
+            session_kw=kw,
+            guard=self.guard_mode,
         )
 
 

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from ._guard._lineage import cleanup
 from ._session_end import seal
 from ._units._asyncio import _get_running_loop
 
@@ -32,15 +33,16 @@ class _CloseTask(asyncio.Task):  # type: ignore[type-arg]
 
 
 async def _close(session: Any, *, then_seal: bool) -> None:
-    try:
-        await session.close()
-    except BaseException:
-        with contextlib.suppress(Exception):  # the close error is the one worth reporting
-            await session.invalidate()
-        raise
-    finally:
-        if then_seal:
-            seal(session.sync_session)
+    with cleanup():  # this task is sessionscope's own: the guard lets it close the session
+        try:
+            await session.close()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the close error is the one worth reporting
+                await session.invalidate()
+            raise
+        finally:
+            if then_seal:
+                seal(session.sync_session)
 
 
 def start_close(session: Any, *, then_seal: bool = False) -> asyncio.Task[None]:

@@ -17,6 +17,8 @@ from typing import Any
 
 _after_fork_callbacks: list[Callable[[], list[Any]]] = []
 _orphans: list[Any] = []
+generation = 0
+"""How many forks led to this process: a session made in an earlier generation is foreign here."""
 
 
 def on_fork_in_child(callback: Callable[[], list[Any]]) -> None:
@@ -25,6 +27,8 @@ def on_fork_in_child(callback: Callable[[], list[Any]]) -> None:
 
 
 def _after_fork_in_child() -> None:
+    global generation
+    generation += 1
     for callback in _after_fork_callbacks:
         _orphans.extend(callback())
 

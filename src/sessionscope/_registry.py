@@ -70,6 +70,7 @@ class UnitRegistry(Generic[S]):
         scope_var: ContextVar[ScopeState[S] | None],
         on_unit_end: Callable[[S], None],
         on_create: Callable[[S], None] | None = None,
+        adopt_set: Callable[[S], None] | None = None,
     ) -> None:
         self.createfunc = createfunc
         self._scope_var = scope_var
@@ -77,6 +78,7 @@ class UnitRegistry(Generic[S]):
         self._key = self._local._key
         self._task_values = self._local._task_values
         self._on_create = on_create
+        self._adopt_set = adopt_set
 
     __call__ = unit_session
 
@@ -98,10 +100,17 @@ class UnitRegistry(Generic[S]):
         return (scope is not None and not scope.ended) or self._local.get() is not None
 
     def set(self, obj: S) -> None:
+        if self._adopt_set is not None:
+            self._adopt_set(obj)
         self._local.set(obj)
 
     def clear(self) -> None:
         self._local.pop()
+
+    def forget(self, session: S) -> None:
+        """Stop holding ``session`` for the current unit (it was handed off), without closing it."""
+        if self._local.get() is session:
+            self._local.pop()
 
     def implicit(self) -> S | None:
         """The current unit's implicit session (not a scope's), or None."""
@@ -120,9 +129,11 @@ class ScopefuncRegistry(ScopedRegistry[S]):
         createfunc: Callable[[], S],
         scopefunc: Callable[[], Any],
         scope_var: ContextVar[ScopeState[S] | None],
+        adopt_set: Callable[[S], None] | None = None,
     ) -> None:
         super().__init__(createfunc, scopefunc)
         self._scope_var = scope_var
+        self._adopt_set = adopt_set
 
     def __call__(self) -> S:
         scope = self._scope_var.get()
@@ -136,3 +147,13 @@ class ScopefuncRegistry(ScopedRegistry[S]):
 
     def implicit(self) -> S | None:
         return super().__call__() if super().has() else None
+
+    def set(self, obj: S) -> None:
+        if self._adopt_set is not None:
+            self._adopt_set(obj)
+        super().set(obj)
+
+    def forget(self, session: S) -> None:
+        """Stop holding ``session`` under the current key (it was handed off), without closing."""
+        if self.implicit() is session:
+            self.clear()

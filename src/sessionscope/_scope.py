@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import exc as sa_exc
 
 from ._async_session_end import close_shielded
+from ._guard import Mode, cleanup, install
 from ._session_end import seal
 from ._units import Unit, current_unit, describe_unit
 from .exc import CrossUnitError, ScopeEndedError, background
@@ -70,12 +71,14 @@ class SessionScope(Generic[S]):
         new: bool,
         commit: bool,
         session_kw: dict[str, Any],
+        guard: Mode = "raise",
     ) -> None:
         self._var = scope_var
         self._factory = factory
         self._new = new
         self._commit = commit
         self._session_kw = session_kw
+        self._guard = guard
         self._entered_by: Unit | None = None
         self._state: ScopeState[S] | None = None
         self._token: Token[ScopeState[S] | None] | None = None
@@ -97,7 +100,10 @@ class SessionScope(Generic[S]):
                     "Session.scope(new=True, ...) for an independent session."
                 )
             return outer.session
-        self._state = ScopeState(self._factory(**self._session_kw), self._entered_by)
+        session = install(
+            self._factory(**self._session_kw), self._guard, on_hand_off=_stays_in_its_scope
+        )
+        self._state = ScopeState(session, self._entered_by)
         self._token = self._var.set(self._state)
         return self._state.session
 
@@ -136,9 +142,12 @@ class SessionScope(Generic[S]):
         tb: TracebackType | None,
     ) -> None:
         commit, failing, misuse = self.how_to_end(exc_type)
-        self.finish(commit=commit, failing=failing)
-        if misuse is not None:
-            raise misuse
+        if misuse is None:
+            self.finish(commit=commit, failing=failing)
+            return
+        with cleanup():  # the scope's own rollback and close, from the wrong unit
+            self.finish(commit=commit, failing=failing)
+        raise misuse
 
     def finish(self, *, commit: bool, failing: bool) -> None:
         """Commit if asked, then always close; a joined scope leaves this to its outer block."""
@@ -192,9 +201,12 @@ class AsyncSessionScope(SessionScope[S]):
         tb: TracebackType | None,
     ) -> None:
         commit, failing, misuse = self.how_to_end(exc_type)
-        await self.finish_async(commit=commit, failing=failing)
-        if misuse is not None:
-            raise misuse
+        if misuse is None:
+            await self.finish_async(commit=commit, failing=failing)
+            return
+        with cleanup():  # the scope's own rollback and close, from the wrong unit
+            await self.finish_async(commit=commit, failing=failing)
+        raise misuse
 
     async def finish_async(self, *, commit: bool, failing: bool) -> None:
         """As :meth:`SessionScope.finish`, awaited; the close survives a cancelled waiter."""
@@ -217,6 +229,14 @@ class AsyncSessionScope(SessionScope[S]):
                 log.exception("sessionscope: closing a scope's AsyncSession failed")
             finally:
                 self._reset_var()
+
+
+def _stays_in_its_scope(session: Any) -> None:
+    raise sa_exc.InvalidRequestError(
+        "A Session.scope() session is closed by its block, so it cannot be handed off or "
+        "shared; make the session to hand off with the sessionmaker itself, or finish the work "
+        "inside the block (work it awaits in to_thread or a framework's thread pool may use it)."
+    )
 
 
 def scoped_decorator(

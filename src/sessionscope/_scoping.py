@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import warn_deprecated
 
+from ._guard import Mode
 from ._scope import SessionScope
 from ._session_end import close_quietly_or_invalidate
 from ._unit_scoping import UnitScoping
@@ -44,9 +45,13 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
     :param scopefunc: optional; as in SQLAlchemy, a function returning a hashable token that keys
      the session. Without it, each thread, greenlet, asyncio task and trio task gets its own
      session, closed when that unit ends.
+    :param guard: the share-nothing guard on this registry's sessions (implicit and scopes'):
+     ``"raise"`` (default) turns use from another unit into :class:`~sessionscope.CrossUnitError`
+     and overlapping use into :class:`~sessionscope.ConcurrentUseError`; ``"warn"`` warns
+     instead; ``"off"`` leaves sessions as SQLAlchemy makes them.
     """
 
-    def __new__(cls, session_factory: Any = None, scopefunc: Any = None) -> Any:
+    def __new__(cls, session_factory: Any = None, scopefunc: Any = None, **kw: Any) -> Any:
         if scopefunc is not None and cls is scoped_session:
             cls = _scopefunc_scoped_session
         return super().__new__(cls)
@@ -55,12 +60,15 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         self,
         session_factory: Callable[..., _S],
         scopefunc: Callable[[], Any] | None = None,
+        *,
+        guard: Mode = "raise",
     ) -> None:
         self._set_up_registry(
             session_factory,
             scopefunc,
+            guard=guard,
             on_unit_end=close_quietly_or_invalidate,
-            on_create=_warn_if_asyncio,
+            warn_on_create=_warn_if_asyncio,
         )
 
     def remove(self) -> None:
@@ -83,7 +91,12 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         :param kw: passed to ``session_factory`` for this scope's session.
         """
         return SessionScope(
-            self._scope_var, self.session_factory, new=new, commit=commit, session_kw=kw
+            self._scope_var,
+            self.session_factory,
+            new=new,
+            commit=commit,
+            session_kw=kw,
+            guard=self.guard_mode,
         )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from ._guard._lineage import cleanup
+
 try:  # SQLAlchemy >= 2.0.22: a closed session can refuse further use
     from sqlalchemy.orm.session import _SessionCloseState
 
@@ -21,14 +23,15 @@ except ImportError:  # pragma: no cover
 
 def close_quietly_or_invalidate(session: Any) -> None:
     """Close ``session``; if closing fails (a dead connection), invalidate it, then re-raise."""
-    try:
-        session.close()
-    except BaseException:
-        invalidate = getattr(session, "invalidate", None)
-        if invalidate is not None:
-            with contextlib.suppress(Exception):  # the original error is the one to report
-                invalidate()
-        raise
+    with cleanup():  # sessionscope's own cleanup may close a session from any unit
+        try:
+            session.close()
+        except BaseException:
+            invalidate = getattr(session, "invalidate", None)
+            if invalidate is not None:
+                with contextlib.suppress(Exception):  # the original error is the one to report
+                    invalidate()
+            raise
 
 
 def seal(session: Any) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar, overload
 
+from ._guard import Mode, check_mode, install
 from ._registry import ScopefuncRegistry, UnitRegistry, unit_session
 from ._scope import ScopeState, SessionScope, scoped_decorator
 
@@ -31,24 +32,50 @@ class UnitScoping(Generic[S]):
     _scope_var: ContextVar[ScopeState[S] | None]
     _key: str
     _task_values: dict[Any, S]
+    guard_mode: Mode
+    """How this registry's sessions (implicit and scopes') are guarded: raise, warn or off."""
 
     def _set_up_registry(
         self,
         session_factory: Callable[..., S],
         scopefunc: Callable[[], Any] | None,
         *,
+        guard: Mode,
         on_unit_end: Callable[[S], None],
-        on_create: Callable[[S], None] | None = None,
+        warn_on_create: Callable[[S], None] | None = None,
     ) -> None:
         self.session_factory = session_factory
+        self.guard_mode = check_mode(guard)
         self._scope_var = ContextVar("sessionscope.scope", default=None)
+
+        def adopt_set(session: S) -> None:
+            install(session, self.guard_mode, on_hand_off=self.registry.forget)
+
+        def create(session: S) -> None:
+            if warn_on_create is not None:
+                warn_on_create(session)
+            adopt_set(session)
+
         if scopefunc:
-            self.registry = ScopefuncRegistry(session_factory, scopefunc, self._scope_var)
+            self.registry = ScopefuncRegistry(
+                self._created_by(session_factory, adopt_set), scopefunc, self._scope_var, adopt_set
+            )
             # Keys that never match: a subclass that kept the fast _proxied still answers right.
             self._key, self._task_values = "", {}
         else:
-            self.registry = UnitRegistry(session_factory, self._scope_var, on_unit_end, on_create)
+            self.registry = UnitRegistry(
+                session_factory, self._scope_var, on_unit_end, create, adopt_set
+            )
             self._key, self._task_values = self.registry._key, self.registry._task_values
+
+    @staticmethod
+    def _created_by(factory: Callable[[], S], on_create: Callable[[S], None]) -> Callable[[], S]:
+        def create() -> S:
+            session = factory()
+            on_create(session)
+            return session
+
+        return create
 
     _proxied = property(unit_session)
 

@@ -28,5 +28,17 @@ class CrossUnitError(ShareNothingError):
     """A unit used (or ended) something that belongs to another unit."""
 
 
+class ConcurrentUseError(ShareNothingError):
+    """Two units were inside one session at the same time.
+
+    Raised for the second unit before SQLAlchemy or the driver see its call, so the first unit's
+    work and the connection are left as they were.
+    """
+
+
+class ShareNothingWarning(sa_exc.SAWarning):
+    """What ``guard="warn"`` emits instead of raising a :class:`ShareNothingError`."""
+
+
 class ScopeEndedError(sa_exc.ResourceClosedError):
     """The session of a ``Session.scope()`` block was asked for after the block ended."""

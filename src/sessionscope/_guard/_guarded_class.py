@@ -1,0 +1,109 @@
+"""The guarded variant of a Session class, which a guarded session is switched to.
+
+A session is guarded by assigning ``session.__class__`` to a subclass of its own class (cached per
+class) whose public methods first ask the session's :class:`SessionGuard`. A subclass rather than
+events: SQLAlchemy has no event for ``add``, ``get`` or ``close``, and the check must run *before*
+the call, not after. Only guarded sessions pay for it; the class keeps its name, module and
+docstrings, so ``repr()`` and tracebacks read as before, and unguarding switches the class back.
+
+Lazy loads and refreshes of expired attributes go through ``Session.execute`` (or, for a
+many-to-one found in the identity map, ``Session._identity_lookup``), so they are checked too.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
+
+from ._ownership import SessionGuard
+
+GUARD_ATTRIBUTE = "_sessionscope_guard"
+_CACHE_ATTRIBUTE = "_sessionscope_guarded_class"
+
+GUARDED_METHODS = (
+    "add",
+    "add_all",
+    "begin",
+    "begin_nested",
+    "bulk_insert_mappings",
+    "bulk_save_objects",
+    "bulk_update_mappings",
+    "close",
+    "commit",
+    "connection",
+    "delete",
+    "delete_all",  # SQLAlchemy 2.1
+    "enable_relationship_loading",
+    "execute",
+    "expire",
+    "expire_all",
+    "expunge",
+    "expunge_all",
+    "flush",
+    "get",
+    "get_one",
+    "invalidate",
+    "merge",
+    "merge_all",  # SQLAlchemy 2.1
+    "prepare",
+    "query",
+    "refresh",
+    "reset",
+    "rollback",
+    "scalar",
+    "scalars",
+    "_identity_lookup",  # a lazy many-to-one answered from the identity map
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound=Session)
+
+
+def _checked(name: str, method: F) -> F:
+    @functools.wraps(method)
+    def checked(self: Any, *args: Any, **kw: Any) -> Any:
+        guard: SessionGuard = self._sessionscope_guard
+        if guard.admit(name):
+            try:
+                return method(self, *args, **kw)
+            finally:
+                guard.leave()
+        return method(self, *args, **kw)
+
+    return checked  # type: ignore[return-value]
+
+
+def guarded_class(base: type[S]) -> type[S]:
+    """The guarded subclass of ``base`` (made once per class)."""
+    if is_guarded_class(base):
+        return base
+    cached: type[S] | None = base.__dict__.get(_CACHE_ATTRIBUTE)
+    if cached is not None:
+        return cached
+    namespace: dict[str, Any] = {
+        name: _checked(name, getattr(base, name))
+        for name in GUARDED_METHODS
+        if callable(getattr(base, name, None))
+    }
+    namespace.update(
+        __slots__=(),
+        __module__=base.__module__,
+        __qualname__=base.__qualname__,
+        __doc__=base.__doc__,
+        _sessionscope_unguarded_class=base,
+    )
+    guarded = type(base.__name__, (base,), namespace)
+    setattr(base, _CACHE_ATTRIBUTE, guarded)
+    return guarded
+
+
+def is_guarded_class(cls: type) -> bool:
+    return "_sessionscope_unguarded_class" in cls.__dict__
+
+
+def unguarded_class(cls: type[S]) -> type[S]:
+    base: type[S] = cls.__dict__.get("_sessionscope_unguarded_class", cls)
+    return base

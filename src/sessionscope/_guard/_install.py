@@ -1,0 +1,129 @@
+"""Guarding sessions and sessionmakers: ``sessionscope.guard()`` and what the registries call.
+
+A guarded session is switched to its class's guarded variant and carries a
+:class:`SessionGuard`; an AsyncSession is guarded through its ``sync_session``, where SQLAlchemy
+runs all of its work (its own proxies and ``greenlet_spawn`` calls end there). A guarded
+sessionmaker makes sessions that are guarded from birth, owned by the unit that called it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import _writes
+from ._guarded_class import GUARD_ATTRIBUTE, guarded_class, unguarded_class
+from ._ownership import MODES, Mode, SessionGuard
+from ._site import Site, application_site
+
+T = TypeVar("T")
+HandOffHook = Callable[[Any], None]
+
+
+def check_mode(mode: object) -> Mode:
+    if mode not in MODES:
+        raise sa_exc.ArgumentError(f"guard must be one of 'raise', 'warn' or 'off', not {mode!r}.")
+    return mode  # type: ignore[return-value,unused-ignore]  # checked against MODES
+
+
+def sync_session_of(session: Any) -> Session:
+    if isinstance(session, AsyncSession):
+        return session.sync_session
+    if isinstance(session, Session):
+        return session
+    raise sa_exc.ArgumentError(
+        f"sessionscope guards a Session or an AsyncSession, not {type(session).__name__!r}."
+    )
+
+
+def guard_of(session: Any) -> SessionGuard | None:
+    """The guard of a Session or AsyncSession, or None when it is not guarded."""
+    guard: SessionGuard | None = sync_session_of(session).__dict__.get(GUARD_ATTRIBUTE)
+    return guard
+
+
+def install(
+    session: T,
+    mode: Mode,
+    *,
+    site: Site | None = None,
+    on_hand_off: HandOffHook | None = None,
+) -> T:
+    """Guard a new session, owned by the running unit (a no-op for ``"off"`` or if guarded)."""
+    if mode == "off":
+        return session
+    sync = sync_session_of(session)
+    if GUARD_ATTRIBUTE in sync.__dict__:
+        return session
+    guard = SessionGuard(mode, type(session).__name__, site or application_site())
+    guard.on_hand_off = on_hand_off
+    sync.__dict__[GUARD_ATTRIBUTE] = guard
+    sync.__class__ = guarded_class(type(sync))
+    _writes.register(sync.hash_key, guard)
+    return session
+
+
+def _set_mode(session: Any, mode: Mode) -> None:
+    sync = sync_session_of(session)
+    guard: SessionGuard | None = sync.__dict__.get(GUARD_ATTRIBUTE)
+    if guard is None:
+        install(session, mode, site=application_site())
+    elif mode == "off":
+        sync.__class__ = unguarded_class(type(sync))
+        del sync.__dict__[GUARD_ATTRIBUTE]
+        _writes.unregister(sync.hash_key)
+    else:
+        guard.mode = mode
+
+
+_MAKER_MODE = "_sessionscope_guard_mode"
+_MAKER_BASE = "_sessionscope_unguarded_maker_class"
+
+
+def _guarding_class(cls: type[Any], mode: Mode) -> type[Any]:
+    """A subclass of a sessionmaker's ``class_`` whose sessions are guarded at birth."""
+    base = cls.__dict__.get(_MAKER_BASE, cls)
+
+    def __init__(self: Any, *args: Any, **kw: Any) -> None:
+        base.__init__(self, *args, **kw)
+        install(self, mode, site=application_site())
+
+    return type(
+        base.__name__,
+        (base,),
+        {
+            "__init__": __init__,
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+            _MAKER_MODE: mode,
+            _MAKER_BASE: base,
+        },
+    )
+
+
+def guard(target: T, mode: Mode = "raise") -> T:
+    """Enforce share-nothing on a session, an AsyncSession, or the sessions of a sessionmaker.
+
+    - A ``Session`` or ``AsyncSession`` not yet guarded becomes owned by the unit calling this;
+      for one already guarded (every session of sessionscope's registries and scopes) only the
+      mode changes.
+    - A ``sessionmaker`` or ``async_sessionmaker``: every session it makes from now on is guarded
+      and owned by the unit that makes it.
+
+    :param mode: ``"raise"`` (misuse raises :class:`~sessionscope.CrossUnitError` or
+     :class:`~sessionscope.ConcurrentUseError`), ``"warn"`` (a
+     :class:`~sessionscope.exc.ShareNothingWarning`, and the call proceeds) or ``"off"``.
+    :return: ``target``, for chaining: ``session = guard(Session(engine))``.
+    """
+    mode = check_mode(mode)
+    if isinstance(target, (sessionmaker, async_sessionmaker)):
+        base = target.class_.__dict__.get(_MAKER_BASE, target.class_)
+        target.class_ = base if mode == "off" else _guarding_class(base, mode)
+        return target
+    _set_mode(target, mode)
+    return target

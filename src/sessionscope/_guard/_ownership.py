@@ -1,0 +1,228 @@
+"""Who owns a guarded session, who is inside it now, and what happens to everybody else.
+
+One :class:`SessionGuard` per guarded session (for an AsyncSession, per its ``sync_session``,
+where all the work happens). Every guarded call asks :meth:`SessionGuard.admit`:
+
+- the owner is recognised on a fast path (its task, or its greenlet: a thread's main greenlet for a
+  thread) that costs a couple of attribute reads, because it runs on every session call;
+- anyone else goes through :func:`sessionscope.current_unit`: a unit that inherited the owner's
+  context (see ``_lineage``) borrows legitimately, sessionscope's own cleanup passes, and any other
+  unit gets :class:`~sessionscope.CrossUnitError` (or a warning in ``"warn"`` mode);
+- admitted units take a one-entry slot (``dict.setdefault`` is atomic under the GIL) with a depth
+  for re-entry, so a second unit entering while another is inside gets
+  :class:`~sessionscope.ConcurrentUseError`, before SQLAlchemy or the driver see the call.
+
+Owners are held by weak reference: a session kept in its own greenlet's ``__dict__`` must not keep
+that greenlet alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal
+
+from greenlet import getcurrent, greenlet
+
+from .. import _fork
+from .._units import Unit, current_unit, describe_unit
+from .._units._asyncio import _get_running_loop, current_task_of_loop
+from .._units._greenlet import main_greenlet
+from .._units._thread import ThreadUnit
+from ..exc import (
+    ConcurrentUseError,
+    CrossUnitError,
+    ShareNothingError,
+    ShareNothingWarning,
+    background,
+)
+from ._lineage import Lineage, inherits, is_cleanup, mark_owner
+from ._site import Site, application_stacklevel, describe_site
+
+Mode = Literal["raise", "warn", "off"]
+MODES: tuple[Mode, ...] = ("raise", "warn", "off")
+
+OWNED, HANDED_OFF, SHARED = "owned", "handed off", "shared"
+
+
+def _nobody() -> None:
+    """Stands in for a weak reference when there is no owner (or no fast way to see it)."""
+    return None
+
+
+class SessionGuard:
+    """The ownership record and the entry check of one guarded session."""
+
+    __slots__ = (
+        "mode",
+        "label",
+        "created_at",
+        "state",
+        "owner_ref",
+        "fast_ref",
+        "fast_is_task",
+        "generation",
+        "lineage",
+        "inside",
+        "depth",
+        "on_hand_off",
+        "__weakref__",
+    )
+
+    def __init__(self, mode: Mode, label: str, created_at: Site | None) -> None:
+        self.mode = mode
+        self.label = label
+        self.created_at = created_at
+        self.inside: dict[int, Unit] = {}
+        self.depth = 0
+        self.on_hand_off: Callable[[Any], None] | None = None
+        """Called with the session when it is handed off or shared: its registry forgets it."""
+        self.own(current_unit())
+
+    # -- ownership -----------------------------------------------------------------------------
+
+    def own(self, unit: Unit) -> None:
+        """Make ``unit`` (the running unit) the owner, and mark its context for borrowers."""
+        self.owner_ref: Callable[[], Unit | None] = weakref.ref(unit)
+        self.fast_is_task = isinstance(unit, asyncio.Task)
+        self.fast_ref: Callable[[], Any]
+        if self.fast_is_task or isinstance(unit, greenlet):
+            self.fast_ref = self.owner_ref
+        elif isinstance(unit, ThreadUnit):
+            self.fast_ref = weakref.ref(main_greenlet())
+        else:  # trio: seen on the slow path
+            self.fast_ref = _nobody
+        self.generation = _fork.generation
+        self.lineage: Lineage | None = mark_owner(unit)
+        self.state = OWNED
+
+    def disown(self, state: str) -> None:
+        """Nobody owns the session until :meth:`own` (handed off, or shared between blocks)."""
+        self.owner_ref = self.fast_ref = _nobody
+        self.lineage = None
+        self.state = state
+
+    def owner(self) -> Unit | None:
+        return self.owner_ref()
+
+    def is_owned_by_current(self) -> bool:
+        return self.generation == _fork.generation and self.owner_ref() is current_unit()
+
+    # -- the entry check -----------------------------------------------------------------------
+
+    def admit(self, operation: str, of_class: type | None = None) -> bool:
+        """Check the running unit may enter; True when it entered (then :meth:`leave` after).
+
+        ``operation`` is a method name, or with ``of_class`` the attribute written on an object
+        of that class; both only go into messages.
+        """
+        loop = _get_running_loop()
+        if self.fast_is_task:
+            running = current_task_of_loop(loop) if loop is not None else None
+        else:
+            running = getcurrent() if loop is None else None
+        if running is None or running is not self.fast_ref() or self.generation != _fork.generation:
+            return self._admit_slow(operation, of_class)
+        owner = self.owner_ref()
+        holder = self.inside.setdefault(0, owner)
+        if holder is not owner:
+            return self._overlap(owner, holder, operation, of_class)
+        self.depth += 1
+        return True
+
+    def leave(self) -> None:
+        self.depth -= 1
+        if not self.depth:
+            self.inside.clear()
+
+    def check_write(self, attribute: str, of_class: type) -> None:
+        """A write to a mapped attribute of an attached object: the same rules, no stay inside."""
+        if self.admit(attribute, of_class):
+            self.leave()
+
+    def _admit_slow(self, operation: str, of_class: type | None) -> bool:
+        if self.mode == "off":
+            return False
+        unit = current_unit()
+        if self.generation != _fork.generation:
+            return self._refuse(unit, operation, of_class, forked=True)
+        if unit is not self.owner_ref():
+            if is_cleanup():
+                return False
+            if not inherits(self.lineage):
+                return self._refuse(unit, operation, of_class)
+        holder = self.inside.setdefault(0, unit)
+        if holder is not unit:
+            return self._overlap(unit, holder, operation, of_class)
+        self.depth += 1
+        return True
+
+    # -- refusals ------------------------------------------------------------------------------
+
+    def _did(self, operation: str, of_class: type | None) -> str:
+        if of_class is None:
+            return f"called {self.label}.{operation}()"
+        return f"wrote {of_class.__name__}.{operation} on an object attached to it"
+
+    def _refuse(
+        self, unit: Unit, operation: str, of_class: type | None, *, forked: bool = False
+    ) -> bool:
+        did = self._did(operation, of_class)
+        this = f"{self.label} created at {describe_site(self.created_at)}"
+        who = describe_unit(unit)
+        if forked:
+            message = (
+                f"{this} was created before os.fork(), in the parent process, and {who} of the "
+                f"child {did}. Its connection belongs to the parent. Create new "
+                "sessions in the child (and call engine.dispose(close=False) there first). "
+                + background("guard-forked")
+            )
+        else:
+            message = (
+                f"{this} {self._ownership()}, but {who} {did}. A session and "
+                'every object attached to it belong to one concurrent unit ("share nothing"). '
+                f"Give {who} its own session (the registry's Session() or Session.scope()) and "
+                "copy objects into it with sessionscope.copy_to(); to move this session on "
+                "purpose, call sessionscope.hand_off(session) in its owner and "
+                "sessionscope.adopt(session) in the unit taking it; to share it deliberately, use "
+                "sessionscope.SharedSession. " + background("guard-cross-unit")
+            )
+        return self._violation(CrossUnitError(message))
+
+    def _ownership(self) -> str:
+        if self.state == HANDED_OFF:
+            return (
+                "was handed off with sessionscope.hand_off() and nobody has adopted it "
+                "(sessionscope.adopt(session))"
+            )
+        if self.state == SHARED:
+            return (
+                "is a SharedSession's, usable only inside `with shared as session:` "
+                "(`async with` for tasks)"
+            )
+        owner = self.owner_ref()
+        if owner is None:
+            return "belonged to a unit that has ended"
+        return f"belongs to {describe_unit(owner)}"
+
+    def _overlap(
+        self, unit: Unit | None, holder: Unit, operation: str, of_class: type | None
+    ) -> bool:
+        message = (
+            f"{describe_unit(unit)} {self._did(operation, of_class)} while "
+            f"{describe_unit(holder)} was inside the same {self.label} (created at "
+            f"{describe_site(self.created_at)}). A "
+            "session runs one operation of one unit at a time; the second call was stopped "
+            "before it reached SQLAlchemy or the driver. Give each concurrent unit its own "
+            "session (copy objects with sessionscope.copy_to()), or serialize the units with "
+            "sessionscope.SharedSession. " + background("guard-concurrent")
+        )
+        return self._violation(ConcurrentUseError(message))
+
+    def _violation(self, error: ShareNothingError) -> bool:
+        if self.mode == "raise":
+            raise error
+        warnings.warn(str(error), ShareNothingWarning, stacklevel=application_stacklevel())
+        return False
