@@ -69,8 +69,10 @@ def _checked(name: str, method: F) -> F:
         if guard.admit(name):
             try:
                 return method(self, *args, **kw)
-            finally:
-                guard.leave()
+            finally:  # SessionGuard.leave(), inlined: this runs on every call of the session
+                guard.depth -= 1
+                if not guard.depth:
+                    guard.inside.clear()
         return method(self, *args, **kw)
 
     return checked  # type: ignore[return-value]

@@ -57,7 +57,10 @@ def install(
     if mode == "off":
         return session
     sync = sync_session_of(session)
-    if GUARD_ATTRIBUTE in sync.__dict__:
+    existing: SessionGuard | None = sync.__dict__.get(GUARD_ATTRIBUTE)
+    if existing is not None:  # made by a guarded sessionmaker: keep its mode, learn the registry
+        if existing.on_hand_off is None:
+            existing.on_hand_off = on_hand_off
         return session
     guard = SessionGuard(mode, type(session).__name__, site or application_site())
     guard.on_hand_off = on_hand_off
