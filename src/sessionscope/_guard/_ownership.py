@@ -180,32 +180,36 @@ class SessionGuard:
                 + background("guard-forked")
             )
         else:
+            state, fix = self._ownership_and_fix(who)
             message = (
-                f"{this} {self._ownership()}, but {who} {did}. A session and "
-                'every object attached to it belong to one concurrent unit ("share nothing"). '
-                f"Give {who} its own session (the registry's Session() or Session.scope()) and "
-                "copy objects into it with sessionscope.copy_to(); to move this session on "
-                "purpose, call sessionscope.hand_off(session) in its owner and "
-                "sessionscope.adopt(session) in the unit taking it; to share it deliberately, use "
-                "sessionscope.SharedSession. " + background("guard-cross-unit")
+                f"{this} {state}, but {who} {did}. A session and every object attached to it "
+                f'belong to one concurrent unit at a time ("share nothing"). {fix} '
+                + background("guard-cross-unit")
             )
         return self._violation(CrossUnitError(message))
 
-    def _ownership(self) -> str:
+    def _ownership_and_fix(self, who: str) -> tuple[str, str]:
         if self.state == HANDED_OFF:
             return (
-                "was handed off with sessionscope.hand_off() and nobody has adopted it "
-                "(sessionscope.adopt(session))"
+                "was handed off with sessionscope.hand_off() and nobody has adopted it yet",
+                "Call sessionscope.adopt(session) in the unit taking it over, then use it there.",
             )
         if self.state == SHARED:
             return (
-                "is a SharedSession's, usable only inside `with shared as session:` "
-                "(`async with` for tasks)"
+                "belongs to a SharedSession",
+                "Use it, and its objects, inside `with shared as session:` (`async with` in "
+                "tasks), which gives the units turns.",
             )
         owner = self.owner_ref()
+        fix = (
+            f"Give {who} its own session (the registry's Session() or Session.scope()) and copy "
+            "objects into it with sessionscope.copy_to(); to move this session on purpose, call "
+            "sessionscope.hand_off(session) in its owner and sessionscope.adopt(session) in the "
+            "unit taking it; to share it deliberately, use sessionscope.SharedSession."
+        )
         if owner is None:
-            return "belonged to a unit that has ended"
-        return f"belongs to {describe_unit(owner)}"
+            return "belonged to a unit that has ended", fix
+        return f"belongs to {describe_unit(owner)}", fix
 
     def _overlap(
         self, unit: Unit | None, holder: Unit, operation: str, of_class: type | None
