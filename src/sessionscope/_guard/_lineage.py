@@ -32,17 +32,17 @@ class Lineage:
         self.parent = parent
 
 
-_lineage: ContextVar[Lineage | None] = ContextVar("sessionscope.lineage", default=None)
+current_lineage: ContextVar[Lineage | None] = ContextVar("sessionscope.lineage", default=None)
 _cleaning_up: ContextVar[bool] = ContextVar("sessionscope.cleaning_up", default=False)
 
 
 def mark_owner(unit: Unit) -> Lineage:
     """The node that makes contexts copied from now on borrowers of ``unit`` (the current unit)."""
-    head = _lineage.get()
+    head = current_lineage.get()
     if head is not None and head.unit_ref() is unit:
         return head
     node = Lineage(unit, head)
-    _lineage.set(node)
+    current_lineage.set(node)
     return node
 
 
@@ -50,7 +50,7 @@ def inherits(node: Lineage | None) -> bool:
     """Whether the running context descends from the context where ``node`` was marked."""
     if node is None:
         return False
-    current = _lineage.get()
+    current = current_lineage.get()
     while current is not None:
         if current is node:
             return True

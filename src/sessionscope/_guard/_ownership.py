@@ -38,7 +38,7 @@ from ..exc import (
     ShareNothingWarning,
     background,
 )
-from ._lineage import Lineage, inherits, is_cleanup, mark_owner
+from ._lineage import Lineage, current_lineage, inherits, is_cleanup, mark_owner
 from ._site import Site, application_stacklevel, describe_site
 
 Mode = Literal["raise", "warn", "off"]
@@ -108,7 +108,11 @@ class SessionGuard:
         return self.owner_ref()
 
     def is_owned_by_current(self) -> bool:
-        return self.generation == _fork.generation and self.owner_ref() is current_unit()
+        return (
+            self.generation == _fork.generation
+            and self.owner_ref() is current_unit()
+            and inherits(self.lineage)
+        )
 
     # -- the entry check -----------------------------------------------------------------------
 
@@ -123,7 +127,12 @@ class SessionGuard:
             running = current_task_of_loop(loop) if loop is not None else None
         else:
             running = getcurrent() if loop is None else None
-        if running is None or running is not self.fast_ref() or self.generation != _fork.generation:
+        if (
+            running is None
+            or running is not self.fast_ref()
+            or current_lineage.get() is not self.lineage
+            or self.generation != _fork.generation
+        ):
             return self._admit_slow(operation, of_class)
         owner = self.owner_ref()
         holder = self.inside.setdefault(0, owner)
@@ -148,11 +157,13 @@ class SessionGuard:
         unit = current_unit()
         if self.generation != _fork.generation:
             return self._refuse(unit, operation, of_class, forked=True)
-        if unit is not self.owner_ref():
+        # The owner's own context, or one copied from it (a borrower); the owner *unit* in another
+        # context is refused too: a pool thread that made a session in one job is not its owner
+        # in the next job (another request's).
+        if not inherits(self.lineage):
             if is_cleanup():
                 return False
-            if not inherits(self.lineage):
-                return self._refuse(unit, operation, of_class)
+            return self._refuse(unit, operation, of_class)
         holder = self.inside.setdefault(0, unit)
         if holder is not unit:
             return self._overlap(unit, holder, operation, of_class)
@@ -180,7 +191,7 @@ class SessionGuard:
                 + background("guard-forked")
             )
         else:
-            state, fix = self._ownership_and_fix(who)
+            state, fix = self._ownership_and_fix(unit, who)
             message = (
                 f"{this} {state}, but {who} {did}. A session and every object attached to it "
                 f'belong to one concurrent unit at a time ("share nothing"). {fix} '
@@ -188,7 +199,7 @@ class SessionGuard:
             )
         return self._violation(CrossUnitError(message))
 
-    def _ownership_and_fix(self, who: str) -> tuple[str, str]:
+    def _ownership_and_fix(self, unit: Unit, who: str) -> tuple[str, str]:
         if self.state == HANDED_OFF:
             return (
                 "was handed off with sessionscope.hand_off() and nobody has adopted it yet",
@@ -209,6 +220,14 @@ class SessionGuard:
         )
         if owner is None:
             return "belonged to a unit that has ended", fix
+        if owner is unit:
+            return (
+                f"belongs to {who} as it ran other work (another context: an earlier job of a "
+                "thread pool, or code under contextvars.copy_context().run)",
+                "A session made inside one job of a thread pool belongs to that job: use it "
+                "there, or open it in the unit that hands out the jobs (a Session.scope() there "
+                "follows into each of them), or move it with sessionscope.hand_off()/adopt().",
+            )
         return f"belongs to {describe_unit(owner)}", fix
 
     def _overlap(

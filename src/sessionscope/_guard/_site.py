@@ -21,21 +21,40 @@ _LIBRARY_DIRS = tuple(
         sqlalchemy.__file__ or "",
     )
 ) + (contextlib.__file__,)
+_STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
 
 Site = tuple[str, int, str]
 
 
+def _is_library(filename: str) -> bool:
+    return filename.startswith(_LIBRARY_DIRS)
+
+
+def _is_stdlib(filename: str) -> bool:
+    return filename.startswith(_STDLIB_DIR) and "-packages" not in filename
+
+
 def _first_application_frame(frame: FrameType | None) -> tuple[FrameType | None, int]:
     depth = 0
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+    while frame is not None and _is_library(frame.f_code.co_filename):
         frame = frame.f_back
         depth += 1
     return frame, depth
 
 
 def application_site() -> Site | None:
-    """(file, line, function) of the innermost application frame, or None."""
+    """(file, line, function) of the innermost application frame, or None.
+
+    Standard-library frames are stepped over too (a sessionmaker called by a thread pool was
+    "created" by the code that submitted it), unless nothing else is left.
+    """
     frame, _ = _first_application_frame(sys._getframe(1))
+    outer = frame
+    while outer is not None and (
+        _is_library(outer.f_code.co_filename) or _is_stdlib(outer.f_code.co_filename)
+    ):
+        outer = outer.f_back
+    frame = outer or frame
     if frame is None:
         return None
     return frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
