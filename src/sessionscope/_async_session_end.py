@@ -17,6 +17,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from ._guard._install import guard_of
 from ._guard._lineage import cleanup
 from ._session_end import seal
 from ._units._asyncio import _get_running_loop
@@ -73,7 +74,16 @@ def close_on_its_loop(session: Any) -> None:
                 "transaction; it could not be closed"
             )
         return
-    start_close(session).add_done_callback(_report_failure)
+    loop = asyncio.get_running_loop()
+
+    def close() -> None:
+        start_close(session).add_done_callback(_report_failure)
+
+    guard = guard_of(session)
+    if guard is None:
+        close()
+    else:  # a borrower inside (a to_thread thread outliving a cancelled task) closes it on leaving
+        guard.end(close, lambda: loop.call_soon_threadsafe(close))
 
 
 async def close_shielded(session: Any, *, then_seal: bool) -> None:

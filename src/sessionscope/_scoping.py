@@ -18,7 +18,7 @@ from sqlalchemy.util import warn_deprecated
 
 from ._guard import Mode
 from ._scope import SessionScope
-from ._session_end import close_quietly_or_invalidate
+from ._session_end import close_at_unit_end
 from ._unit_scoping import UnitScoping
 
 _S = TypeVar("_S", bound=Session)
@@ -67,7 +67,7 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
             session_factory,
             scopefunc,
             guard=guard,
-            on_unit_end=close_quietly_or_invalidate,
+            on_unit_end=close_at_unit_end,
             warn_on_create=_warn_if_asyncio,
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from ._guard._install import guard_of
 from ._guard._lineage import cleanup
 
 try:  # SQLAlchemy >= 2.0.22: a closed session can refuse further use
@@ -19,6 +20,18 @@ try:  # SQLAlchemy >= 2.0.22: a closed session can refuse further use
     _CLOSED: Any = _SessionCloseState.CLOSED
 except ImportError:  # pragma: no cover
     _CLOSED = None
+
+
+def close_at_unit_end(session: Any) -> None:
+    """End-of-unit hook of the sync registry: close now, or as the borrower inside leaves."""
+    guard = guard_of(session)
+    if guard is None:
+        close_quietly_or_invalidate(session)
+    else:
+        guard.end(
+            lambda: close_quietly_or_invalidate(session),
+            lambda: close_quietly_or_invalidate(session),
+        )
 
 
 def close_quietly_or_invalidate(session: Any) -> None:

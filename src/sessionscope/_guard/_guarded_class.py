@@ -73,6 +73,8 @@ def _checked(name: str, method: F) -> F:
                 guard.depth -= 1
                 if not guard.depth:
                     guard.inside.clear()
+                    if guard.after_leave:
+                        guard.run_after_leave()
         return method(self, *args, **kw)
 
     return checked  # type: ignore[return-value]

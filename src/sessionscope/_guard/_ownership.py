@@ -44,7 +44,7 @@ from ._site import Site, application_stacklevel, describe_site
 Mode = Literal["raise", "warn", "off"]
 MODES: tuple[Mode, ...] = ("raise", "warn", "off")
 
-OWNED, HANDED_OFF, SHARED = "owned", "handed off", "shared"
+OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
 
 
 def _nobody() -> None:
@@ -68,6 +68,7 @@ class SessionGuard:
         "inside",
         "depth",
         "on_hand_off",
+        "after_leave",
         "__weakref__",
     )
 
@@ -79,6 +80,8 @@ class SessionGuard:
         self.depth = 0
         self.on_hand_off: Callable[[Any], None] | None = None
         """Called with the session when it is handed off or shared: its registry forgets it."""
+        self.after_leave: list[Callable[[], object]] = []
+        """A close deferred until the unit inside leaves; popped (atomically) by one side only."""
         self.own(current_unit())
 
     # -- ownership -----------------------------------------------------------------------------
@@ -145,6 +148,34 @@ class SessionGuard:
         self.depth -= 1
         if not self.depth:
             self.inside.clear()
+            if self.after_leave:
+                self.run_after_leave()
+
+    def run_after_leave(self) -> None:
+        try:
+            callback = self.after_leave.pop()
+        except IndexError:  # the other side took it
+            return
+        callback()
+
+    def end(self, close: Callable[[], object], close_later: Callable[[], object]) -> None:
+        """The owner's unit ended: nobody may use the session now; close it once nobody is inside.
+
+        A borrower still inside (a thread or greenlet that outlived its owner) keeps running; the
+        session is closed as it leaves (by ``close_later``, from the borrower's unit), never under
+        it. Any later use, by a borrower too, is refused: it would reopen a transaction nobody
+        closes.
+        """
+        self.disown(ENDED)
+        if self.inside.get(0) is not None:
+            self.after_leave.append(close_later)
+            if self.inside.get(0) is not None:
+                return
+            try:  # it left meanwhile: close here, unless its leaving took the close already
+                self.after_leave.pop()
+            except IndexError:
+                return
+        close()
 
     def check_write(self, attribute: str, of_class: type) -> None:
         """A write to a mapped attribute of an attached object: the same rules, no stay inside."""
@@ -204,6 +235,12 @@ class SessionGuard:
             return (
                 "was handed off with sessionscope.hand_off() and nobody has adopted it yet",
                 "Call sessionscope.adopt(session) in the unit taking it over, then use it there.",
+            )
+        if self.state == ENDED:
+            return (
+                "belonged to a unit that has ended; sessionscope closed it then",
+                f"Give {who} its own session (the registry's Session() or Session.scope()); wait "
+                "for work you hand off before the unit that owns the session ends.",
             )
         if self.state == SHARED:
             return (
