@@ -186,15 +186,19 @@ class SessionGuard:
         if self.mode == "off":
             return False
         unit = current_unit()
+        if self.inside.get(0) is unit:  # a nested call SQLAlchemy makes for a unit let in
+            self.depth += 1
+            return True
         if self.generation != _fork.generation:
-            return self._refuse(unit, operation, of_class, forked=True)
+            self._refuse(unit, operation, of_class, forked=True)
         # The owner's own context, or one copied from it (a borrower); the owner *unit* in another
         # context is refused too: a pool thread that made a session in one job is not its owner
         # in the next job (another request's).
-        if not inherits(self.lineage):
+        elif not inherits(self.lineage):
             if is_cleanup():
                 return False
-            return self._refuse(unit, operation, of_class)
+            self._refuse(unit, operation, of_class)
+        # admitted, or warned about in "warn" mode (then its nested calls are not warned again)
         holder = self.inside.setdefault(0, unit)
         if holder is not unit:
             return self._overlap(unit, holder, operation, of_class)
@@ -205,12 +209,14 @@ class SessionGuard:
 
     def _did(self, operation: str, of_class: type | None) -> str:
         if of_class is None:
+            if operation == "_identity_lookup":  # a lazy many-to-one from the identity map
+                return f"lazy-loaded a related object through this {self.label}"
             return f"called {self.label}.{operation}()"
         return f"wrote {of_class.__name__}.{operation} on an object attached to it"
 
     def _refuse(
         self, unit: Unit, operation: str, of_class: type | None, *, forked: bool = False
-    ) -> bool:
+    ) -> None:
         did = self._did(operation, of_class)
         this = f"{self.label} created at {describe_site(self.created_at)}"
         who = describe_unit(unit)
@@ -228,7 +234,7 @@ class SessionGuard:
                 f'belong to one concurrent unit at a time ("share nothing"). {fix} '
                 + background("guard-cross-unit")
             )
-        return self._violation(CrossUnitError(message))
+        self._violation(CrossUnitError(message))
 
     def _ownership_and_fix(self, unit: Unit, who: str) -> tuple[str, str]:
         if self.state == HANDED_OFF:

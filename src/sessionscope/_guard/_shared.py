@@ -164,8 +164,9 @@ class SharedSession(Generic[S]):
                 f"{describe_unit(unit)} would wait for a SharedSession held by "
                 f"{describe_unit(holder)} in the same OS thread, on a thread lock: that waits "
                 "forever. Give greenlets of an unpatched program a cooperative lock "
-                "(SharedSession(session, lock=gevent.lock.Semaphore())), and use `async with` "
-                "in tasks. " + background("guard-shared")
+                "(SharedSession(session, lock=gevent.lock.Semaphore()), or eventlet's "
+                "eventlet.semaphore.Semaphore()), and use `async with` in tasks. "
+                + background("guard-shared")
             )
 
 
