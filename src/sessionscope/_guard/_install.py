@@ -30,19 +30,29 @@ def check_mode(mode: object) -> Mode:
     return mode  # type: ignore[return-value,unused-ignore]  # checked against MODES
 
 
-def sync_session_of(session: Any) -> Session:
+def _sync_session_or_none(session: Any) -> Session | None:
     if isinstance(session, AsyncSession):
         return session.sync_session
     if isinstance(session, Session):
         return session
-    raise sa_exc.ArgumentError(
-        f"sessionscope guards a Session or an AsyncSession, not {type(session).__name__!r}."
-    )
+    return None
+
+
+def sync_session_of(session: Any) -> Session:
+    sync = _sync_session_or_none(session)
+    if sync is None:
+        raise sa_exc.ArgumentError(
+            f"sessionscope guards a Session or an AsyncSession, not {type(session).__name__!r}."
+        )
+    return sync
 
 
 def guard_of(session: Any) -> SessionGuard | None:
-    """The guard of a Session or AsyncSession, or None when it is not guarded."""
-    guard: SessionGuard | None = sync_session_of(session).__dict__.get(GUARD_ATTRIBUTE)
+    """The guard of a Session or AsyncSession; None when it is not guarded (or not a session)."""
+    sync = _sync_session_or_none(session)
+    if sync is None:
+        return None
+    guard: SessionGuard | None = sync.__dict__.get(GUARD_ATTRIBUTE)
     return guard
 
 
@@ -53,10 +63,16 @@ def install(
     site: Site | None = None,
     on_hand_off: HandOffHook | None = None,
 ) -> T:
-    """Guard a new session, owned by the running unit (a no-op for ``"off"`` or if guarded)."""
+    """Guard a new session, owned by the running unit (a no-op for ``"off"`` or if guarded).
+
+    What a registry's factory makes that is not a Session or AsyncSession is left alone, as
+    SQLAlchemy's registries accept any factory.
+    """
     if mode == "off":
         return session
-    sync = sync_session_of(session)
+    sync = _sync_session_or_none(session)
+    if sync is None:
+        return session
     existing: SessionGuard | None = sync.__dict__.get(GUARD_ATTRIBUTE)
     if existing is not None:  # made by a guarded sessionmaker: keep its mode, learn the registry
         if existing.on_hand_off is None:

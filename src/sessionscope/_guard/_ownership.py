@@ -197,7 +197,8 @@ class SessionGuard:
         elif not inherits(self.lineage):
             if is_cleanup():
                 return False
-            self._refuse(unit, operation, of_class)
+            if not (self.state == ENDED and operation == "close"):  # closed already: harmless
+                self._refuse(unit, operation, of_class)
         # admitted, or warned about in "warn" mode (then its nested calls are not warned again)
         holder = self.inside.setdefault(0, unit)
         if holder is not unit:
