@@ -192,7 +192,7 @@ OPERATIONS = {
     "attribute_write": "wrote Parent.name on an object attached to it",
     "collection_append": "wrote Parent.children on an object attached to it",
     "lazy_load_collection": "called Session.",  # a lazy load goes through Session.execute()
-    "lazy_load_many_to_one": "called Session.",  # ... or, from the identity map, its lookup
+    "lazy_load_many_to_one": "lazy-loaded a related object through this Session",
     "expired_refresh": "called Session.",
 }
 

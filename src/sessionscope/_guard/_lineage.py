@@ -1,61 +1,69 @@
 """Which units inherited an owner's context: the legitimate borrowers of its sessions.
 
-When a unit comes to own a guarded session it puts a :class:`Lineage` node at the head of a
-context variable in its own context. Work that the owner hands off *with its context* sees that
-node: ``asyncio.to_thread``, the thread pools of Starlette/FastAPI (anyio) and asgiref, the
-helper tasks of ``wait_for`` and ``shield`` on Python 3.10/3.11, children of ``gather`` and
-``create_task``, and SQLAlchemy's own helper task in ``AsyncSession.__aexit__`` all run in a copy
-of the caller's context.
-A thread started by hand, a gevent/eventlet greenlet or ``loop.run_in_executor`` starts from an
-empty context and does not see it, so it is not a borrower.
+When a unit comes to own a guarded session it sets, in its own context, a context variable to a
+:class:`Lineage`: the set of sessions (their :class:`BorrowToken`) that work started from this
+context may borrow. Work that the owner hands off *with its context* sees it:
+``asyncio.to_thread``, the thread pools of Starlette/FastAPI (anyio) and asgiref, the helper tasks
+of ``wait_for`` and ``shield`` on Python 3.10/3.11, children of ``gather`` and ``create_task``, and
+SQLAlchemy's own helper task in ``AsyncSession.__aexit__`` all run in a copy of the caller's
+context. A thread started by hand, a gevent/eventlet greenlet or ``loop.run_in_executor`` starts
+from an empty context and does not see it, so it is not a borrower.
 
-Nodes hold their unit weakly: a task's context holding the task would make a reference cycle.
+A context copied *before* a session was made does not hold its token: a task created earlier that
+receives the session through a queue is not a borrower of it. Lineages are immutable, so copies
+never change; a new one keeps the still-lendable tokens of the old (the owner's other sessions, and
+what it inherited) and adds the new session's, so their number stays that of live sessions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import Any
 
-from .._units import Unit
+
+class BorrowToken:
+    """Stands for one guarded session's ownership in lineages (holding its guard weakly)."""
+
+    __slots__ = ("guard_ref",)
+
+    def __init__(self, guard: Any) -> None:
+        self.guard_ref: Callable[[], Any] = weakref.ref(guard)
+
+    def still_lendable(self) -> bool:
+        guard = self.guard_ref()
+        return guard is not None and guard.token is self
 
 
 class Lineage:
-    """One owner in a context's chain of owners (innermost first)."""
+    """What the running context may borrow: an immutable set of tokens."""
 
-    __slots__ = ("unit_ref", "parent")
+    __slots__ = ("tokens",)
 
-    def __init__(self, unit: Unit, parent: Lineage | None) -> None:
-        self.unit_ref = weakref.ref(unit)
-        self.parent = parent
+    def __init__(self, tokens: frozenset[BorrowToken]) -> None:
+        self.tokens = tokens
 
 
 current_lineage: ContextVar[Lineage | None] = ContextVar("sessionscope.lineage", default=None)
 _cleaning_up: ContextVar[bool] = ContextVar("sessionscope.cleaning_up", default=False)
 
 
-def mark_owner(unit: Unit) -> Lineage:
-    """The node that makes contexts copied from now on borrowers of ``unit`` (the current unit)."""
+def lend_from_here(guard: Any) -> tuple[BorrowToken, Lineage]:
+    """Let contexts copied from the running one from now on borrow ``guard``'s session."""
+    token = BorrowToken(guard)
     head = current_lineage.get()
-    if head is not None and head.unit_ref() is unit:
-        return head
-    node = Lineage(unit, head)
-    current_lineage.set(node)
-    return node
+    kept = frozenset(t for t in head.tokens if t.still_lendable()) if head is not None else ()
+    lineage = Lineage(frozenset(kept) | {token})
+    current_lineage.set(lineage)
+    return token, lineage
 
 
-def inherits(node: Lineage | None) -> bool:
-    """Whether the running context descends from the context where ``node`` was marked."""
-    if node is None:
-        return False
-    current = current_lineage.get()
-    while current is not None:
-        if current is node:
-            return True
-        current = current.parent
-    return False
+def inherits(token: BorrowToken | None) -> bool:
+    """Whether the running context may borrow the session of ``token``."""
+    head = current_lineage.get()
+    return head is not None and token in head.tokens
 
 
 def is_cleanup() -> bool:

@@ -19,7 +19,6 @@ that greenlet alive.
 from __future__ import annotations
 
 import asyncio
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal
@@ -38,13 +37,16 @@ from ..exc import (
     ShareNothingWarning,
     background,
 )
-from ._lineage import Lineage, current_lineage, inherits, is_cleanup, mark_owner
-from ._site import Site, application_stacklevel, describe_site
+from ._lineage import BorrowToken, Lineage, current_lineage, inherits, is_cleanup, lend_from_here
+from ._site import Site, describe_site, warn_at_application
 
 Mode = Literal["raise", "warn", "off"]
 MODES: tuple[Mode, ...] = ("raise", "warn", "off")
 
 OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
+
+
+_NOT_A_LINEAGE: Any = object()  # what a disowned guard's fast path compares with: never equal
 
 
 def _nobody() -> None:
@@ -64,6 +66,7 @@ class SessionGuard:
         "fast_ref",
         "fast_is_task",
         "generation",
+        "token",
         "lineage",
         "inside",
         "depth",
@@ -98,13 +101,16 @@ class SessionGuard:
         else:  # trio: seen on the slow path
             self.fast_ref = _nobody
         self.generation = _fork.generation
-        self.lineage: Lineage | None = mark_owner(unit)
+        self.token: BorrowToken | None
+        self.lineage: Lineage | None  # the owner's lineage last seen: the fast path's context
+        self.token, self.lineage = lend_from_here(self)
         self.state = OWNED
 
     def disown(self, state: str) -> None:
         """Nobody owns the session until :meth:`own` (handed off, or shared between blocks)."""
         self.owner_ref = self.fast_ref = _nobody
-        self.lineage = None
+        self.token = None
+        self.lineage = _NOT_A_LINEAGE
         self.state = state
 
     def owner(self) -> Unit | None:
@@ -114,7 +120,7 @@ class SessionGuard:
         return (
             self.generation == _fork.generation
             and self.owner_ref() is current_unit()
-            and inherits(self.lineage)
+            and inherits(self.token)
         )
 
     # -- the entry check -----------------------------------------------------------------------
@@ -133,7 +139,7 @@ class SessionGuard:
         if (
             running is None
             or running is not self.fast_ref()
-            or current_lineage.get() is not self.lineage
+            or current_lineage.get() is not self.lineage  # the owner's context, as last seen
             or self.generation != _fork.generation
         ):
             return self._admit_slow(operation, of_class)
@@ -194,11 +200,14 @@ class SessionGuard:
         # The owner's own context, or one copied from it (a borrower); the owner *unit* in another
         # context is refused too: a pool thread that made a session in one job is not its owner
         # in the next job (another request's).
-        elif not inherits(self.lineage):
+        elif not inherits(self.token):
             if is_cleanup():
                 return False
             if not (self.state == ENDED and operation == "close"):  # closed already: harmless
                 self._refuse(unit, operation, of_class)
+        elif unit is self.owner_ref():
+            # the owner, in a context that made more sessions since: the fast path's again
+            self.lineage = current_lineage.get()
         # admitted, or warned about in "warn" mode (then its nested calls are not warned again)
         holder = self.inside.setdefault(0, unit)
         if holder is not unit:
@@ -291,5 +300,5 @@ class SessionGuard:
     def _violation(self, error: ShareNothingError) -> bool:
         if self.mode == "raise":
             raise error
-        warnings.warn(str(error), ShareNothingWarning, stacklevel=application_stacklevel())
+        warn_at_application(str(error), ShareNothingWarning)
         return False

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from types import FrameType
 
 import sqlalchemy
+from greenlet import getcurrent
 
 _LIBRARY_DIRS = tuple(
     os.path.dirname(path) + os.sep
@@ -60,10 +62,31 @@ def application_site() -> Site | None:
     return frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
 
 
-def application_stacklevel() -> int:
-    """A ``warnings.warn`` stacklevel that points at the application's line, for the caller."""
-    _, depth = _first_application_frame(sys._getframe(1))
-    return depth + 1
+def warn_at_application(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the application's line that made the call.
+
+    Inside an AsyncSession method the check runs in SQLAlchemy's greenlet, whose stack ends at
+    ``greenlet_spawn``: the application's frames are those of the greenlet that drives it, parked
+    in its ``switch()``, so they are looked for there.
+    """
+    frame, _ = _first_application_frame(sys._getframe(1))
+    current = getcurrent()
+    while frame is None and current.parent is not None:
+        current = current.parent
+        frame, _ = _first_application_frame(current.gr_frame)
+    if frame is None:
+        warnings.warn(message, category, stacklevel=2)
+        return
+    module_globals = frame.f_globals
+    warnings.warn_explicit(
+        message,
+        category,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=module_globals.get("__name__"),
+        registry=module_globals.setdefault("__warningregistry__", {}),
+        module_globals=module_globals,
+    )
 
 
 def describe_site(site: Site | None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
@@ -41,25 +42,39 @@ def unregister(session_id: int) -> None:
     _guard_of_session_id.pop(session_id, None)
 
 
-def _on_write(state: Any, value: Any, *rest: Any, **_: Any) -> Any:
-    """``set`` (state, value, old, initiator) / ``append``, ``remove`` (state, value, initiator).
+_listeners: dict[str, Callable[..., Any]] = {}
 
-    Registered as SQLAlchemy registers its own raw listeners, so it returns ``value`` (the value
-    to store) and accepts the collection events' ``key`` keyword.
-    """
-    session_id = state.session_id
-    if session_id is not None:
-        ref = _guard_of_session_id.get(session_id)
-        if ref is not None:
-            guard = ref()
-            if guard is not None:
-                guard.check_write(rest[-1].key, state.class_)
-    return value
+
+def _listener_for(key: str) -> Callable[..., Any]:
+    """The write listener of attributes named ``key`` (one function per name, so that
+    ``event.contains`` recognises it; the name is the attribute's own, for messages: a backref's
+    initiator carries the *other* side's key)."""
+    listener = _listeners.get(key)
+    if listener is not None:
+        return listener
+
+    def on_write(state: Any, value: Any, *_: Any, **__: Any) -> Any:
+        """``set`` (state, value, old, initiator) / ``append``, ``remove`` (state, value, ...).
+
+        Registered as SQLAlchemy registers its own raw listeners, so it returns ``value`` (the
+        value to store) and accepts the collection events' ``key`` keyword.
+        """
+        session_id = state.session_id
+        if session_id is not None:
+            ref = _guard_of_session_id.get(session_id)
+            if ref is not None:
+                guard = ref()
+                if guard is not None:
+                    guard.check_write(key, state.class_)
+        return value
+
+    return _listeners.setdefault(key, on_write)
 
 
 def _listen_to(mapper: Mapper[Any]) -> None:
-    for attribute in mapper.class_manager.values():
-        if event.contains(attribute, "set", _on_write):
+    for key, attribute in mapper.class_manager.items():
+        listener = _listener_for(key)
+        if event.contains(attribute, "set", listener):
             continue
         names = ("set", "append", "remove") if attribute.impl.collection else ("set",)
         for name in names:
@@ -67,7 +82,7 @@ def _listen_to(mapper: Mapper[Any]) -> None:
             # refused write has changed nothing (no backref set, nothing cascaded into the
             # session). ``event.listen`` does not take ``insert`` for attribute events; this is
             # what it does for ``raw=True`` listeners, plus ``insert``.
-            _event_key(attribute, name, _on_write).base_listen(insert=True)
+            _event_key(attribute, name, listener).base_listen(insert=True)
 
 
 def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
