@@ -1,10 +1,11 @@
 """Writes to mapped attributes of objects attached to a guarded session.
 
 Lazy loads and expired-attribute refreshes reach the session and are checked there; a plain
-write (``user.name = ...``, ``parent.children.append(child)``) does not, so SQLAlchemy's attribute
-events ``set``, ``append`` and ``remove`` are listened to on every mapped attribute, once guarding
-is first used. The listener costs one dict lookup for objects of unguarded sessions (keyed by
-SQLAlchemy's ``session_id``) and nothing more for objects attached to no session.
+write (``user.name = ...``, ``del user.name``, ``parent.children.append(child)``, ``parent.children
+= [...]``) does not, so SQLAlchemy's attribute events ``set``, ``remove``, ``append`` and
+``bulk_replace`` are listened to on every mapped attribute, once guarding is first used. A listener
+costs one dict lookup for objects of unguarded sessions (keyed by SQLAlchemy's ``session_id``) and
+nothing more for objects attached to no session.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.event.api import _event_key
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_RESULT
 from sqlalchemy.orm.mapper import _all_registries
 
 from ._ownership import SessionGuard
@@ -42,42 +45,69 @@ def unregister(session_id: int) -> None:
     _guard_of_session_id.pop(session_id, None)
 
 
-_listeners: dict[str, Callable[..., Any]] = {}
+_listened: weakref.WeakKeyDictionary[type, set[str]] = weakref.WeakKeyDictionary()
+"""Mapped class -> attribute names whose writes are checked already."""
+
+_NO_PARENT = (None, NO_VALUE, PASSIVE_NO_RESULT)
 
 
-def _listener_for(key: str) -> Callable[..., Any]:
-    """The write listener of attributes named ``key`` (one function per name, so that
-    ``event.contains`` recognises it; the name is the attribute's own, for messages: a backref's
-    initiator carries the *other* side's key)."""
-    listener = _listeners.get(key)
-    if listener is not None:
-        return listener
+def _check(state: Any, key: str) -> None:
+    session_id = state.session_id
+    if session_id is not None:
+        ref = _guard_of_session_id.get(session_id)
+        if ref is not None:
+            guard = ref()
+            if guard is not None:
+                guard.check_write(key, state.class_)
 
-    def on_write(state: Any, value: Any, *_: Any, **__: Any) -> Any:
-        """``set`` (state, value, old, initiator) / ``append``, ``remove`` (state, value, ...).
 
-        Registered as SQLAlchemy registers its own raw listeners, so it returns ``value`` (the
-        value to store) and accepts the collection events' ``key`` keyword.
-        """
-        session_id = state.session_id
-        if session_id is not None:
-            ref = _guard_of_session_id.get(session_id)
-            if ref is not None:
-                guard = ref()
-                if guard is not None:
-                    guard.check_write(key, state.class_)
+def _listeners_for(key: str, impl: Any) -> dict[str, Callable[..., Any]]:
+    """The raw listeners checking writes to one attribute, by event name.
+
+    Registered as SQLAlchemy registers its own raw listeners: ``set`` and ``append`` return the
+    value to store, and collection events pass a ``key`` keyword. SQLAlchemy clears the "has a
+    parent" flag of an object being removed or replaced *before* running listeners (for
+    delete-orphan); a refused write puts it back, so that it changes nothing.
+    """
+
+    def on_set(state: Any, value: Any, previous: Any, initiator: Any, **_: Any) -> Any:
+        try:
+            _check(state, key)
+        except BaseException:
+            if impl.trackparent and previous is not value and previous not in _NO_PARENT:
+                impl.sethasparent(instance_state(previous), state, True)
+            raise
         return value
 
-    return _listeners.setdefault(key, on_write)
+    def on_remove(state: Any, value: Any, initiator: Any, **_: Any) -> None:
+        try:
+            _check(state, key)
+        except BaseException:
+            if impl.trackparent and value not in _NO_PARENT:
+                impl.sethasparent(instance_state(value), state, True)
+            raise
+
+    def on_append(state: Any, value: Any, initiator: Any, **_: Any) -> Any:
+        _check(state, key)
+        return value
+
+    def on_bulk_replace(state: Any, values: Any, initiator: Any, **_: Any) -> None:
+        # before SQLAlchemy swaps in the new collection, which it does before append/remove
+        _check(state, key)
+
+    listeners: dict[str, Callable[..., Any]] = {"set": on_set, "remove": on_remove}
+    if impl.collection:
+        listeners.update(append=on_append, bulk_replace=on_bulk_replace)
+    return listeners
 
 
 def _listen_to(mapper: Mapper[Any]) -> None:
+    done = _listened.setdefault(mapper.class_, set())
     for key, attribute in mapper.class_manager.items():
-        listener = _listener_for(key)
-        if event.contains(attribute, "set", listener):
+        if key in done:
             continue
-        names = ("set", "append", "remove") if attribute.impl.collection else ("set",)
-        for name in names:
+        done.add(key)
+        for name, listener in _listeners_for(key, attribute.impl).items():
             # First in line, before SQLAlchemy's own backref and cascade listeners, so that a
             # refused write has changed nothing (no backref set, nothing cascaded into the
             # session). ``event.listen`` does not take ``insert`` for attribute events; this is
