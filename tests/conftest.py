@@ -8,17 +8,21 @@ don't see each other's rows.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool
 
 from tests.models import Base
 
 PG_URL = os.environ.get("SESSIONSCOPE_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+ASYNC_PG_URL = PG_URL.replace("+psycopg", "+asyncpg")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
@@ -85,3 +89,23 @@ def engine(db_url: str) -> Iterator[Engine]:
     eng = create_engine(db_url, **kw)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture(params=["aiosqlite", "asyncpg"])
+def async_url(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """(url, connect_args) for an AsyncEngine (aiosqlite file, asyncpg), test tables empty."""
+    if request.param == "aiosqlite":
+        url, connect_args = f"sqlite+aiosqlite:///{tmp_path}/sessionscope-async.db", {"timeout": 30}
+    else:
+        schema = request.getfixturevalue("pg_schema")
+        url, connect_args = ASYNC_PG_URL, {"server_settings": {"search_path": schema}}
+
+    async def create() -> None:
+        engine = create_async_engine(url, connect_args=connect_args)
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.drop_all)
+            await conn.run_sync(Base.metadata.create_all)
+        await engine.dispose()
+
+    asyncio.run(create())
+    return url, connect_args

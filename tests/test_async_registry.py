@@ -25,30 +25,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
 import sessionscope
-from tests.conftest import PG_URL
-from tests.models import Base, Row
-
-ASYNC_PG_URL = PG_URL.replace("+psycopg", "+asyncpg")
-
-
-@pytest.fixture(params=["aiosqlite", "asyncpg"])
-def async_url(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
-    """(url, connect_args) with the test tables created empty."""
-    if request.param == "aiosqlite":
-        url, connect_args = f"sqlite+aiosqlite:///{tmp_path}/async.db", {"timeout": 30}
-    else:
-        schema = request.getfixturevalue("pg_schema")
-        url, connect_args = ASYNC_PG_URL, {"server_settings": {"search_path": schema}}
-
-    async def create() -> None:
-        engine = create_async_engine(url, connect_args=connect_args)
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.drop_all)
-            await conn.run_sync(Base.metadata.create_all)
-        await engine.dispose()
-
-    asyncio.run(create())
-    return url, connect_args
+from tests.models import Row
 
 
 def run(

@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 import sessionscope
 from sessionscope import ConcurrentUseError, CrossUnitError, ShareNothingWarning
-from tests.models import Base, Child, Parent, Row
-from tests.test_async_registry import ASYNC_PG_URL, only_this_task_left
+from tests.models import Child, Parent, Row
+from tests.test_async_registry import only_this_task_left
 
 SITE = os.path.relpath(__file__)
 CROSS_UNIT = "(Background on this error: sessionscope docs/errors.md#guard-cross-unit)"
@@ -59,26 +59,6 @@ def created_at(line: int, function: str = "scenario") -> str:
 
 def long_statement(url: str) -> Any:
     return text("select pg_sleep(0.3)") if "asyncpg" in url else text(SQLITE_COUNT)
-
-
-@pytest.fixture(params=["aiosqlite", "asyncpg"])
-def async_url(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
-    """(url, connect_args) with the test tables created empty."""
-    if request.param == "aiosqlite":
-        url, connect_args = f"sqlite+aiosqlite:///{tmp_path}/guard.db", {"timeout": 30}
-    else:
-        schema = request.getfixturevalue("pg_schema")
-        url, connect_args = ASYNC_PG_URL, {"server_settings": {"search_path": schema}}
-
-    async def create() -> None:
-        engine = create_async_engine(url, connect_args=connect_args)
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.drop_all)
-            await conn.run_sync(Base.metadata.create_all)
-        await engine.dispose()
-
-    asyncio.run(create())
-    return url, connect_args
 
 
 only_aiosqlite = pytest.mark.parametrize("async_url", ["aiosqlite"], indirect=True)
