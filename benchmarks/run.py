@@ -3,10 +3,12 @@
     python benchmarks/run.py            # full run (about 40 s)
     python benchmarks/run.py --quick    # a few seconds, noisier
     python benchmarks/run.py --json results.json
+    python benchmarks/run.py -k guard --no-memory   # only the guard's cost
 
 Prints ns/op of each contender and the ratio sessionscope / SQLAlchemy (flagged above the issue's
-target: 1.5x for Session, 1.25x for AsyncSession), then bytes per live unit of registry
-bookkeeping, then the same as a markdown table for the README. See benchmarks/README.md.
+target: 1.5x for Session, 1.25x for AsyncSession), then the share-nothing guard's cost (raise
+against off, flagged above 1.10x on the ORM workload), then bytes per live unit of registry
+bookkeeping, then the same as markdown tables for the README. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import greenlet
+import guard_overhead
 import sqlalchemy
 from _timing import FULL, QUICK, SMOKE, Comparison, Settings
+from guard_overhead import GuardCase, GuardResult
 from registry_lookup import LIVE_UNIT_COUNTS, Case, build_cases, run_case
 from unit_memory import ROWS, MemoryResult, measure_memory
 
@@ -53,28 +57,79 @@ def memory_line(result: MemoryResult) -> str:
     )
 
 
-def markdown(lookups: Sequence[tuple[Case, Comparison]], memory: Sequence[MemoryResult]) -> str:
-    rows = [
-        "| Operation | Unit | SQLAlchemy anchor | SQLAlchemy ns/op | sessionscope ns/op | Ratio |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    rows += [
-        f"| `{case.op}` | {case.where} | `{case.contest.anchor}` | {r.anchor_median:.0f}"
-        f" | {r.candidate_median:.0f} | {r.ratio:.2f} |"
-        for case, r in lookups
-    ]
-    if not memory:
-        return "\n".join(rows)
-    rows += [
-        "",
-        "| Unit | Live units | sessionscope bytes/unit | SQLAlchemy `scopefunc` bytes/unit |",
-        "|---|---:|---:|---:|",
-    ]
-    rows += [
-        f"| {m.unit} | {m.units:,} | {m.sessionscope_peak:.0f} | {m.sqlalchemy_peak:.0f} |"
-        for m in memory
-    ]
-    return "\n".join(rows)
+def guard_line(result: GuardResult) -> str:
+    ns = "  ".join(f"{name} {result.median(name):10,.0f} ns" for name in result.rounds)
+    ratios = "  ".join(
+        f"{candidate}/{anchor} {c.ratio:.3f} (min/min {c.ratio_min:.3f})"
+        for candidate, anchor in result.pairs
+        for c in [result.comparison(candidate, anchor)]
+    )
+    flag = ""
+    case, ratio = result.case, result.headline.ratio
+    if case.target is not None and ratio > case.target:
+        flag = f"  > {case.target:.2f} target"
+    elif case.aim is not None and ratio > case.aim:
+        flag = f"  (above the {case.aim:.2f} aim)"
+    return f"{case.op:<34} {ns}  {ratios}{flag}"
+
+
+def markdown(
+    lookups: Sequence[tuple[Case, Comparison]],
+    memory: Sequence[MemoryResult],
+    guard: Sequence[GuardResult] = (),
+) -> str:
+    tables: list[list[str]] = []
+    if lookups:
+        rows = [
+            "| Operation | Unit | SQLAlchemy anchor | SQLAlchemy ns/op | sessionscope ns/op"
+            " | Ratio |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        rows += [
+            f"| `{case.op}` | {case.where} | `{case.contest.anchor}` | {r.anchor_median:.0f}"
+            f" | {r.candidate_median:.0f} | {r.ratio:.2f} |"
+            for case, r in lookups
+        ]
+        tables.append(rows)
+    in_process = [g for g in guard if not g.case.listener]
+    if in_process:
+        rows = [
+            '| Guard case | ns per | `guard="raise"` | `guard="off"` | SQLAlchemy'
+            " `scoped_session` | raise / off | raise / SQLAlchemy |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        rows += [
+            f"| {g.case.op} | {g.case.per} | {g.median(guard_overhead.RAISE):,.0f}"
+            f" | {g.median(guard_overhead.OFF):,.0f} | {g.median(guard_overhead.SQLALCHEMY):,.0f}"
+            f" | {g.headline.ratio:.3f}"
+            f" | {g.comparison(guard_overhead.RAISE, guard_overhead.SQLALCHEMY).ratio:.3f} |"
+            for g in in_process
+        ]
+        tables.append(rows)
+    listener = [g for g in guard if g.case.listener]
+    if listener:
+        rows = [
+            "| Listener case | ns per | guard never used in the process"
+            " | guard used in the process | ratio |",
+            "|---|---|---:|---:|---:|",
+        ]
+        rows += [
+            f"| {g.case.op} | {g.case.per} | {g.median(guard_overhead.NEVER):,.0f}"
+            f" | {g.median(guard_overhead.USED):,.0f} | {g.headline.ratio:.3f} |"
+            for g in listener
+        ]
+        tables.append(rows)
+    if memory:
+        rows = [
+            "| Unit | Live units | sessionscope bytes/unit | SQLAlchemy `scopefunc` bytes/unit |",
+            "|---|---:|---:|---:|",
+        ]
+        rows += [
+            f"| {m.unit} | {m.units:,} | {m.sessionscope_peak:.0f} | {m.sqlalchemy_peak:.0f} |"
+            for m in memory
+        ]
+        tables.append(rows)
+    return "\n\n".join("\n".join(rows) for rows in tables)
 
 
 def environment() -> dict[str, str]:
@@ -95,7 +150,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     size.add_argument("--smoke", action="store_true", help="tiny run: only checks the code works")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
     parser.add_argument(
-        "-k", metavar="TEXT", default="", help="only lookup cases whose operation or unit has TEXT"
+        "-k",
+        metavar="TEXT",
+        default="",
+        help="only lookup cases whose operation or unit has TEXT, guard cases whose name has it"
+        " ('guard' selects them all)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     return parser.parse_args(argv)
@@ -112,6 +171,24 @@ def run_lookups(cases: Sequence[Case], settings: Settings) -> list[tuple[Case, C
     for case in cases:
         done.append((case, run_case(case, settings)))
         print(lookup_line(*done[-1]), flush=True)
+    return done
+
+
+def run_guard(cases: Sequence[GuardCase], settings: Settings) -> list[GuardResult]:
+    """Measure the guard cases, printing each line as it comes."""
+    workload_ms = settings.sample_ns * guard_overhead.WORKLOAD_SAMPLE_SCALE / 1e6
+    print(
+        "\nShare-nothing guard: sessionscope guard='raise', guard='off' and SQLAlchemy's"
+        " scoped_session,\none shared database, interleaved rounds in one thread (a unit of work:"
+        f" samples >= {workload_ms:g} ms, not unrolled).\n'off' and SQLAlchemy pay for the guard's"
+        " write listeners here; the listener cases compare guard='off'\nin a process that never"
+        " used the guard against one that did. raise/off above 1.10 on the unit of work is"
+        " flagged.\n"
+    )
+    done: list[GuardResult] = []
+    for result in guard_overhead.run_cases(cases, settings):
+        done.append(result)
+        print(guard_line(result), flush=True)
     return done
 
 
@@ -147,8 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()
     print(" ".join(f"{k} {v}" for k, v in env.items()))
     lookups = run_lookups([c for c in cases if args.k in f"{c.op} {c.where}"], settings)
+    guard_cases = [c for c in guard_overhead.CASES if args.k in c.label]
+    guard = run_guard(guard_cases, settings) if guard_cases else []
     memory = [] if args.no_memory else run_memory(memory_units)
-    table = markdown(lookups, memory)
+    table = markdown(lookups, memory, guard)
     elapsed = time.perf_counter() - started
     print(f"\n{table}\n\n({elapsed:.0f} s)")
 
@@ -157,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "environment": env,
             "settings": asdict(settings),
             "lookups": [lookup_record(case, result) for case, result in lookups],
+            "guard": [result.as_dict() for result in guard],
             "memory": [m.as_dict() for m in memory],
             "markdown": table,
             "seconds": elapsed,

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import guard_overhead  # noqa: E402
 import registry_lookup  # noqa: E402
 import unit_memory  # noqa: E402
 from _envs import ENVS  # noqa: E402
@@ -74,10 +77,96 @@ def test_memory_case_yields_sizes(row: str) -> None:
     assert result.plain.peak > 0 and result.sqlalchemy.peak > 0 and result.sessionscope.peak > 0
 
 
+def test_guard_cases_yield_timings_after_checking_the_work() -> None:
+    results = list(guard_overhead.run_cases(guard_overhead.CASES, SMOKE))
+    assert [r.case for r in results] == list(guard_overhead.CASES)
+    for result in results:
+        if result.case.listener:
+            contenders: tuple[str, ...] = (guard_overhead.NEVER, guard_overhead.USED)
+            # the "never" worker really ran without the guard's listeners, the other with them
+            assert {name: c.write_listeners > 0 for name, c in result.checks.items()} == {
+                guard_overhead.NEVER: False,
+                guard_overhead.USED: True,
+            }
+        else:
+            contenders = (guard_overhead.RAISE, guard_overhead.OFF, guard_overhead.SQLALCHEMY)
+        assert tuple(result.rounds) == tuple(result.checks) == contenders
+        assert all(len(ns) == SMOKE.rounds for ns in result.rounds.values())
+        assert all(ns > 0 for rounds in result.rounds.values() for ns in rounds)
+        assert result.headline.ratio > 0 and result.headline.ratio_min > 0
+        # only guard="raise" sessions refuse another thread
+        assert [c.guarded for c in result.checks.values()] == [
+            name == guard_overhead.RAISE for name in contenders
+        ]
+        works = [c.work for c in result.checks.values()]
+        if not result.case.is_workload:
+            assert works == [None] * len(contenders)
+            continue
+        for work in works:  # counted by events on the engine and each contender's sessionmaker
+            assert work is not None
+            assert work.relationship_loads == 2 and work.commits == 1
+            assert work.rows_added == {"bench_authors": 1, "bench_books": 4}
+            assert work.statements["SELECT"] >= 4 and work.statements["UPDATE"] == 2
+            assert work.statements["INSERT"] >= 3
+
+
+@pytest.mark.parametrize("contender", guard_overhead.REGISTRIES)
+def test_unit_of_work_writes_rows_and_lazy_loads(contender: str) -> None:
+    """Independently of the benchmark's own check: what three units of work leave behind."""
+    database = guard_overhead.Database()
+    maker = database.new_maker()
+    registry = guard_overhead.REGISTRIES[contender](maker)
+    lazy_loads: list[bool] = []
+    event.listen(maker, "do_orm_execute", lambda s: lazy_loads.append(s.is_relationship_load))
+    before = database.rows()
+    work = guard_overhead.UnitOfWork(registry)
+    sessions = []
+    for _ in range(3):
+        sessions.append(registry())
+        work()
+    assert database.rows() == {
+        "bench_authors": before["bench_authors"] + 3,
+        "bench_books": before["bench_books"] + 12,
+    }
+    assert sum(lazy_loads) == 6
+    assert len({id(s) for s in sessions}) == 3  # each unit of work in a session of its own
+
+
+def test_guard_benchmark_refuses_a_contender_that_did_not_work() -> None:
+    case = guard_overhead.CASES[0]
+    assert case.is_workload
+    done = guard_overhead.WorkDone({"SELECT": 4}, 2, 1, {"bench_authors": 1, "bench_books": 4})
+    checks = {
+        guard_overhead.RAISE: guard_overhead.Check(True, 1, done),
+        guard_overhead.OFF: guard_overhead.Check(False, 1, done),
+        guard_overhead.SQLALCHEMY: guard_overhead.Check(False, 1, done),
+    }
+    guard_overhead.verify(case, checks)
+    idle = guard_overhead.WorkDone({}, 0, 1, {"bench_authors": 0, "bench_books": 0})
+    for broken in (
+        {guard_overhead.OFF: guard_overhead.Check(False, 1, idle)},
+        {guard_overhead.RAISE: guard_overhead.Check(False, 1, done)},
+        {guard_overhead.OFF: guard_overhead.Check(True, 1, done)},
+    ):
+        with pytest.raises(RuntimeError, match=re.escape(case.label)):
+            guard_overhead.verify(case, {**checks, **broken})
+
+
+def test_guard_benchmark_raise_contender_is_guarded() -> None:
+    """The "raise" registry's session is really guarded: another thread is refused."""
+    database = guard_overhead.Database()
+    raising = guard_overhead.REGISTRIES[guard_overhead.RAISE](database.new_maker())
+    off = guard_overhead.REGISTRIES[guard_overhead.OFF](database.new_maker())
+    assert guard_overhead.refuses_other_threads(raising)
+    assert not guard_overhead.refuses_other_threads(off)
+
+
 def test_run_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     assert load_run().main(["--smoke", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["lookups"] and all(row["candidate_ns_median"] > 0 for row in report["lookups"])
     assert len(report["memory"]) == len(unit_memory.ROWS)
+    assert [row["case"] for row in report["guard"]] == [c.label for c in guard_overhead.CASES]
+    assert all(row["ratios"] and min(row["ns_median"].values()) > 0 for row in report["guard"])
     assert report["markdown"] in capsys.readouterr().out
