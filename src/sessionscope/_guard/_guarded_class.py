@@ -72,6 +72,7 @@ def _checked(name: str, method: F) -> F:
             finally:  # SessionGuard.leave(), inlined: this runs on every call of the session
                 guard.depth -= 1
                 if not guard.depth:
+                    guard.entered = None  # first: a greenlet keeping its session keeps no cycle
                     guard.inside.clear()
                     if guard.after_leave:
                         guard.run_after_leave()

@@ -109,8 +109,8 @@ def _check_owner_is_current(guard: SessionGuard, action: str) -> None:
 
 
 def _check_nobody_inside(guard: SessionGuard, what: str) -> None:
-    holder = guard.inside.get(0)
-    if holder is not None:
+    holder = guard.unit_inside()
+    if guard.inside.get(0) is not None:
         raise ConcurrentUseError(
             f"The session cannot be {what} while {describe_unit(holder)} is inside it (for "
             "example from an event hook during a flush); do it between calls. "

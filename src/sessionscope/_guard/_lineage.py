@@ -54,8 +54,13 @@ def lend_from_here(guard: Any) -> tuple[BorrowToken, Lineage]:
     """Let contexts copied from the running one from now on borrow ``guard``'s session."""
     token = BorrowToken(guard)
     head = current_lineage.get()
-    kept = frozenset(t for t in head.tokens if t.still_lendable()) if head is not None else ()
-    lineage = Lineage(frozenset(kept) | {token})
+    if head is None:
+        tokens = frozenset((token,))
+    else:
+        kept = [old for old in head.tokens if old.still_lendable()]
+        kept.append(token)
+        tokens = frozenset(kept)
+    lineage = Lineage(tokens)
     current_lineage.set(lineage)
     return token, lineage
 

@@ -64,12 +64,12 @@ class SessionGuard:
         "state",
         "owner_ref",
         "fast_ref",
-        "fast_is_task",
         "generation",
         "token",
         "lineage",
         "inside",
         "depth",
+        "entered",
         "on_hand_off",
         "after_leave",
         "__weakref__",
@@ -81,6 +81,7 @@ class SessionGuard:
         self.created_at = created_at
         self.inside: dict[int, Unit] = {}
         self.depth = 0
+        self.entered: greenlet | None = None  # the greenlet whose call took the slot
         self.on_hand_off: Callable[[Any], None] | None = None
         """Called with the session when it is handed off or shared: its registry forgets it."""
         self.after_leave: list[Callable[[], object]] = []
@@ -92,9 +93,8 @@ class SessionGuard:
     def own(self, unit: Unit) -> None:
         """Make ``unit`` (the running unit) the owner, and mark its context for borrowers."""
         self.owner_ref: Callable[[], Unit | None] = weakref.ref(unit)
-        self.fast_is_task = isinstance(unit, asyncio.Task)
         self.fast_ref: Callable[[], Any]
-        if self.fast_is_task or isinstance(unit, greenlet):
+        if isinstance(unit, (asyncio.Task, greenlet)):
             self.fast_ref = self.owner_ref
         elif isinstance(unit, ThreadUnit):
             self.fast_ref = weakref.ref(main_greenlet())
@@ -131,28 +131,36 @@ class SessionGuard:
         ``operation`` is a method name, or with ``of_class`` the attribute written on an object
         of that class; both only go into messages.
         """
+        current = getcurrent()
+        if self.depth and current is self.entered:
+            # A call SQLAlchemy makes inside a call (autoflush, its own foreign-key writes during
+            # a flush, close -> expunge_all): the same unit, since a greenlet is one unit at a
+            # time and nothing else runs in it until the outer call returns.
+            self.depth += 1
+            return True
+        # a task owner is recognised while its loop runs, a greenlet (or thread) owner while none
+        # does: a task running in a thread's main greenlet is not that thread
         loop = _get_running_loop()
-        if self.fast_is_task:
-            running = current_task_of_loop(loop) if loop is not None else None
-        else:
-            running = getcurrent() if loop is None else None
+        running = current if loop is None else current_task_of_loop(loop)
         if (
             running is None
-            or running is not self.fast_ref()
+            or running is not self.fast_ref()  # (cleared in a forked child: see forget_owners)
             or current_lineage.get() is not self.lineage  # the owner's context, as last seen
-            or self.generation != _fork.generation
         ):
             return self._admit_slow(operation, of_class)
-        owner = self.owner_ref()
-        holder = self.inside.setdefault(0, owner)
-        if holder is not owner:
-            return self._overlap(owner, holder, operation, of_class)
+        token = self.token  # the owner's identity in the slot (no weak reference to follow)
+        holder = self.inside.setdefault(0, token)
+        if holder is not token:
+            return self._overlap(self.owner_ref(), holder, operation, of_class)
+        if not self.depth:
+            self.entered = current  # before depth: who sees depth > 0 sees who entered
         self.depth += 1
         return True
 
     def leave(self) -> None:
         self.depth -= 1
         if not self.depth:
+            self.entered = None
             self.inside.clear()
             if self.after_leave:
                 self.run_after_leave()
@@ -185,6 +193,8 @@ class SessionGuard:
 
     def check_write(self, attribute: str, of_class: type) -> None:
         """A write to a mapped attribute of an attached object: the same rules, no stay inside."""
+        if self.depth and getcurrent() is self.entered:
+            return  # SQLAlchemy's own writes inside a call (foreign keys synced during a flush)
         if self.admit(attribute, of_class):
             self.leave()
 
@@ -192,7 +202,8 @@ class SessionGuard:
         if self.mode == "off":
             return False
         unit = current_unit()
-        if self.inside.get(0) is unit:  # a nested call SQLAlchemy makes for a unit let in
+        identity: Any = self.token if unit is self.owner_ref() and self.token else unit
+        if self.inside.get(0) is identity:  # a nested call SQLAlchemy makes for a unit let in
             self.depth += 1
             return True
         if self.generation != _fork.generation:
@@ -209,9 +220,11 @@ class SessionGuard:
             # the owner, in a context that made more sessions since: the fast path's again
             self.lineage = current_lineage.get()
         # admitted, or warned about in "warn" mode (then its nested calls are not warned again)
-        holder = self.inside.setdefault(0, unit)
-        if holder is not unit:
+        holder = self.inside.setdefault(0, identity)
+        if holder is not identity:
             return self._overlap(unit, holder, operation, of_class)
+        if not self.depth:
+            self.entered = getcurrent()
         self.depth += 1
         return True
 
@@ -283,9 +296,19 @@ class SessionGuard:
             )
         return f"belongs to {describe_unit(owner)}", fix
 
+    def unit_inside(self) -> Unit | None:
+        """The unit inside the session now (the slot holds the owner's token for the owner)."""
+        holder = self.inside.get(0)
+        if isinstance(holder, BorrowToken):
+            guard = holder.guard_ref()
+            return guard.owner_ref() if guard is not None else None
+        return holder
+
     def _overlap(
         self, unit: Unit | None, holder: Unit, operation: str, of_class: type | None
     ) -> bool:
+        if isinstance(holder, BorrowToken):
+            holder = self.unit_inside()
         message = (
             f"{describe_unit(unit)} {self._did(operation, of_class)} while "
             f"{describe_unit(holder)} was inside the same {self.label} (created at "

@@ -21,9 +21,10 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import exc as sa_exc
 
+from .. import _fork
 from .._units import Unit, current_unit, describe_unit
 from .._units._thread import ThreadUnit, current_thread_unit
-from ..exc import ConcurrentUseError, background
+from ..exc import ConcurrentUseError, CrossUnitError, background
 from ._handoff import _check_nobody_inside, _check_owner_is_current
 from ._install import guard_of, install
 from ._ownership import SHARED
@@ -131,6 +132,12 @@ class SharedSession(Generic[S]):
 
     def _take(self, unit: Unit, lock: Lock) -> None:
         try:
+            if self._guard.generation != _fork.generation:
+                raise CrossUnitError(
+                    "This SharedSession was made before os.fork(), in the parent process; its "
+                    "connection belongs to the parent. Create a new session in the child. "
+                    + background("guard-forked")
+                )
             self._guard.own(unit)
         except BaseException:
             lock.release()

@@ -28,20 +28,33 @@ _STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
 Site = tuple[str, int, str]
 
 
+_library_files: dict[str, bool] = {}  # filename -> is it sessionscope's, SQLAlchemy's, contextlib
+
+
 def _is_library(filename: str) -> bool:
-    return filename.startswith(_LIBRARY_DIRS)
+    try:
+        return _library_files[filename]
+    except KeyError:
+        verdict = _library_files[filename] = filename.startswith(_LIBRARY_DIRS)
+        return verdict
 
 
 def _is_stdlib(filename: str) -> bool:
     return filename.startswith(_STDLIB_DIR) and "-packages" not in filename
 
 
-def _first_application_frame(frame: FrameType | None) -> tuple[FrameType | None, int]:
-    depth = 0
-    while frame is not None and _is_library(frame.f_code.co_filename):
+def _first_application_frame(frame: FrameType | None) -> FrameType | None:
+    """Called for every session made, so it reads each frame's filename once, from a cache."""
+    library = _library_files
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        verdict = library.get(filename)
+        if verdict is None:
+            verdict = _is_library(filename)
+        if not verdict:
+            return frame
         frame = frame.f_back
-        depth += 1
-    return frame, depth
+    return None
 
 
 def application_site() -> Site | None:
@@ -50,7 +63,7 @@ def application_site() -> Site | None:
     Standard-library frames are stepped over too (a sessionmaker called by a thread pool was
     "created" by the code that submitted it), unless nothing else is left.
     """
-    frame, _ = _first_application_frame(sys._getframe(1))
+    frame = _first_application_frame(sys._getframe(1))
     outer = frame
     while outer is not None and (
         _is_library(outer.f_code.co_filename) or _is_stdlib(outer.f_code.co_filename)
@@ -69,11 +82,11 @@ def warn_at_application(message: str, category: type[Warning]) -> None:
     ``greenlet_spawn``: the application's frames are those of the greenlet that drives it, parked
     in its ``switch()``, so they are looked for there.
     """
-    frame, _ = _first_application_frame(sys._getframe(1))
+    frame = _first_application_frame(sys._getframe(1))
     current = getcurrent()
     while frame is None and current.parent is not None:
         current = current.parent
-        frame, _ = _first_application_frame(current.gr_frame)
+        frame = _first_application_frame(current.gr_frame)
     if frame is None:
         warnings.warn(message, category, stacklevel=2)
         return

@@ -22,7 +22,8 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_RESULT
 from sqlalchemy.orm.mapper import _all_registries
 
-from ._ownership import SessionGuard
+from .. import _fork
+from ._ownership import SessionGuard, _nobody
 
 _guard_of_session_id: dict[int, weakref.KeyedRef[int, SessionGuard]] = {}
 _installed = False
@@ -43,6 +44,19 @@ def register(session_id: int, guard: SessionGuard) -> None:
 
 def unregister(session_id: int) -> None:
     _guard_of_session_id.pop(session_id, None)
+
+
+def _forget_owners_after_fork() -> list[Any]:
+    """In a forked child no guard made before the fork may take its fast path (its owner's
+    greenlet is a copy of the parent's); the slow path refuses them (see ``_fork.generation``)."""
+    for ref in list(_guard_of_session_id.values()):
+        guard = ref()
+        if guard is not None:
+            guard.fast_ref = _nobody
+    return []
+
+
+_fork.on_fork_in_child(_forget_owners_after_fork)
 
 
 _listened: weakref.WeakKeyDictionary[type, set[str]] = weakref.WeakKeyDictionary()
