@@ -49,7 +49,7 @@ class UnitScoping(Generic[S]):
         self._scope_var = ContextVar("sessionscope.scope", default=None)
 
         def adopt_set(session: S) -> None:
-            install(session, self.guard_mode, on_hand_off=self.registry.forget)
+            install(session, self.guard_mode, on_hand_off=forget)
 
         def create(session: S) -> None:
             if warn_on_create is not None:
@@ -67,6 +67,7 @@ class UnitScoping(Generic[S]):
                 session_factory, self._scope_var, on_unit_end, create, adopt_set
             )
             self._key, self._task_values = self.registry._key, self.registry._task_values
+        forget = self.registry.forget  # one bound method for all the registry's sessions
 
     @staticmethod
     def _created_by(factory: Callable[[], S], on_create: Callable[[S], None]) -> Callable[[], S]:

@@ -84,7 +84,7 @@ class SessionGuard:
         self.entered: greenlet | None = None  # the greenlet whose call took the slot
         self.on_hand_off: Callable[[Any], None] | None = None
         """Called with the session when it is handed off or shared: its registry forgets it."""
-        self.after_leave: list[Callable[[], object]] = []
+        self.after_leave: list[Callable[[], object]] | None = None
         """A close deferred until the unit inside leaves; popped (atomically) by one side only."""
         self.own(current_unit())
 
@@ -167,8 +167,8 @@ class SessionGuard:
 
     def run_after_leave(self) -> None:
         try:
-            callback = self.after_leave.pop()
-        except IndexError:  # the other side took it
+            callback = self.after_leave.pop()  # type: ignore[union-attr]
+        except (IndexError, AttributeError):  # the other side took it
             return
         callback()
 
@@ -182,11 +182,11 @@ class SessionGuard:
         """
         self.disown(ENDED)
         if self.inside.get(0) is not None:
-            self.after_leave.append(close_later)
+            pending = self.after_leave = [close_later]
             if self.inside.get(0) is not None:
                 return
             try:  # it left meanwhile: close here, unless its leaving took the close already
-                self.after_leave.pop()
+                pending.pop()
             except IndexError:
                 return
         close()
@@ -300,7 +300,7 @@ class SessionGuard:
         """The unit inside the session now (the slot holds the owner's token for the owner)."""
         holder = self.inside.get(0)
         if isinstance(holder, BorrowToken):
-            guard = holder.guard_ref()
+            guard = holder()
             return guard.owner_ref() if guard is not None else None
         return holder
 
