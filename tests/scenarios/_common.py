@@ -80,7 +80,9 @@ class Green:
 # capturing what would otherwise only be printed
 
 
-class _Capture(logging.Handler):
+class LogCapture(logging.Handler):
+    """Warnings and errors logged, as "logger: message [exception]" lines."""
+
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.records: list[str] = []
@@ -92,7 +94,7 @@ class _Capture(logging.Handler):
         self.records.append(text_)
 
 
-_log_capture = _Capture()
+_log_capture = LogCapture()
 _warnings_seen: list[str] = []
 
 

@@ -77,6 +77,7 @@ from typing import Any  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from _common import (  # noqa: E402
+    LogCapture,
     capture_diagnostics,
     checked_out,
     is_postgresql,
@@ -216,19 +217,12 @@ SASession.configure(bind=engine)
 capture_diagnostics()
 
 
-class _PerCheck(logging.Handler):
+class _PerCheck(LogCapture):
     """What was logged (warnings and errors) and warned during the check running now."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.logged: list[str] = []
+        super().__init__()
         self.warned: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        line = f"{record.name}: {record.getMessage()}"
-        if record.exc_info and record.exc_info[1] is not None:
-            line += f" [{record.exc_info[1]!r}]"
-        self.logged.append(line)
 
 
 per_check = _PerCheck()
@@ -784,7 +778,7 @@ checks: dict[str, Callable[[], dict[str, Any]]] = {
 }
 for name, check in checks.items():
     reset_tables()
-    per_check.logged, per_check.warned = [], []
+    per_check.records, per_check.warned = [], []
     unit_errors.clear()
     started = time.monotonic()
     try:
@@ -792,7 +786,7 @@ for name, check in checks.items():
     except BaseException:  # noqa: BLE001 - reported: the test shows the traceback
         facts[name] = {"crashed": traceback.format_exc()}
     facts[name]["seconds"] = round(time.monotonic() - started, 3)
-    facts[name]["logged"], facts[name]["warned"] = per_check.logged, per_check.warned
+    facts[name]["logged"], facts[name]["warned"] = per_check.records, per_check.warned
     facts[name]["unit_errors"] = list(unit_errors)
 report(facts)
 engine.dispose()
