@@ -16,6 +16,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from greenlet import getcurrent
 from sqlalchemy.orm import Session
 
 from ._ownership import SessionGuard
@@ -66,6 +67,14 @@ def _checked(name: str, method: F) -> F:
     @functools.wraps(method)
     def checked(self: Any, *args: Any, **kw: Any) -> Any:
         guard: SessionGuard = self._sessionscope_guard
+        if guard.depth and getcurrent() is guard.entered:
+            # a call SQLAlchemy makes inside a call of the unit inside (autoflush, close ->
+            # expunge_all): that unit, since nothing else runs in its greenlet meanwhile
+            guard.depth += 1
+            try:
+                return method(self, *args, **kw)
+            finally:
+                guard.depth -= 1
         if guard.admit(name):
             try:
                 return method(self, *args, **kw)
