@@ -1,0 +1,120 @@
+"""Edges of the guard that SQLAlchemy users reach for: close_all_sessions(), custom factories,
+a registry over a guarded sessionmaker, the SharedSession made before a fork."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session, close_all_sessions, sessionmaker
+
+import sessionscope
+from tests.models import Row
+
+
+def in_thread(fn: Any) -> Any:
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            result.append(exc)
+
+    thread = threading.Thread(target=run, name="other")
+    thread.start()
+    thread.join(30)
+    return result[0]
+
+
+def test_close_all_sessions_closes_ended_units_sessions_quietly(engine: Engine) -> None:
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    ended = in_thread(lambda: Scoped().execute(text("select 1")) and Scoped())
+    assert isinstance(ended, Session)
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    close_all_sessions()  # from the main thread: the ended thread's session closes again, quietly
+    with pytest.raises(sessionscope.CrossUnitError, match="belonged to a unit that has ended"):
+        ended.execute(text("select 1"))  # but it cannot be used again
+
+
+def test_close_all_sessions_refuses_a_live_units_session(engine: Engine) -> None:
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    started, release = threading.Event(), threading.Event()
+    holder: list[Session] = []
+
+    def live() -> None:
+        holder.append(Scoped())
+        holder[0].add(Row(owner="live", n=1))
+        holder[0].flush()
+        started.set()
+        release.wait(30)
+        holder[0].commit()
+
+    thread = threading.Thread(target=live, name="live")
+    thread.start()
+    started.wait(30)
+    try:
+        with pytest.raises(sessionscope.CrossUnitError, match="thread 'live'"):
+            close_all_sessions()
+    finally:
+        release.set()
+        thread.join(30)
+    with Session(engine) as check:
+        assert check.scalars(select(Row.owner)).all() == ["live"]  # its work was not disturbed
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_factory_that_makes_no_session_is_left_alone() -> None:
+    Scoped = sessionscope.scoped_session(lambda: {"made": "by the application"})
+    made = Scoped()
+    assert made == {"made": "by the application"} and type(made) is dict
+    Scoped.registry.clear()
+
+
+def test_a_registry_over_a_guarded_sessionmaker_forgets_a_session_handed_off(
+    engine: Engine,
+) -> None:
+    Scoped = sessionscope.scoped_session(sessionscope.guard(sessionmaker(engine), "raise"))
+    session = Scoped()
+    session.add(Row(owner="moved", n=1))
+    session.flush()
+    sessionscope.hand_off(session)
+    assert Scoped() is not session  # the registry let go of it: the unit gets a new one
+    Scoped.remove()
+
+    def adopter() -> int:
+        with sessionscope.adopt(session):
+            session.commit()
+            return len(session.scalars(select(Row)).all())
+
+    assert in_thread(adopter) == 1
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_shared_session_made_before_a_fork_is_refused_in_the_child(engine: Engine) -> None:
+    shared = sessionscope.SharedSession(Session(engine))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        try:
+            with shared as session:
+                session.execute(text("select 1"))
+            verdict = b"used"
+        except sessionscope.CrossUnitError as error:
+            verdict = b"refused" if "os.fork()" in str(error) else b"other message"
+        except BaseException:  # noqa: BLE001
+            verdict = b"other error"
+        os.write(write, verdict)
+        os._exit(0)
+    os.close(write)
+    verdict = os.read(read, 100)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert verdict == b"refused"
+    with shared as session:  # the parent's is untouched
+        assert session.execute(text("select 1")).scalar() == 1
+        session.close()  # a shared session is closed in a block, like any other use
