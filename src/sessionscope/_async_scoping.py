@@ -68,14 +68,7 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
         The same semantics as ``scoped_session.scope()``: nested scopes join, ``new=True`` is
         independent, ``commit=False`` rolls back; work the block awaits in ``to_thread`` shares it.
         """
-        return AsyncSessionScope(
-            self._scope_var,
-            self.session_factory,
-            new=new,
-            commit=commit,
-            session_kw=kw,
-            guard=self.guard_mode,
-        )
+        return self._open_scope(AsyncSessionScope, new=new, commit=commit, session_kw=kw)
 
 
 class _scopefunc_async_scoped_session(async_scoped_session[_AS]):

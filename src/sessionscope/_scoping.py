@@ -90,14 +90,7 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         :param commit: ``False`` ends the block with a rollback instead (tests, read-only work).
         :param kw: passed to ``session_factory`` for this scope's session.
         """
-        return SessionScope(
-            self._scope_var,
-            self.session_factory,
-            new=new,
-            commit=commit,
-            session_kw=kw,
-            guard=self.guard_mode,
-        )
+        return self._open_scope(SessionScope, new=new, commit=commit, session_kw=kw)
 
 
 class _scopefunc_scoped_session(scoped_session[_S]):

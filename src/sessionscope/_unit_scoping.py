@@ -21,6 +21,7 @@ from ._registry import ScopefuncRegistry, UnitRegistry, unit_session
 from ._scope import ScopeState, SessionScope, scoped_decorator
 
 S = TypeVar("S")
+SC = TypeVar("SC", bound=SessionScope[Any])
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -88,6 +89,19 @@ class UnitScoping(Generic[S]):
 
     def scope(self, *, new: bool = False, commit: bool = True, **kw: Any) -> SessionScope[S]:
         raise NotImplementedError  # each registry opens its own kind of scope
+
+    def _open_scope(
+        self, kind: type[SC], *, new: bool, commit: bool, session_kw: dict[str, Any]
+    ) -> SC:
+        """A scope of ``kind`` over this registry's scope variable, factory and guard mode."""
+        return kind(
+            self._scope_var,
+            self.session_factory,
+            new=new,
+            commit=commit,
+            session_kw=session_kw,
+            guard=self.guard_mode,
+        )
 
     @overload
     def scoped(self, fn: F, /) -> F: ...
