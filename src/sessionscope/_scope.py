@@ -142,12 +142,10 @@ class SessionScope(Generic[S]):
         tb: TracebackType | None,
     ) -> None:
         commit, failing, misuse = self.how_to_end(exc_type)
-        if misuse is None:
+        with _exempt_if(misuse):
             self.finish(commit=commit, failing=failing)
-            return
-        with cleanup():  # the scope's own rollback and close, from the wrong unit
-            self.finish(commit=commit, failing=failing)
-        raise misuse
+        if misuse is not None:
+            raise misuse
 
     def finish(self, *, commit: bool, failing: bool) -> None:
         """Commit if asked, then always close; a joined scope leaves this to its outer block."""
@@ -201,12 +199,10 @@ class AsyncSessionScope(SessionScope[S]):
         tb: TracebackType | None,
     ) -> None:
         commit, failing, misuse = self.how_to_end(exc_type)
-        if misuse is None:
+        with _exempt_if(misuse):
             await self.finish_async(commit=commit, failing=failing)
-            return
-        with cleanup():  # the scope's own rollback and close, from the wrong unit
-            await self.finish_async(commit=commit, failing=failing)
-        raise misuse
+        if misuse is not None:
+            raise misuse
 
     async def finish_async(self, *, commit: bool, failing: bool) -> None:
         """As :meth:`SessionScope.finish`, awaited; the close survives a cancelled waiter."""
@@ -229,6 +225,11 @@ class AsyncSessionScope(SessionScope[S]):
                 log.exception("sessionscope: closing a scope's AsyncSession failed")
             finally:
                 self._reset_var()
+
+
+def _exempt_if(misuse: CrossUnitError | None) -> contextlib.AbstractContextManager[None]:
+    """Exited from the wrong unit: the scope's own rollback and close pass the guard."""
+    return cleanup() if misuse is not None else contextlib.nullcontext()
 
 
 def _stays_in_its_scope(session: Any) -> None:

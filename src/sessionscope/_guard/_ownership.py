@@ -131,15 +131,7 @@ class SessionGuard:
         ``operation`` is a method name, or with ``of_class`` the attribute written on an object
         of that class; both only go into messages.
         """
-        current = getcurrent()
-        if self.depth and current is self.entered:
-            # A call SQLAlchemy makes inside a call (autoflush, its own foreign-key writes during
-            # a flush, close -> expunge_all): the same unit, since a greenlet is one unit at a
-            # time and nothing else runs in it until the outer call returns.
-            self.depth += 1
-            return True
-        # a task owner is recognised while its loop runs, a greenlet (or thread) owner while none
-        # does: a task running in a thread's main greenlet is not that thread
+        current = getcurrent()  # (nested calls were recognised by the callers already)
         loop = _get_running_loop()
         running = current if loop is None else current_task_of_loop(loop)
         if (
@@ -203,9 +195,6 @@ class SessionGuard:
             return False
         unit = current_unit()
         identity: Any = self.token if unit is self.owner_ref() and self.token else unit
-        if self.inside.get(0) is identity:  # a nested call SQLAlchemy makes for a unit let in
-            self.depth += 1
-            return True
         if self.generation != _fork.generation:
             self._refuse(unit, operation, of_class, forked=True)
         # The owner's own context, or one copied from it (a borrower); the owner *unit* in another
