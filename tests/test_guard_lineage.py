@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import gc
 
@@ -42,19 +43,33 @@ def test_a_unit_keeping_many_sessions_keeps_a_chain_proportional_to_them(engine:
     contextvars.Context().run(body)  # a context of its own: the test's is left as it was
 
 
-def test_a_session_made_after_a_copy_is_not_lendable_to_that_copy(engine: Engine) -> None:
-    def body() -> None:
+def test_a_session_made_after_a_task_was_created_is_not_lendable_to_that_task(
+    engine: Engine,
+) -> None:
+    async def body() -> None:
         first = sessionscope.guard(Session(engine))
-        earlier = contextvars.copy_context()
+        started = asyncio.Event()
+        handed: asyncio.Queue[Session] = asyncio.Queue()
+
+        async def earlier() -> None:
+            started.set()
+            assert first.execute(text("select 1")).scalar() == 1  # inherited: a borrower
+            second_in_task = await handed.get()
+            try:
+                second_in_task.execute(text("select 1"))
+            except sessionscope.CrossUnitError as error:
+                assert "belongs to asyncio task" in str(error)
+            else:
+                raise AssertionError("a task made before `second` borrowed it")
+
+        task = asyncio.create_task(earlier())
+        await started.wait()
         second = sessionscope.guard(Session(engine))
-        assert earlier.run(lambda: first.execute(text("select 1")).scalar()) == 1
-        try:
-            earlier.run(lambda: second.execute(text("select 1")))
-        except sessionscope.CrossUnitError as error:
-            assert "belongs to thread" in str(error)
-        else:
-            raise AssertionError("a context copied before `second` borrowed it")
+        await handed.put(second)
+        await task
+        # a copy of the owner's context run in the owner's thread is part of its work
+        assert contextvars.copy_context().run(lambda: second.execute(text("select 2")).scalar())
         first.close()
         second.close()
 
-    contextvars.Context().run(body)
+    asyncio.run(body())

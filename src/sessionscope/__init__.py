@@ -19,6 +19,7 @@ from ._guard import SharedSession, adopt, guard, hand_off
 from ._scope import AsyncSessionScope, SessionScope
 from ._scoping import scoped_session
 from ._units import ThreadUnit, Unit, current_unit, describe_unit
+from ._work import UnitOfWork, unit_of_work
 from .exc import (
     ConcurrentUseError,
     CrossUnitError,
@@ -40,6 +41,7 @@ __all__ = [
     "SharedSession",
     "ThreadUnit",
     "Unit",
+    "UnitOfWork",
     "adopt",
     "async_scoped_session",
     "copy_to",
@@ -48,4 +50,5 @@ __all__ = [
     "guard",
     "hand_off",
     "scoped_session",
+    "unit_of_work",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ._guard._install import guard_of
@@ -63,27 +63,38 @@ def _report_failure(task: asyncio.Task[None]) -> None:
         )
 
 
-def close_on_its_loop(session: Any) -> None:
-    """End-of-unit hook of the async registry: close the task's AsyncSession on its loop."""
+def closers_on_its_loop(session: Any) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(close now, close from another thread) for an AsyncSession, both on the running loop.
+
+    Outside any event loop (a thread or greenlet used an AsyncSession) it never awaited, so it
+    never checked out a connection: there is nothing to await on and nothing to return.
+    """
     if _get_running_loop() is None:
-        # Not a task (a thread or greenlet used an AsyncSession): with no loop it never awaited,
-        # so it never checked out a connection. Nothing to await on, nothing to return.
-        if session.sync_session.get_transaction() is not None:
-            log.warning(
-                "sessionscope: an AsyncSession ended outside any event loop while in a "
-                "transaction; it could not be closed"
-            )
-        return
+
+        def cannot_close() -> None:
+            if session.sync_session.get_transaction() is not None:
+                log.warning(
+                    "sessionscope: an AsyncSession ended outside any event loop while in a "
+                    "transaction; it could not be closed"
+                )
+
+        return cannot_close, cannot_close
     loop = asyncio.get_running_loop()
 
     def close() -> None:
         start_close(session).add_done_callback(_report_failure)
 
+    return close, lambda: loop.call_soon_threadsafe(close)
+
+
+def close_on_its_loop(session: Any) -> None:
+    """End-of-unit hook of the async registry: close the task's AsyncSession on its loop."""
+    close, close_later = closers_on_its_loop(session)
     guard = guard_of(session)
     if guard is None:
         close()
     else:  # a borrower inside (a to_thread thread outliving a cancelled task) closes it on leaving
-        guard.end(close, lambda: loop.call_soon_threadsafe(close))
+        guard.end(close, close_later)
 
 
 async def close_shielded(session: Any, *, then_seal: bool) -> None:

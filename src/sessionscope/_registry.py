@@ -12,12 +12,12 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Generic, Protocol, TypeVar
 
-from greenlet import getcurrent
 from sqlalchemy.util import ScopedRegistry
 
 from ._scope import ScopeState
 from ._unit_local import UnitLocal
 from ._units._asyncio import _get_running_loop, current_task_of_loop
+from ._work import work_var
 
 S = TypeVar("S")
 _modules = sys.modules
@@ -28,7 +28,6 @@ class _FastLookup(Protocol[S]):
 
     _scope_var: ContextVar[ScopeState[S] | None]
     _key: str
-    _task_values: dict[Any, S]
 
     def _miss(self) -> S: ...
 
@@ -38,24 +37,25 @@ def unit_session(holder: _FastLookup[S]) -> S:
 
     It is ``UnitRegistry.__call__`` and, unchanged, the ``_proxied`` getter of sessionscope's
     scoped sessions, so a proxied call costs one Python frame as in SQLAlchemy (a call costs as
-    much as this whole lookup). It mirrors ``UnitLocal.get``; anything unusual (no session yet,
-    trio, SQLAlchemy's greenlets outside a task) goes to ``holder._miss()``.
+    much as this whole lookup). It mirrors ``UnitLocal.get`` (the running code's unit of work,
+    see ``_work``): anything unusual (no session yet, trio, a child task) goes to
+    ``holder._miss()``. An ended or pre-fork work holds no values, so it misses too.
     """
     scope = holder._scope_var.get()
     if scope is not None:
         return scope.session_for_use()
-    loop = _get_running_loop()
-    if loop is None:
-        if "trio" not in _modules:
+    work = work_var.get()
+    if work is not None:
+        loop = _get_running_loop()
+        if loop is None:
+            if "trio" not in _modules:  # a thread or greenlet: in the work of its context
+                try:
+                    return work.values[holder._key]  # type: ignore[no-any-return]
+                except KeyError:
+                    pass
+        elif current_task_of_loop(loop) is work.task:  # only the task that opened the work
             try:
-                return getcurrent().__dict__[holder._key]  # type: ignore[no-any-return]
-            except KeyError:
-                pass
-    else:
-        task = current_task_of_loop(loop)
-        if task is not None:
-            try:
-                return holder._task_values[task]
+                return work.values[holder._key]  # type: ignore[no-any-return]
             except KeyError:
                 pass
     return holder._miss()
@@ -76,7 +76,6 @@ class UnitRegistry(Generic[S]):
         self._scope_var = scope_var
         self._local: UnitLocal[S] = UnitLocal(on_unit_end)
         self._key = self._local._key
-        self._task_values = self._local._task_values
         self._on_create = on_create
         self._adopt_set = adopt_set
 

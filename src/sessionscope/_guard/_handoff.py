@@ -76,7 +76,7 @@ def adopt(session: S) -> S:
         )
     unit = current_unit()
     owner = guard.owner()
-    if owner is unit and guard.generation == _fork.generation:
+    if guard.is_owned_by_current():
         return session
     if guard.generation != _fork.generation:
         raise CrossUnitError(
@@ -84,7 +84,8 @@ def adopt(session: S) -> S:
             "belongs to the parent and it cannot be adopted in the child. Create a new session. "
             + background("guard-forked")
         )
-    if guard.state != HANDED_OFF and owner is not None:
+    owner_work = guard.owner_ref()
+    if guard.state != HANDED_OFF and owner_work is not None and not owner_work.ended:
         raise CrossUnitError(
             f"{describe_unit(unit)} tried to adopt a session that belongs to "
             f"{describe_unit(owner)}, which has not handed it off. Call "
@@ -92,7 +93,7 @@ def adopt(session: S) -> S:
             + background("guard-hand-off")
         )
     _check_nobody_inside(guard, "adopted")
-    guard.own(unit)
+    guard.own()
     guard.on_hand_off = None
     return session
 

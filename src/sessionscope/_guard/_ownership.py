@@ -18,7 +18,7 @@ that greenlet alive.
 
 from __future__ import annotations
 
-import asyncio
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal
@@ -28,8 +28,8 @@ from greenlet import getcurrent, greenlet
 from .. import _fork
 from .._units import Unit, current_unit, describe_unit
 from .._units._asyncio import _get_running_loop, current_task_of_loop
-from .._units._greenlet import main_greenlet
-from .._units._thread import ThreadUnit
+from .._units._thread import THREAD_UNIT_ATTRIBUTE
+from .._work import WorkUnit, current_or_new_work, current_work, running_task, work_var
 from ..exc import (
     ConcurrentUseError,
     CrossUnitError,
@@ -37,7 +37,7 @@ from ..exc import (
     ShareNothingWarning,
     background,
 )
-from ._lineage import BorrowToken, Lineage, current_lineage, inherits, is_cleanup, lend_from_here
+from ._lineage import BorrowToken, inherits, is_cleanup, lend_from_here
 from ._site import Site, describe_site, warn_at_application
 
 Mode = Literal["raise", "warn", "off"]
@@ -46,7 +46,9 @@ MODES: tuple[Mode, ...] = ("raise", "warn", "off")
 OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
 
 
-_NOT_A_LINEAGE: Any = object()  # what a disowned guard's fast path compares with: never equal
+_modules = sys.modules
+_CLOSING = frozenset({"close", "invalidate", "reset"})
+"""What any unit may do to a session whose owner is gone: closing is how users recover."""
 
 
 def _nobody() -> None:
@@ -63,10 +65,9 @@ class SessionGuard:
         "created_at",
         "state",
         "owner_ref",
-        "fast_ref",
+        "session_ref",
         "generation",
         "token",
-        "lineage",
         "inside",
         "depth",
         "entered",
@@ -79,49 +80,62 @@ class SessionGuard:
         self.mode = mode
         self.label = label
         self.created_at = created_at
-        self.inside: dict[int, Unit] = {}
+        self.inside: dict[int, Any] = {}
         self.depth = 0
         self.entered: greenlet | None = None  # the greenlet whose call took the slot
         self.on_hand_off: Callable[[Any], None] | None = None
         """Called with the session when it is handed off or shared: its registry forgets it."""
         self.after_leave: list[Callable[[], object]] | None = None
         """A close deferred until the unit inside leaves; popped (atomically) by one side only."""
-        self.own(current_unit())
+        self.session_ref: Callable[[], Any] = _nobody
+        """The guarded Session or AsyncSession (weakly), for closing it when its owner ends."""
+        self.own()
 
     # -- ownership -----------------------------------------------------------------------------
 
-    def own(self, unit: Unit) -> None:
-        """Make ``unit`` (the running unit) the owner, and mark its context for borrowers."""
-        self.owner_ref: Callable[[], Unit | None] = weakref.ref(unit)
-        self.fast_ref: Callable[[], Any]
-        if isinstance(unit, (asyncio.Task, greenlet)):
-            self.fast_ref = self.owner_ref
-        elif isinstance(unit, ThreadUnit):
-            self.fast_ref = weakref.ref(main_greenlet())
-        else:  # trio: seen on the slow path
-            self.fast_ref = _nobody
+    def own(self) -> None:
+        """Make the running code's unit of work the owner, and mark its context for borrowers.
+
+        The owner is a :class:`~sessionscope._work.WorkUnit`, not a thread or task: jobs the unit
+        waits for (pool jobs running in a copy of its context) are part of it, and a pool thread's
+        next job (another request's) is not.
+        """
+        work = current_or_new_work()
+        self.owner_ref: Callable[[], WorkUnit | None] = weakref.ref(work)
+        work.owns(self)
         self.generation = _fork.generation
         self.token: BorrowToken | None
-        self.lineage: Lineage | None  # the owner's lineage last seen: the fast path's context
-        self.token, self.lineage = lend_from_here(self)
+        self.token, _ = lend_from_here(self)
         self.state = OWNED
 
     def disown(self, state: str) -> None:
         """Nobody owns the session until :meth:`own` (handed off, or shared between blocks)."""
-        self.owner_ref = self.fast_ref = _nobody
+        self.owner_ref = _nobody
         self.token = None
-        self.lineage = _NOT_A_LINEAGE
         self.state = state
 
     def owner(self) -> Unit | None:
-        return self.owner_ref()
+        """The unit that opened the owning unit of work (for messages), None if gone."""
+        work = self.owner_ref()
+        return None if work is None else work.root_unit()
 
     def is_owned_by_current(self) -> bool:
-        return (
-            self.generation == _fork.generation
-            and self.owner_ref() is current_unit()
-            and inherits(self.token)
-        )
+        work = self.owner_ref()
+        return self.generation == _fork.generation and work is not None and work is current_work()
+
+    def owner_ended(self, work: WorkUnit) -> None:
+        """The owning unit of work ended: close the session (now, or when the unit inside
+        leaves); from then on nobody may use it."""
+        if self.owner_ref() is not work:
+            return  # handed off, shared, or ended already
+        session = self.session_ref()
+        if session is None:
+            self.disown(ENDED)
+            return
+        from .._work_end import closers_for  # (the closers import the guard package)
+
+        close, close_later = closers_for(session)
+        self.end(close, close_later)
 
     # -- the entry check -----------------------------------------------------------------------
 
@@ -131,19 +145,22 @@ class SessionGuard:
         ``operation`` is a method name, or with ``of_class`` the attribute written on an object
         of that class; both only go into messages.
         """
+        work = work_var.get()
+        if work is None or work is not self.owner_ref():
+            return self._admit_slow(operation, of_class)
         current = getcurrent()  # (nested calls were recognised by the callers already)
         loop = _get_running_loop()
-        running = current if loop is None else current_task_of_loop(loop)
-        if (
-            running is None
-            or running is not self.fast_ref()  # (cleared in a forked child: see forget_owners)
-            or current_lineage.get() is not self.lineage  # the owner's context, as last seen
-        ):
-            return self._admit_slow(operation, of_class)
-        token = self.token  # the owner's identity in the slot (no weak reference to follow)
-        holder = self.inside.setdefault(0, token)
-        if holder is not token:
-            return self._overlap(self.owner_ref(), holder, operation, of_class)
+        if loop is None:
+            if "trio" in _modules:
+                return self._admit_slow(operation, of_class)
+            running: Any = current  # a thread (its main greenlet) or a greenlet, in the work
+        else:
+            running = current_task_of_loop(loop)
+            if running is not work.task:  # a child task: not the owner (maybe a borrower)
+                return self._admit_slow(operation, of_class)
+        holder = self.inside.setdefault(0, running)
+        if holder is not running:
+            return self._overlap(running, holder, operation, of_class)
         if not self.depth:
             self.entered = current  # before depth: who sees depth > 0 sees who entered
         self.depth += 1
@@ -194,21 +211,22 @@ class SessionGuard:
         if self.mode == "off":
             return False
         unit = current_unit()
-        identity: Any = self.token if unit is self.owner_ref() and self.token else unit
+        identity: Any = unit
+        owner = self.owner_ref()
         if self.generation != _fork.generation:
             self._refuse(unit, operation, of_class, forked=True)
-        # The owner's own context, or one copied from it (a borrower); the owner *unit* in another
-        # context is refused too: a pool thread that made a session in one job is not its owner
-        # in the next job (another request's).
+        elif owner is not None and owner is current_work():
+            # the owning work, off the fast path (trio; a thread's SQLAlchemy greenlet): take the
+            # slot as the fast path would, by the running task or greenlet
+            identity = running_task() or getcurrent()
+        # a unit that inherited the owner's context while it held the session (a child task):
+        # a legitimate borrower
         elif not inherits(self.token):
             if is_cleanup():
                 return False
-            if not (self.state == ENDED and operation == "close"):  # closed already: harmless
+            if not (operation in _CLOSING and self._owner_gone(owner)):
                 self._refuse(unit, operation, of_class)
-        elif unit is self.owner_ref():
-            # the owner, in a context that made more sessions since: the fast path's again
-            self.lineage = current_lineage.get()
-        # admitted, or warned about in "warn" mode (then its nested calls are not warned again)
+            # closing is how users recover a session whose owner is gone: let it through
         holder = self.inside.setdefault(0, identity)
         if holder is not identity:
             return self._overlap(unit, holder, operation, of_class)
@@ -216,6 +234,9 @@ class SessionGuard:
             self.entered = getcurrent()
         self.depth += 1
         return True
+
+    def _owner_gone(self, owner: WorkUnit | None) -> bool:
+        return self.state in (ENDED, HANDED_OFF) or owner is None or owner.ended
 
     # -- refusals ------------------------------------------------------------------------------
 
@@ -273,31 +294,34 @@ class SessionGuard:
             "sessionscope.hand_off(session) in its owner and sessionscope.adopt(session) in the "
             "unit taking it; to share it deliberately, use sessionscope.SharedSession."
         )
-        if owner is None:
-            return "belonged to a unit that has ended", fix
-        if owner is unit:
+        if owner is None or owner.ended:
+            return "belonged to a unit of work that has ended", fix
+        if owner.root_unit() is unit:
             return (
-                f"belongs to {who} as it ran other work (another context: an earlier job of a "
-                "thread pool, or code under contextvars.copy_context().run)",
-                "A session made inside one job of a thread pool belongs to that job: use it "
-                "there, or open it in the unit that hands out the jobs (a Session.scope() there "
-                "follows into each of them), or move it with sessionscope.hand_off()/adopt().",
+                f"belongs to {owner.describe()} as it ran an earlier request or job (a reused "
+                "thread or greenlet, or a thread-pool job of another unit)",
+                "A session made in one request or job belongs to it. If the jobs of one request "
+                "must share a session, mark the request before it hands them out: "
+                "sessionscope.unit_of_work() (or the framework's integration) in the unit that "
+                "waits for the jobs; or move it with sessionscope.hand_off()/adopt().",
             )
-        return f"belongs to {describe_unit(owner)}", fix
+        if running_task() is None:
+            fix += (
+                f" If {who} runs a job for the owner (a thread-pool job of a request), the owner "
+                "must open sessionscope.unit_of_work() before handing the job out, so that its "
+                "jobs are part of its unit of work."
+            )
+        return f"belongs to {owner.describe()}", fix
 
     def unit_inside(self) -> Unit | None:
-        """The unit inside the session now (the slot holds the owner's token for the owner)."""
-        holder = self.inside.get(0)
-        if isinstance(holder, BorrowToken):
-            guard = holder()
-            return guard.owner_ref() if guard is not None else None
-        return holder
+        """The unit inside the session now (a thread is held by its main greenlet)."""
+        unit: Unit | None = _as_unit(self.inside.get(0))
+        return unit
 
     def _overlap(
         self, unit: Unit | None, holder: Unit, operation: str, of_class: type | None
     ) -> bool:
-        if isinstance(holder, BorrowToken):
-            holder = self.unit_inside()
+        holder = _as_unit(holder)
         message = (
             f"{describe_unit(unit)} {self._did(operation, of_class)} while "
             f"{describe_unit(holder)} was inside the same {self.label} (created at "
@@ -314,3 +338,10 @@ class SessionGuard:
             raise error
         warn_at_application(str(error), ShareNothingWarning)
         return False
+
+
+def _as_unit(holder: Any) -> Any:
+    """The unit a slot holder stands for: a thread enters by its main greenlet (fast path)."""
+    if isinstance(holder, greenlet) and holder.parent is None:
+        return holder.__dict__.get(THREAD_UNIT_ATTRIBUTE, holder)
+    return holder

@@ -138,7 +138,7 @@ class SharedSession(Generic[S]):
                     "connection belongs to the parent. Create a new session in the child. "
                     + background("guard-forked")
                 )
-            self._guard.own(unit)
+            self._guard.own()
         except BaseException:
             lock.release()
             raise

@@ -48,11 +48,11 @@ def unregister(session_id: int) -> None:
 
 def _forget_owners_after_fork() -> list[Any]:
     """In a forked child no guard made before the fork may take its fast path (its owner's
-    greenlet is a copy of the parent's); the slow path refuses them (see ``_fork.generation``)."""
+    unit of work is a copy of the parent's); the slow path refuses them (``_fork.generation``)."""
     for ref in list(_guard_of_session_id.values()):
         guard = ref()
         if guard is not None:
-            guard.fast_ref = _nobody
+            guard.owner_ref = _nobody
     return []
 
 

@@ -16,6 +16,7 @@ import _thread
 import atexit
 import sys
 import threading
+import weakref
 from typing import Any, Protocol
 
 
@@ -68,28 +69,48 @@ def _at_exit() -> None:
 class _ThreadEndSentinel:
     """Lives in the thread's own local storage; telling listeners when the thread is done."""
 
-    __slots__ = ("listeners",)
+    __slots__ = ("listeners", "weak_listeners")
 
     def __init__(self) -> None:
         self.listeners: list[UnitEndListener] = []
+        self.weak_listeners: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def __del__(self, _interpreter: dict[str, bool] = _interpreter) -> None:
         if _interpreter["shutting_down"]:
             return  # connections die with the process; nothing may run this late
         for listener in self.listeners:
             listener.unit_ended()
+        for listener in list(self.weak_listeners):
+            listener.unit_ended()
 
 
 _per_thread = _original_local_type()()
 
 
+THREAD_UNIT_ATTRIBUTE = "_sessionscope_thread_unit"
+
+
+INTERPRETER = _interpreter
+"""``INTERPRETER["shutting_down"]`` is True once exit handlers run: no cleanup may run then."""
+
+
 def current_thread_unit() -> ThreadUnit:
-    """The running thread's identity."""
+    """The running thread's identity (also kept on its main greenlet, to name it in messages)."""
     try:
         unit: ThreadUnit = _per_thread.unit
     except AttributeError:
         unit = _per_thread.unit = ThreadUnit()
+        _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = unit
     return unit
+
+
+def _main_greenlet() -> Any:
+    from greenlet import getcurrent
+
+    main = getcurrent()
+    while main.parent is not None:
+        main = main.parent
+    return main
 
 
 def is_current(unit: ThreadUnit) -> bool:
@@ -100,6 +121,7 @@ def renew_after_fork() -> list[Any]:
     """In a forked child the surviving thread gets a new identity; the old one is abandoned."""
     old = getattr(_per_thread, "unit", None)
     _per_thread.unit = ThreadUnit()
+    _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = _per_thread.unit
     return [old] if old is not None else []
 
 
@@ -109,6 +131,20 @@ def watch_end(unit: Any, listener: UnitEndListener) -> None:
     if sentinel is None:
         sentinel = _per_thread.sentinel = _ThreadEndSentinel()
     sentinel.listeners.append(listener)
+
+
+def watch_end_weakly(listener: UnitEndListener) -> None:
+    """As :func:`watch_end` for the running thread, without keeping ``listener`` alive.
+
+    For units of work of a thread's own context, and of pool jobs that run on it: a job's work is
+    freed (and ended) with the job's context, long before the thread ends, and must not pile up.
+    It must be told before the thread's context is torn down, which is not a safe moment to run
+    Python code that touches context variables.
+    """
+    sentinel = getattr(_per_thread, "sentinel", None)
+    if sentinel is None:
+        sentinel = _per_thread.sentinel = _ThreadEndSentinel()
+    sentinel.weak_listeners.add(listener)
 
 
 def unwatch_end(unit: Any, listener: UnitEndListener) -> None:

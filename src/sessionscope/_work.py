@@ -1,0 +1,290 @@
+"""Units of work: what a request or a job is, whichever threads, greenlets or tasks run it.
+
+A thread, greenlet or task is the unit people *start*; the unit they *mean* is the unit of work: a
+request or a job. Servers reuse threads and greenlets for job after job, and hand one request's
+work from unit to unit in sequence (FastAPI runs a sync dependency, the endpoint and the
+dependency's exit as three thread-pool jobs while the request's task waits). So sessionscope keys
+implicit sessions and ownership by a :class:`WorkUnit` held in a context variable:
+
+- **Work a unit waits for is part of it.** A job that runs in a copy of the unit's context
+  (``asyncio.to_thread``, anyio/Starlette/FastAPI thread pools, ``copy_context().run``) sees the
+  same ``WorkUnit``, so it uses the waiting unit's sessions, one after another.
+- **Tasks are units of their own.** A child task (``gather``, ``create_task``, task groups) also
+  copies the context, but it runs concurrently with its parent: it never joins the parent's work
+  (it may *borrow* the parent's guarded sessions, see ``_guard._lineage``). Hence the check that
+  the running task is the one that opened the work.
+- **Boundaries** (:func:`unit_of_work`) open a fresh ``WorkUnit`` in a long-lived thread or
+  greenlet for one request or job, and end it (closing its sessions) when the block ends.
+- **Implicit units of work.** A unit that uses sessionscope outside any boundary gets one on
+  first use, set in its own context. It ends with the unit: a task's done-callback, a gevent or
+  eventlet greenlet's link, and otherwise the moment its context is freed (a thread's context is
+  freed in the ending thread before ``join()`` returns; a raw greenlet's when it is freed; a pool
+  job's as the pool drops the job). That last rule is what keeps a pool thread from carrying one
+  job's session into the next, when nobody marked the job.
+
+What cannot be done: a job's copied context carries no reference to the task waiting for it, so
+jobs of a unit that never touched sessionscope (and opened no boundary) before handing them out
+cannot be tied together. Each such job is then a unit of work of its own. Frameworks' glue (and
+``unit_of_work()`` by hand) marks the request first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import weakref
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any
+
+from greenlet import greenlet
+
+from . import _fork
+from ._units import _trio, current_unit, describe_unit
+from ._units._asyncio import _get_running_loop, current_task_of_loop
+from ._units._greenlet import run_outside_hub, watch_end
+from ._units._thread import INTERPRETER, watch_end_weakly
+
+log = logging.getLogger("sessionscope")
+_modules = sys.modules
+
+work_var: ContextVar[WorkUnit | None] = ContextVar("sessionscope.unit_of_work", default=None)
+"""The running context's unit of work (it may not apply: see :func:`current_work`)."""
+
+_live_works: weakref.WeakSet[WorkUnit] = weakref.WeakSet()  # for the fork handler only
+
+EndHook = Callable[["WorkUnit", Any], None]
+_end_hooks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+"""What to do with a value a :class:`WorkUnit` holds under a key when it ends (``UnitLocal``)."""
+
+
+def register_end_hook(key: str, owner: Any) -> None:
+    """Tell work units that values under ``key`` end through ``owner.work_ended(work, value)``."""
+    _end_hooks[key] = owner
+
+
+class WorkUnit:
+    """One unit of work: its implicit sessions, who opened it, whether it has ended.
+
+    ``values`` maps a registry's key to that registry's implicit session; the registry lookup reads
+    it directly. ``task`` is the asyncio or trio task that opened the work (None for a thread or
+    greenlet): only that task, and threads or greenlets running in a copy of its context, are in
+    the work.
+    """
+
+    __slots__ = (
+        "values",
+        "task",
+        "root",
+        "ended",
+        "generation",
+        "explicit",
+        "owned",
+        "__weakref__",
+    )
+
+    def __init__(self, root: Any, task: Any, *, explicit: bool) -> None:
+        self.values: dict[str, Any] = {}
+        self.task = task
+        # a greenlet is held weakly: the work lives in the greenlet's own context
+        self.root: Any = weakref.ref(root) if isinstance(root, greenlet) else root
+        self.ended = False
+        self.generation = _fork.generation
+        self.explicit = explicit
+        self.owned: weakref.WeakSet[Any] | None = None
+        _live_works.add(self)
+
+    # -- who -----------------------------------------------------------------------------------
+
+    def root_unit(self) -> Any:
+        root = self.root
+        return root() if isinstance(root, weakref.ref) else root
+
+    def describe(self) -> str:
+        root = self.root_unit()
+        who = describe_unit(root) if root is not None else "a greenlet that has been freed"
+        if self.explicit:
+            return f"the unit of work opened in {who}"
+        return who
+
+    def owns(self, guard: Any) -> None:
+        """Remember a guarded session this work owns, to close it when the work ends."""
+        if self.owned is None:
+            self.owned = weakref.WeakSet()
+        self.owned.add(guard)
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def end(self) -> None:
+        """End the work: its sessions are closed (rolled back if uncommitted), once."""
+        if self.ended:
+            return
+        self.ended = True
+        values, self.values = self.values, {}
+        self.task = None  # a task's context holds its work: no cycle left behind
+        owned, self.owned = self.owned, None
+        for key, value in values.items():
+            hook = _end_hooks.get(key)
+            if hook is not None:
+                _run_hook(self, hook.work_ended, self, value)
+        for guard in list(owned or ()):
+            _run_hook(self, guard.owner_ended, self)
+
+    def unit_ended(self, *_: Any) -> None:
+        """The end signal of the unit that opened an implicit work (a task, a gevent greenlet)."""
+        run_outside_hub(self.end)
+
+    def __del__(self, _interpreter: dict[str, bool] = INTERPRETER) -> None:
+        # Freed with the last context holding it: a thread's context in the ending thread, a
+        # pool job's as the pool drops it. At interpreter shutdown nothing may run (module
+        # globals may be gone already; the default argument survives).
+        if not self.ended and not _interpreter["shutting_down"]:
+            self.end()
+
+
+def _run_hook(work: WorkUnit, hook: Callable[..., object], *args: Any) -> None:
+    try:
+        hook(*args)
+    except Exception:  # an end-of-work hook must never break a loop, a hub or a thread's exit
+        log.exception("sessionscope: cleaning up after %s failed", work.describe())
+
+
+def running_task() -> Any:
+    """The running asyncio or trio task, or None in plain thread or greenlet code."""
+    loop = _get_running_loop()
+    if loop is not None:
+        return current_task_of_loop(loop)
+    if "trio" in _modules:
+        return _trio.running_task()
+    return None
+
+
+def current_work() -> WorkUnit | None:
+    """The unit of work the running code belongs to, or None if it has none yet."""
+    work = work_var.get()
+    if work is None or work.ended or work.generation != _fork.generation:
+        return None
+    task = running_task()
+    if task is not None and task is not work.task:
+        # a task that did not open it: a child task (a unit of its own), or a task inside a
+        # thread's work (asyncio.run() inside a request thread)
+        return None
+    return work
+
+
+def current_or_new_work() -> WorkUnit:
+    """The running code's unit of work, opening an implicit one for the running unit if none."""
+    work = current_work()
+    if work is not None:
+        return work
+    unit = current_unit()
+    task = running_task()
+    work = WorkUnit(unit, task, explicit=False)
+    work_var.set(work)
+    if task is not None:
+        if isinstance(task, asyncio.Task):
+            task.add_done_callback(work.unit_ended)
+        else:
+            _trio.watch_end(task, work)
+    elif isinstance(unit, greenlet):
+        watch_end(unit, work)  # gevent/eventlet announce their end; raw greenlets are freed
+    else:
+        watch_end_weakly(work)  # before the thread's context is torn down
+    return work
+
+
+class UnitOfWork:
+    """A boundary: one request or job inside a long-lived thread, greenlet or task.
+
+    Inside the block the running code (and work it hands off with its context and waits for) has
+    fresh implicit sessions; when the block ends they are closed, rolled back if uncommitted, and
+    so is every guarded session the block created and did not hand off. Nothing carries over
+    into the next block. ``with`` in threads and greenlets; ``async with`` in tasks, where
+    AsyncSessions are closed awaited and sync sessions are closed off the event loop.
+    """
+
+    def __init__(self) -> None:
+        self.work: WorkUnit | None = None
+        self._token: Token[WorkUnit | None] | None = None
+
+    def _open(self) -> WorkUnit:
+        if self.work is not None:
+            from sqlalchemy import exc as sa_exc
+
+            raise sa_exc.InvalidRequestError(
+                "This unit_of_work() was already entered; call sessionscope.unit_of_work() again "
+                "for another block."
+            )
+        self.work = WorkUnit(current_unit(), running_task(), explicit=True)
+        self._token = work_var.set(self.work)
+        return self.work
+
+    def _reset(self) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            # ended from another context: that context keeps an ended work, which applies nowhere
+            with contextlib.suppress(ValueError):
+                work_var.reset(token)
+
+    def __enter__(self) -> WorkUnit:
+        return self._open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        work = self.work
+        try:
+            if work is not None:
+                work.end()
+        finally:
+            self._reset()
+
+    async def __aenter__(self) -> WorkUnit:
+        return self._open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        from ._work_end import end_awaited
+
+        work = self.work
+        try:
+            if work is not None:
+                await end_awaited(work)
+        finally:
+            self._reset()
+
+
+def unit_of_work() -> UnitOfWork:
+    """Mark one request or job: ``with sessionscope.unit_of_work():`` (``async with`` in tasks).
+
+    For servers and workers that reuse a thread or greenlet for many requests or jobs (gunicorn's
+    gthread, gevent and eventlet workers, Celery pools, hand-written worker loops), and for asyncio
+    code whose thread-pool jobs must share the request's session. See :class:`UnitOfWork`.
+    """
+    return UnitOfWork()
+
+
+def _forget_after_fork() -> list[Any]:
+    """In a forked child: no work of the parent applies, and nothing of theirs is touched."""
+    abandoned: list[Any] = []
+    for work in list(_live_works):
+        abandoned.extend(work.values.values())
+        work.values = {}
+        work.owned = None
+        work.task = None
+        work.ended = True
+        abandoned.append(work)
+    return abandoned
+
+
+_fork.on_fork_in_child(_forget_after_fork)
