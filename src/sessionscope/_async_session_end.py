@@ -49,10 +49,38 @@ async def _close(session: Any, *, then_seal: bool) -> None:
 def start_close(session: Any, *, then_seal: bool = False) -> asyncio.Task[None]:
     """Begin closing ``session`` on the running loop, in a task that cancellation can't stop."""
     coroutine: Coroutine[Any, Any, None] = _close(session, then_seal=then_seal)
-    task: asyncio.Task[None] = _CloseTask(coroutine, loop=asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    task: asyncio.Task[None] = _CloseTask(coroutine, loop=loop)
     _closing.add(task)
     task.add_done_callback(_closing.discard)
+    _finish_closes_before_loop_close(loop)
     return task
+
+
+_HOOKED = "_sessionscope_finishes_closes"
+
+
+def _finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop.close()`` finish the closes still pending on ``loop`` first.
+
+    ``loop.run_until_complete(job())`` stops the loop in the very iteration in which the job's
+    task ends, so the close that the task's end schedules never gets a step; a worker that then
+    calls ``loop.close()`` (one loop per job) would leave the connection checked out, idle in
+    transaction. ``asyncio.run()`` needs none of this (it waits for cancelled tasks). A loop
+    type that takes no attributes (uvloop) keeps its pending closes until it is run again.
+    """
+    if loop.__dict__.get(_HOOKED) if hasattr(loop, "__dict__") else True:
+        return
+    original_close = loop.close
+
+    def close() -> None:
+        pending = [task for task in _closing if task.get_loop() is loop and not task.done()]
+        if pending and not loop.is_running() and not loop.is_closed():
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        original_close()
+
+    loop.close = close  # type: ignore[method-assign]
+    loop.__dict__[_HOOKED] = True
 
 
 def _report_failure(task: asyncio.Task[None]) -> None:

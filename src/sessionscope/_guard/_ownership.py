@@ -329,7 +329,9 @@ class SessionGuard:
             "session runs one operation of one unit at a time; the second call was stopped "
             "before it reached SQLAlchemy or the driver. Give each concurrent unit its own "
             "session (copy objects with sessionscope.copy_to()), or serialize the units with "
-            "sessionscope.SharedSession. " + background("guard-concurrent")
+            "sessionscope.SharedSession. Jobs of one unit that run in parallel (gather of "
+            "to_thread calls) share its unit of work: give each job `with Session.scope(new=True)"
+            " as session:`. " + background("guard-concurrent")
         )
         return self._violation(ConcurrentUseError(message))
 
