@@ -1,9 +1,10 @@
 # `make test` and `make demo` set themselves up from nothing: a virtual environment in .venv,
 # the package installed into it with the extras they need, then the run.
 #
-# `make test` runs lint, types and the whole suite on the newest supported stack (this Python,
-# SQLAlchemy 2.1), then the suite again on the oldest (Python 3.10, SQLAlchemy 2.0) in
-# .venv-compat, when a Python 3.10 is on the machine.
+# `make test` runs lint, types and the suite on the newest supported stack (this Python,
+# SQLAlchemy 2.1), then again on the oldest (Python 3.10, SQLAlchemy 2.0) in .venv-compat, when a
+# Python 3.10 is on the machine. It leaves out tests marked `slow` (the larger server and worker
+# matrices); `make test-all` runs everything, slow ones included.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,7 +16,10 @@ PYTHON_COMPAT ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.execut
 COMPAT_VENV   := .venv-compat
 COMPAT_STAMP  := $(COMPAT_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test test-newest test-compat demo bench lint venv clean
+.PHONY: test test-all test-newest test-compat demo bench lint venv clean
+
+# `make test` selects the representative slice; `make test-all` overrides the selection
+MARKERS ?= not slow
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +33,11 @@ venv: $(STAMP)
 
 test: test-newest test-compat
 
+test-all:
+	$(MAKE) test MARKERS=""
+
 test-newest: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "$(MARKERS)" $(PYTEST_ARGS)
 
 $(COMPAT_STAMP): pyproject.toml
 	$(PYTHON_COMPAT) -m venv $(COMPAT_VENV)
@@ -44,7 +51,7 @@ test-compat:
 else
 test-compat: $(COMPAT_STAMP)
 	@echo "== again on the oldest supported stack: Python 3.10, SQLAlchemy 2.0 =="
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "$(MARKERS)" $(PYTEST_ARGS)
 endif
 
 demo: $(STAMP)
