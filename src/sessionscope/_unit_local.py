@@ -22,7 +22,13 @@ from typing import Any, Generic, TypeVar
 from greenlet import greenlet
 
 from . import _fork
-from ._work import WorkUnit, current_or_new_work, current_work, register_end_hook
+from ._work import (
+    WorkUnit,
+    current_or_new_work,
+    current_work,
+    forget_after_fork,
+    register_end_hook,
+)
 
 T = TypeVar("T")
 
@@ -87,10 +93,12 @@ class UnitLocal(Generic[T]):
 
 
 def _forget_parent_works() -> list[Any]:
-    """In a forked child, the parent's works hold nothing here (``_work`` parks their values)."""
+    """In a forked child the parent's works hold nothing: their values are parked untouched."""
+    works: set[WorkUnit] = set()
     for local in list(_all_locals):
+        works.update(local._holders)
         local._holders = weakref.WeakSet()
-    return []
+    return forget_after_fork(list(works))
 
 
 _fork.on_fork_in_child(_forget_parent_works)

@@ -54,8 +54,6 @@ _modules = sys.modules
 work_var: ContextVar[WorkUnit | None] = ContextVar("sessionscope.unit_of_work", default=None)
 """The running context's unit of work (it may not apply: see :func:`current_work`)."""
 
-_live_works: weakref.WeakSet[WorkUnit] = weakref.WeakSet()  # for the fork handler only
-
 EndHook = Callable[["WorkUnit", Any], None]
 _end_hooks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 """What to do with a value a :class:`WorkUnit` holds under a key when it ends (``UnitLocal``)."""
@@ -94,8 +92,7 @@ class WorkUnit:
         self.ended = False
         self.generation = _fork.generation
         self.explicit = explicit
-        self.owned: weakref.WeakSet[Any] | None = None
-        _live_works.add(self)
+        self.owned: list[weakref.ref[Any]] | None = None
 
     # -- who -----------------------------------------------------------------------------------
 
@@ -113,8 +110,9 @@ class WorkUnit:
     def owns(self, guard: Any) -> None:
         """Remember a guarded session this work owns, to close it when the work ends."""
         if self.owned is None:
-            self.owned = weakref.WeakSet()
-        self.owned.add(guard)
+            self.owned = [weakref.ref(guard)]
+        else:
+            self.owned.append(weakref.ref(guard))
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -130,8 +128,10 @@ class WorkUnit:
             hook = _end_hooks.get(key)
             if hook is not None:
                 _run_hook(self, hook.work_ended, self, value)
-        for guard in list(owned or ()):
-            _run_hook(self, guard.owner_ended, self)
+        for ref in owned or ():
+            guard = ref()
+            if guard is not None:
+                _run_hook(self, guard.owner_ended, self)
 
     def unit_ended(self, *_: Any) -> None:
         """The end signal of the unit that opened an implicit work (a task, a gevent greenlet)."""
@@ -274,10 +274,14 @@ def unit_of_work() -> UnitOfWork:
     return UnitOfWork()
 
 
-def _forget_after_fork() -> list[Any]:
-    """In a forked child: no work of the parent applies, and nothing of theirs is touched."""
+def forget_after_fork(works: list[WorkUnit]) -> list[Any]:
+    """In a forked child: the parent's ``works`` hold nothing, and nothing of theirs is touched.
+
+    (Works holding no registry value need nothing: their generation is the parent's, so
+    :func:`current_work` never returns them, and their guards are refused in the child.)
+    """
     abandoned: list[Any] = []
-    for work in list(_live_works):
+    for work in works:
         abandoned.extend(work.values.values())
         work.values = {}
         work.owned = None
@@ -285,6 +289,3 @@ def _forget_after_fork() -> list[Any]:
         work.ended = True
         abandoned.append(work)
     return abandoned
-
-
-_fork.on_fork_in_child(_forget_after_fork)

@@ -55,8 +55,9 @@ async def end_awaited(work: WorkUnit) -> None:
 
 def _sessions_of(work: WorkUnit) -> list[Any]:
     sessions = list(work.values.values())
-    for guard in list(work.owned or ()):
-        session = guard.session_ref()
+    for ref in work.owned or ():
+        guard = ref()
+        session = guard.session_ref() if guard is not None else None
         if session is not None:
             sessions.append(session)
     return sessions
