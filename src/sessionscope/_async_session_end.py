@@ -53,14 +53,14 @@ def start_close(session: Any, *, then_seal: bool = False) -> asyncio.Task[None]:
     task: asyncio.Task[None] = _CloseTask(coroutine, loop=loop)
     _closing.add(task)
     task.add_done_callback(_closing.discard)
-    _finish_closes_before_loop_close(loop)
+    finish_closes_before_loop_close(loop)
     return task
 
 
 _HOOKED = "_sessionscope_finishes_closes"
 
 
-def _finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
+def finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
     """Make ``loop.close()`` finish the closes still pending on ``loop`` first.
 
     ``loop.run_until_complete(job())`` stops the loop in the very iteration in which the job's
@@ -68,15 +68,23 @@ def _finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
     calls ``loop.close()`` (one loop per job) would leave the connection checked out, idle in
     transaction. ``asyncio.run()`` needs none of this (it waits for cancelled tasks). A loop
     type that takes no attributes (uvloop) keeps its pending closes until it is run again.
+    Works a thread lent to the loop's tasks (``_work_end.lent_on_loop``) outlive the loop: their
+    AsyncSessions are closed here too.
     """
     if loop.__dict__.get(_HOOKED) if hasattr(loop, "__dict__") else True:
         return
     original_close = loop.close
 
-    def close() -> None:
+    async def finish() -> None:
+        from ._work_end import close_lent_async_sessions
+
+        await close_lent_async_sessions(loop)
         pending = [task for task in _closing if task.get_loop() is loop and not task.done()]
-        if pending and not loop.is_running() and not loop.is_closed():
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def close() -> None:
+        if not loop.is_running() and not loop.is_closed():
+            loop.run_until_complete(finish())
         original_close()
 
     loop.close = close  # type: ignore[method-assign]

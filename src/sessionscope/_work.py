@@ -81,10 +81,20 @@ class WorkUnit:
         "generation",
         "explicit",
         "owned",
+        "parent",
+        "lends",
         "__weakref__",
     )
 
-    def __init__(self, root: Any, task: Any, *, explicit: bool) -> None:
+    def __init__(
+        self,
+        root: Any,
+        task: Any,
+        *,
+        explicit: bool,
+        parent: WorkUnit | None = None,
+        lends: bool = False,
+    ) -> None:
         self.values: dict[str, Any] = {}
         self.task = task
         # a greenlet is held weakly: the work lives in the greenlet's own context
@@ -93,6 +103,10 @@ class WorkUnit:
         self.generation = _fork.generation
         self.explicit = explicit
         self.owned: list[weakref.ref[Any]] | None = None
+        self.parent = parent
+        """The work this one runs inside (test harnesses nest them): its sessions may be used."""
+        self.lends = lends
+        """Whether asyncio tasks the opening thread runs may take the work over, one at a time."""
 
     # -- who -----------------------------------------------------------------------------------
 
@@ -133,6 +147,27 @@ class WorkUnit:
             if guard is not None:
                 _run_hook(self, guard.owner_ended, self)
 
+    def within(self, other: WorkUnit) -> bool:
+        """Whether this work is ``other`` or runs inside it (``parent`` chain)."""
+        work: WorkUnit | None = self
+        while work is not None:
+            if work is other:
+                return True
+            work = work.parent
+        return False
+
+    def lend_to(self, task: asyncio.Task[Any]) -> None:
+        """Let ``task`` run in this work until it ends (the opening thread waits for it)."""
+        self.task = task
+        task.add_done_callback(self.task_ended)
+        from ._work_end import lent_on_loop  # (that module imports this one)
+
+        lent_on_loop(task.get_loop(), self)
+
+    def task_ended(self, task: asyncio.Task[Any]) -> None:
+        if self.task is task:
+            self.task = None  # free for the next task the thread runs
+
     def unit_ended(self, *_: Any) -> None:
         """The end signal of the unit that opened an implicit work (a task, a gevent greenlet)."""
         run_outside_hub(self.end)
@@ -170,9 +205,17 @@ def current_work() -> WorkUnit | None:
     task = running_task()
     if task is not None and task is not work.task:
         # a task that did not open it: a child task (a unit of its own), or a task inside a
-        # thread's work (asyncio.run() inside a request thread)
+        # thread's work (asyncio.run() inside a request thread) ...
+        if work.lends and isinstance(task, asyncio.Task) and _is_free(work):
+            work.lend_to(task)  # ... unless the thread lends its work to the tasks it runs
+            return work
         return None
     return work
+
+
+def _is_free(work: WorkUnit) -> bool:
+    holder = work.task
+    return holder is None or (isinstance(holder, asyncio.Task) and holder.done())
 
 
 def current_or_new_work() -> WorkUnit:

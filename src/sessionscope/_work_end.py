@@ -9,6 +9,7 @@ connections are back in their pools when the block exits.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ._async_session_end import _closing, closers_on_its_loop
 from ._guard._lineage import cleanup
 from ._session_end import close_quietly_or_invalidate
-from ._work import WorkUnit
+from ._work import WorkUnit, _end_hooks
 
 
 def closers_for(session: Any) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -69,3 +70,35 @@ def _holds_sync_sessions(work: WorkUnit) -> bool:
 
 def _holds_async_sessions(work: WorkUnit) -> bool:
     return any(isinstance(s, AsyncSession) for s in _sessions_of(work))
+
+
+_LENT = "_sessionscope_lent_works"
+
+
+def lent_on_loop(loop: asyncio.AbstractEventLoop, work: WorkUnit) -> None:
+    """Remember that ``work`` was lent to a task of ``loop``: its AsyncSessions (connected on
+    that loop) are closed before the loop closes, since the work itself outlives the loop."""
+    if not hasattr(loop, "__dict__"):
+        return  # uvloop: they are closed when the work ends, if its loop still runs then
+    works = loop.__dict__.get(_LENT)
+    if works is None:
+        works = loop.__dict__[_LENT] = weakref.WeakSet()
+        from ._async_session_end import finish_closes_before_loop_close
+
+        finish_closes_before_loop_close(loop)
+    works.add(work)
+
+
+async def close_lent_async_sessions(loop: asyncio.AbstractEventLoop) -> None:
+    """On ``loop``, before it closes: close the AsyncSessions of works lent to its tasks."""
+    for work in list(loop.__dict__.get(_LENT, ())):
+        for key, value in list(work.values.items()):
+            if isinstance(value, AsyncSession):
+                del work.values[key]
+                hook = _end_hooks.get(key)
+                if hook is not None:
+                    hook.work_ended(work, value)
+        for ref in list(work.owned or ()):
+            guard = ref()
+            if guard is not None and isinstance(guard.session_ref(), AsyncSession):
+                guard.owner_ended(work)

@@ -215,9 +215,9 @@ class SessionGuard:
         owner = self.owner_ref()
         if self.generation != _fork.generation:
             self._refuse(unit, operation, of_class, forked=True)
-        elif owner is not None and owner is current_work():
-            # the owning work, off the fast path (trio; a thread's SQLAlchemy greenlet): take the
-            # slot as the fast path would, by the running task or greenlet
+        elif owner is not None and _in_work(owner):
+            # the owning work (or one running inside it), off the fast path: take the slot as the
+            # fast path would, by the running task or greenlet
             identity = running_task() or getcurrent()
         # a unit that inherited the owner's context while it held the session (a child task):
         # a legitimate borrower
@@ -347,3 +347,9 @@ def _as_unit(holder: Any) -> Any:
     if isinstance(holder, greenlet) and holder.parent is None:
         return holder.__dict__.get(THREAD_UNIT_ATTRIBUTE, holder)
     return holder
+
+
+def _in_work(owner: WorkUnit) -> bool:
+    """Whether the running code is in ``owner``'s work, or in a work nested inside it."""
+    work = current_work()
+    return work is not None and work.within(owner)
