@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -75,23 +75,7 @@ def test_a_failing_commit_propagates_and_leaks_nothing(Scoped: Any, engine: Engi
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-def test_a_nested_scope_joins_and_only_the_outer_block_commits(Scoped: Any, engine: Engine) -> None:
-    with Scoped.scope() as outer:
-        with Scoped.scope() as inner:
-            assert inner is outer
-            Scoped.add(Row(owner="nested", n=1))
-        assert count_rows(engine, "nested") == 0
-        assert Scoped() is outer
-    assert count_rows(engine, "nested") == 1
-
-
-def test_an_error_in_a_joined_scope_rolls_back_the_outer_one(Scoped: Any, engine: Engine) -> None:
-    with pytest.raises(ValueError):
-        with Scoped.scope():
-            Scoped.add(Row(owner="outer", n=1))
-            with Scoped.scope():
-                raise ValueError("inner failure")
-    assert count_rows(engine, "outer") == 0
+# Nested scopes (savepoints) are tested in test_nested_scopes.py, with SQLite's savepoint recipe.
 
 
 def test_new_true_is_independent_of_the_enclosing_scope(Scoped: Any, engine: Engine) -> None:
@@ -171,26 +155,58 @@ def test_a_thread_pool_running_copied_contexts_shares_the_scope(Scoped: Any) -> 
         assert pool.submit(Scoped).result() is not session  # no context copied: its own session
 
 
-def test_a_unit_that_outlives_the_scope_gets_a_clear_error(Scoped: Any) -> None:
+def outliving_worker(Scoped: Any) -> Callable[[], BaseException]:
+    """Start a thread in a copy of this context; the result lets it ask for its session later.
+
+    The thread is a unit that outlives a block it was handed off from; what it gets is the error
+    it raised.
+    """
     outcome: list[BaseException] = []
-    started, scope_ended = threading.Event(), threading.Event()
+    started, ask_now = threading.Event(), threading.Event()
 
     def late_worker() -> None:
         started.set()
-        scope_ended.wait()
+        ask_now.wait()
         try:
             Scoped()
         except BaseException as error:  # noqa: BLE001 - recorded for the assertion
             outcome.append(error)
 
+    context = contextvars.copy_context()
+    worker = threading.Thread(target=context.run, args=(late_worker,), name="late-worker")
+    worker.start()
+    started.wait()
+
+    def ask() -> BaseException:
+        ask_now.set()
+        worker.join()
+        (error,) = outcome
+        return error
+
+    return ask
+
+
+def exit_in_a_thread(scope: Any) -> BaseException:
+    """Exit ``scope`` from another thread (the misuse); what that raised."""
+    errors: list[BaseException] = []
+
+    def exit_elsewhere() -> None:
+        try:
+            scope.__exit__(None, None, None)
+        except BaseException as error:  # noqa: BLE001 - returned for the assertion
+            errors.append(error)
+
+    thread = threading.Thread(target=exit_elsewhere, name="other-thread")
+    thread.start()
+    thread.join()
+    (error,) = errors
+    return error
+
+
+def test_a_unit_that_outlives_the_scope_gets_a_clear_error(Scoped: Any) -> None:
     with Scoped.scope():
-        context = contextvars.copy_context()
-        worker = threading.Thread(target=context.run, args=(late_worker,), name="late-worker")
-        worker.start()
-        started.wait()
-    scope_ended.set()
-    worker.join()
-    (error,) = outcome
+        ask = outliving_worker(Scoped)
+    error = ask()
     assert isinstance(error, sessionscope.ScopeEndedError)
     assert isinstance(error, exc.InvalidRequestError)
     message = str(error)
@@ -204,29 +220,56 @@ def test_a_unit_that_outlives_the_scope_gets_a_clear_error(Scoped: Any) -> None:
 def test_exiting_a_scope_from_another_unit_rolls_back_closes_and_raises(
     Scoped: Any, engine: Engine
 ) -> None:
+    implicit = Scoped()
     scope = Scoped.scope()
     session = scope.__enter__()
     session.add(Row(owner="wrong-exit", n=1))
     session.flush()
-    errors: list[BaseException] = []
-
-    def exit_elsewhere() -> None:
-        try:
-            scope.__exit__(None, None, None)
-        except BaseException as error:  # noqa: BLE001 - recorded for the assertion
-            errors.append(error)
-
-    thread = threading.Thread(target=exit_elsewhere, name="other-thread")
-    thread.start()
-    thread.join()
-    (error,) = errors
+    error = exit_in_a_thread(scope)
     assert isinstance(error, sessionscope.CrossUnitError)
     assert "MainThread" in str(error) and "other-thread" in str(error)
     assert "rolled back" in str(error)
     assert count_rows(engine, "wrong-exit") == 0
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    with pytest.raises(sessionscope.ScopeEndedError):
-        Scoped()  # this context still points at the scope, which has ended
+    assert Scoped() is implicit  # the opener is not left pointing at the ended scope
+    assert Scoped.registry.has()
+    Scoped.remove()
+    assert Scoped() is not implicit
+    with Scoped.scope() as again:
+        assert again is not session
+        again.add(Row(owner="next-scope", n=1))
+    assert count_rows(engine, "next-scope") == 1
+
+
+def test_after_a_wrong_unit_exit_of_an_inner_scope_the_outer_one_is_current_again(
+    Scoped: Any, engine: Engine
+) -> None:
+    with Scoped.scope() as outer:
+        independent = Scoped.scope(new=True)
+        independent.__enter__().add(Row(owner="independent", n=1))
+        assert isinstance(exit_in_a_thread(independent), sessionscope.CrossUnitError)
+        assert Scoped() is outer
+        outer.add(Row(owner="outer", n=1))
+    assert count_rows(engine, "outer") == 1 and count_rows(engine, "independent") == 0
+
+
+def test_a_scope_exited_in_another_context_of_its_own_unit_recovers_too(
+    Scoped: Any, engine: Engine
+) -> None:
+    implicit = Scoped()
+    scope = Scoped.scope()
+    scope.__enter__().add(Row(owner="committed", n=1))
+    contextvars.copy_context().run(scope.__exit__, None, None, None)  # same unit: no misuse
+    assert Scoped() is implicit
+    assert count_rows(engine, "committed") == 1
+
+
+def test_a_unit_that_outlived_a_wrongly_exited_scope_still_gets_scope_ended(Scoped: Any) -> None:
+    scope = Scoped.scope()
+    scope.__enter__()
+    ask = outliving_worker(Scoped)
+    assert isinstance(exit_in_a_thread(scope), sessionscope.CrossUnitError)
+    assert isinstance(ask(), sessionscope.ScopeEndedError)
 
 
 def test_remove_inside_a_scope_leaves_the_scopes_session_alone(Scoped: Any) -> None:

@@ -7,8 +7,16 @@ copy of the caller's context. (``loop.run_in_executor`` does not copy the contex
 gets its own implicit session.) A unit that outlives the block and still asks for the scope's
 session gets :class:`~sessionscope.exc.ScopeEndedError` instead of a closed session.
 
-Nesting: a ``scope()`` inside an active one joins it (same session; the outer block alone commits
-or rolls back); ``scope(new=True)`` always starts an independent session.
+Nesting: a ``scope()`` inside an active one joins its session inside a SAVEPOINT
+(``begin_nested()``), as Django's ``atomic()`` does: a nested block that raises takes back only its
+own work, one that succeeds leaves its work to the outer block's commit or rollback.
+``scope(new=True)`` always starts an independent session. Scopes end in the reverse order they
+began; a scope that ends while scopes nested in it are still open rolls their work back with its
+own and raises.
+
+How a scope ends (commit or release, roll back, close) is written once, as a generator of steps
+that :func:`_run` calls and :func:`_run_async` awaits, so the sync and async scopes cannot drift
+apart.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -34,19 +42,43 @@ S = TypeVar("S")
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("sessionscope")
 
+Step = Callable[[], Any]
+"""One database operation of a scope's end: called by :func:`_run`, called and awaited by
+:func:`_run_async`."""
+Steps = Generator[Step, None, None]
+
+_IN_ORDER = (
+    "Scopes end in the reverse order they began: leave nested `with`/`async with` blocks first, "
+    "and close a generator that holds a scope (contextlib.closing, contextlib.aclosing) before "
+    "the block around it ends."
+)
+
 
 class ScopeState(Generic[S]):
-    """The session of one active (or ended) scope and who opened it."""
+    """The session of one active (or ended) scope, who opened it, and the scopes nested in it."""
 
-    __slots__ = ("session", "owner", "ended")
+    __slots__ = ("session", "owner", "ended", "nested", "recover")
 
     def __init__(self, session: S, owner: Unit) -> None:
         self.session = session
         self.owner = owner
         self.ended = False
+        self.nested: list[SessionScope[S]] = []
+        """The nested scopes still open on this session (each in a savepoint), innermost last."""
+        self.recover: Callable[[], S] | None = None
+        """Set when the scope ended in another context than its opener's (exited from another
+        unit): the opener, still pointing at it, then looks its session up without it."""
 
     def session_for_use(self) -> S:
+        """The scope's session: what the registries answer whenever a scope is set.
+
+        On the hot path only ``ended`` is read. An ended scope is an error for a unit that outlived
+        the block; the unit that opened a scope which another unit then exited gets the session it
+        would have had without the scope (that exit could not reset the opener's context).
+        """
         if self.ended:
+            if self.recover is not None and current_unit() is self.owner:
+                return self.recover()
             raise ScopeEndedError(
                 f"The session of a Session.scope() block opened in {describe_unit(self.owner)} "
                 f"was requested by {describe_unit(current_unit())} after the block had ended; the "
@@ -61,6 +93,11 @@ class SessionScope(Generic[S]):
 
     On a successful block the session commits (or rolls back with ``commit=False``); when the
     block raises it rolls back and the exception propagates unchanged; either way it is closed.
+
+    Inside another scope (without ``new=True``) it works in a savepoint of that scope's session
+    instead: released when the block succeeds, rolled back when it raises, and rolled back on
+    success too with ``commit=False`` (the nested block's work is discarded, as a top-level
+    ``commit=False`` block's is); the transaction itself is the enclosing block's to end.
     """
 
     def __init__(
@@ -72,19 +109,31 @@ class SessionScope(Generic[S]):
         commit: bool,
         session_kw: dict[str, Any],
         guard: Mode = "raise",
+        lookup: Callable[[], S] | None = None,
     ) -> None:
+        """``lookup`` is the registry's own (``registry()``), for the opener after a misuse."""
         self._var = scope_var
         self._factory = factory
         self._new = new
         self._commit = commit
         self._session_kw = session_kw
         self._guard = guard
+        self._lookup = lookup
         self._entered_by: Unit | None = None
+        self._exited = False
         self._state: ScopeState[S] | None = None
+        """The scope's own session: set for a scope that is not nested."""
         self._token: Token[ScopeState[S] | None] | None = None
+        self._joined: ScopeState[S] | None = None
+        """The scope a nested scope works in, in ``_savepoint``."""
+        self._savepoint: Any = None
 
     def enter(self) -> S:
-        """Open (or join) the scope; shared by the sync and async context-manager protocols."""
+        """Open the scope, or find the scope to join; shared by the sync and async protocols.
+
+        A nested scope's savepoint is begun by the caller (awaited for an AsyncSession), which
+        then calls :meth:`work_in`.
+        """
         if self._entered_by is not None:
             raise sa_exc.InvalidRequestError(
                 "This Session.scope() was already entered; call Session.scope() again for "
@@ -99,6 +148,7 @@ class SessionScope(Generic[S]):
                     f"session arguments ({', '.join(sorted(self._session_kw))}); use "
                     "Session.scope(new=True, ...) for an independent session."
                 )
+            self._joined = outer
             return outer.session
         session = install(
             self._factory(**self._session_kw), self._guard, on_hand_off=_stays_in_its_scope
@@ -107,33 +157,91 @@ class SessionScope(Generic[S]):
         self._token = self._var.set(self._state)
         return self._state.session
 
+    def work_in(self, savepoint: Any) -> None:
+        """A nested scope's savepoint has begun: it is now the innermost open scope."""
+        assert self._joined is not None
+        self._savepoint = savepoint
+        self._joined.nested.append(self)
+
     def __enter__(self) -> S:
-        return self.enter()
+        session = self.enter()
+        if self._joined is not None:
+            self.work_in(session.begin_nested())  # type: ignore[attr-defined]
+        return session
 
     def how_to_end(
         self, exc_type: type[BaseException] | None
-    ) -> tuple[bool, bool, CrossUnitError | None]:
-        """(commit, failing, misuse) for an exit: a misuse is raised after the session is closed.
+    ) -> tuple[bool, bool, sa_exc.InvalidRequestError | None]:
+        """(commit, failing, misuse) for an exit: a misuse is raised once the scope has ended.
 
-        Exiting from another unit than the one that entered is a misuse: the scope's work is then
-        rolled back, never committed from a unit that does not own the session.
+        Two exits are misuses, and their work is rolled back, never committed: from another unit
+        than the one that entered (that unit does not own the session), and while scopes nested
+        in this one are still open (their blocks have not decided). The nested scopes left open
+        are orphaned: their own exit raises and touches nothing.
         """
         if self._entered_by is None:
             raise sa_exc.InvalidRequestError("Session.scope() exited without being entered.")
+        if self._exited:
+            raise sa_exc.InvalidRequestError("This Session.scope() was already exited.")
+        self._exited = True
+        if self._joined is not None and self not in self._joined.nested:
+            raise sa_exc.InvalidRequestError(
+                "This nested Session.scope() was exited after a scope around it had ended, which "
+                "rolled back its savepoint with its own work; nothing was done now. " + _IN_ORDER
+            )
+        left_open = self._leave_stack()
         exiting = current_unit()
-        if exiting is self._entered_by:
-            return self._commit and exc_type is None, exc_type is not None, None
-        message = (
+        if exiting is not self._entered_by:
+            return False, True, self._cross_unit(exiting)
+        if left_open:
+            return False, True, self._ended_before_nested(left_open)
+        return self._commit and exc_type is None, exc_type is not None, None
+
+    def _leave_stack(self) -> int:
+        """Take this scope and those nested in it off the stack: how many of those were open."""
+        if self._joined is not None:
+            stack = self._joined.nested
+            position = stack.index(self)
+            left_open = len(stack) - position - 1
+            del stack[position:]
+            return left_open
+        assert self._state is not None
+        left_open = len(self._state.nested)
+        self._state.nested.clear()
+        return left_open
+
+    def _what_was_rolled_back(self) -> str:
+        if self._joined is not None:
+            return "its work was rolled back to its savepoint (not released)"
+        return "its work was rolled back (not committed) and its session closed"
+
+    def _cross_unit(self, exiting: Unit) -> CrossUnitError:
+        assert self._entered_by is not None
+        return CrossUnitError(
             f"Session.scope() was entered in {describe_unit(self._entered_by)} but exited in "
-            f"{describe_unit(exiting)}. A scope must end in the unit that began it"
+            f"{describe_unit(exiting)}. A scope must end in the unit that began it; "
+            f"{self._what_was_rolled_back()}. Use `with`/`async with` in one unit, and give other "
+            "units copies of objects (Session.merge()) or a scope of their own. "
+            + background("scope-cross-unit")
         )
-        if self._state is not None:
-            message += "; its work was rolled back (not committed) and its session closed"
-        misuse = CrossUnitError(
-            message + ". Use `with`/`async with` in one unit, and give other units copies of "
-            "objects (Session.merge()) or a scope of their own. " + background("scope-cross-unit")
+
+    def _ended_before_nested(self, left_open: int) -> sa_exc.InvalidRequestError:
+        return sa_exc.InvalidRequestError(
+            f"This Session.scope() was exited while {left_open} scope(s) nested in it were still "
+            f"open; {self._what_was_rolled_back()}, with theirs. " + _IN_ORDER
         )
-        return False, True, misuse
+
+    def _recover(self) -> S:
+        """The opener's session after this scope was exited in another context (another unit).
+
+        That exit could not reset the scope variable in the opener's context (a variable is reset
+        only in the context that set it), so the context still points at this ended scope. Point
+        it back at what it held before the scope began, and look again.
+        """
+        assert self._token is not None and self._lookup is not None
+        before = self._token.old_value
+        self._var.set(None if before is Token.MISSING else before)
+        return self._lookup()
 
     def __exit__(
         self,
@@ -143,54 +251,69 @@ class SessionScope(Generic[S]):
     ) -> None:
         commit, failing, misuse = self.how_to_end(exc_type)
         with _exempt_if(misuse):
-            self.finish(commit=commit, failing=failing)
+            _run(self.ending(commit=commit, failing=failing))
         if misuse is not None:
             raise misuse
 
-    def finish(self, *, commit: bool, failing: bool) -> None:
-        """Commit if asked, then always close; a joined scope leaves this to its outer block."""
-        state = self._state
-        if state is None:
-            return
+    def ending(self, *, commit: bool, failing: bool) -> Steps:
+        """The steps that end this scope, for :func:`_run` or :func:`_run_async`."""
+        if self._joined is not None:
+            return _savepoint_ending(self._savepoint, commit=commit, failing=failing)
+        assert self._state is not None
+        return self._session_ending(self._state, commit=commit, failing=failing)
+
+    def _session_ending(self, state: ScopeState[S], *, commit: bool, failing: bool) -> Steps:
+        """Commit if asked, then always close (and seal) the scope's own session."""
         try:
             if commit:
-                state.session.commit()  # type: ignore[attr-defined]
+                yield state.session.commit  # type: ignore[attr-defined]
         except BaseException:
             failing = True
             raise
         finally:
             state.ended = True
             try:
-                state.session.close()  # type: ignore[attr-defined]
+                yield self._closing(state.session)
             except Exception:
                 if not failing:
                     raise
                 log.exception("sessionscope: closing a scope's session failed")
             finally:
-                seal(state.session)
                 self._reset_var()
+
+    def _closing(self, session: S) -> Step:
+        """The step that closes this scope's session and seals it against reuse."""
+        return functools.partial(_close_and_seal, session)
 
     def _reset_var(self) -> None:
         if self._token is None:
             return
-        # exited in another context: ValueError, and that context's copy keeps the ended state
-        with contextlib.suppress(ValueError):
+        try:
             self._var.reset(self._token)
+        except ValueError:
+            # Exited in another context (another unit's, as a rule): the entering context still
+            # points at this ended scope. Its unit recovers on its next lookup.
+            if self._state is not None and self._lookup is not None:
+                self._state.recover = self._recover
 
 
 class AsyncSessionScope(SessionScope[S]):
     """What ``AsyncScoped.scope()`` returns: ``async with`` around one AsyncSession.
 
-    The same rules as :class:`SessionScope`; commit and close are awaited, and the close runs in
-    a task that cancellation cannot stop (as SQLAlchemy's own ``AsyncSession.__aexit__`` does), so a
-    block cancelled in the middle of a flush or commit still returns its connection.
+    The same rules as :class:`SessionScope`; the savepoint, commit and close are awaited, and the
+    close runs in a task that cancellation cannot stop (as SQLAlchemy's own
+    ``AsyncSession.__aexit__`` does), so a block cancelled in the middle of a flush or commit still
+    returns its connection.
     """
 
     def __enter__(self) -> S:
         raise TypeError("An AsyncSession scope is entered with `async with`, not `with`.")
 
     async def __aenter__(self) -> S:
-        return self.enter()
+        session = self.enter()
+        if self._joined is not None:
+            self.work_in(await session.begin_nested())  # type: ignore[attr-defined]
+        return session
 
     async def __aexit__(
         self,
@@ -200,36 +323,92 @@ class AsyncSessionScope(SessionScope[S]):
     ) -> None:
         commit, failing, misuse = self.how_to_end(exc_type)
         with _exempt_if(misuse):
-            await self.finish_async(commit=commit, failing=failing)
+            await _run_async(self.ending(commit=commit, failing=failing))
         if misuse is not None:
             raise misuse
 
-    async def finish_async(self, *, commit: bool, failing: bool) -> None:
-        """As :meth:`SessionScope.finish`, awaited; the close survives a cancelled waiter."""
-        state = self._state
-        if state is None:
-            return
+    def _closing(self, session: S) -> Step:
+        return functools.partial(close_shielded, session, then_seal=True)
+
+
+def _run(steps: Steps) -> None:
+    """End a scope synchronously: call each step; a step's failure is raised inside the steps."""
+    step = next(steps, None)
+    while step is not None:
         try:
-            if commit:
-                await state.session.commit()  # type: ignore[attr-defined]
+            step()
+        except BaseException as error:
+            step = _throw(steps, error)
+        else:
+            step = next(steps, None)
+
+
+async def _run_async(steps: Steps) -> None:
+    """End a scope asynchronously: :func:`_run`, awaiting each step."""
+    step = next(steps, None)
+    while step is not None:
+        try:
+            await step()
+        except BaseException as error:
+            step = _throw(steps, error)
+        else:
+            step = next(steps, None)
+
+
+def _throw(steps: Steps, error: BaseException) -> Step | None:
+    """Raise ``error`` where the failed step was yielded: the next step, or None once done."""
+    try:
+        return steps.throw(error)
+    except StopIteration:
+        return None
+
+
+def _savepoint_ending(savepoint: Any, *, commit: bool, failing: bool) -> Steps:
+    """Release a nested scope's savepoint, or roll it back; a failed release rolls it back too."""
+    if not _still_open(savepoint):
+        return  # the block ended it itself: session.commit(), rollback() and close() end them all
+    if commit:
+        try:
+            yield savepoint.commit
         except BaseException:
-            failing = True
+            if _still_open(savepoint):  # a failed flush deactivates it; a failed RELEASE keeps it
+                try:
+                    yield savepoint.rollback
+                except Exception:
+                    log.exception("sessionscope: rolling back a savepoint whose release failed")
             raise
-        finally:
-            state.ended = True
-            try:
-                await close_shielded(state.session, then_seal=True)
-            except Exception:
-                if not failing:
-                    raise
-                log.exception("sessionscope: closing a scope's AsyncSession failed")
-            finally:
-                self._reset_var()
+        return
+    try:
+        yield savepoint.rollback
+    except Exception:
+        if not failing:
+            raise
+        log.exception("sessionscope: rolling back a nested scope's savepoint failed")
 
 
-def _exempt_if(misuse: CrossUnitError | None) -> contextlib.AbstractContextManager[None]:
+def _still_open(savepoint: Any) -> bool:
+    """Whether a savepoint is still one of its session's open transactions (it may have ended)."""
+    sync = getattr(savepoint, "sync_transaction", savepoint)  # an AsyncSessionTransaction's
+    transaction = sync.session.get_nested_transaction()
+    while transaction is not None:
+        if transaction is sync:
+            return True
+        transaction = transaction.parent
+    return False
+
+
+def _close_and_seal(session: Any) -> None:
+    try:
+        session.close()
+    finally:
+        seal(session)
+
+
+def _exempt_if(
+    misuse: sa_exc.InvalidRequestError | None,
+) -> contextlib.AbstractContextManager[None]:
     """Exited from the wrong unit: the scope's own rollback and close pass the guard."""
-    return cleanup() if misuse is not None else contextlib.nullcontext()
+    return cleanup() if isinstance(misuse, CrossUnitError) else contextlib.nullcontext()
 
 
 def _stays_in_its_scope(session: Any) -> None:

@@ -93,7 +93,11 @@ class UnitScoping(Generic[S]):
     def _open_scope(
         self, kind: type[SC], *, new: bool, commit: bool, session_kw: dict[str, Any]
     ) -> SC:
-        """A scope of ``kind`` over this registry's scope variable, factory and guard mode."""
+        """A scope of ``kind`` over this registry's scope variable, factory and guard mode.
+
+        The registry's lookup goes with it: after the misuse of exiting a scope from another unit,
+        the unit that opened it looks its session up again without the scope.
+        """
         return kind(
             self._scope_var,
             self.session_factory,
@@ -101,6 +105,7 @@ class UnitScoping(Generic[S]):
             commit=commit,
             session_kw=session_kw,
             guard=self.guard_mode,
+            lookup=self.registry,
         )
 
     @overload
