@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar, overload
 
+from . import _fork_pools
 from ._guard import Mode, check_mode, install
 from ._registry import ScopefuncRegistry, UnitRegistry, unit_session
 from ._scope import ScopeState, SessionScope, scoped_decorator
@@ -47,6 +48,7 @@ class UnitScoping(Generic[S]):
     ) -> None:
         self.session_factory = session_factory
         self.guard_mode = check_mode(guard)
+        _fork_pools.remember_factory(session_factory)  # even for guard="off"
         self._scope_var = ContextVar("sessionscope.scope", default=None)
 
         def adopt_set(session: S) -> None:

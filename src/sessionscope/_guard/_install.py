@@ -15,6 +15,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from .. import _fork_pools
 from . import _writes
 from ._guarded_class import GUARD_ATTRIBUTE, guarded_class, unguarded_class
 from ._ownership import MODES, Mode, SessionGuard
@@ -68,10 +69,11 @@ def install(
     What a registry's factory makes that is not a Session or AsyncSession is left alone, as
     SQLAlchemy's registries accept any factory.
     """
-    if mode == "off":
-        return session
     sync = _sync_session_or_none(session)
     if sync is None:
+        return session
+    _fork_pools.remember_session(sync)  # whatever the mode: a forked child drops their pools
+    if mode == "off":
         return session
     existing: SessionGuard | None = sync.__dict__.get(GUARD_ATTRIBUTE)
     if existing is not None:  # made by a guarded sessionmaker: keep its mode, learn the registry
@@ -141,6 +143,7 @@ def guard(target: T, mode: Mode = "raise") -> T:
     """
     mode = check_mode(mode)
     if isinstance(target, (sessionmaker, async_sessionmaker)):
+        _fork_pools.remember_factory(target)
         base = target.class_.__dict__.get(_MAKER_BASE, target.class_)
         target.class_ = base if mode == "off" else _guarding_class(base, mode)
         return target
