@@ -33,7 +33,6 @@ class UnitScoping(Generic[S]):
     session_factory: Callable[..., S]
     _scope_var: ContextVar[ScopeState[S] | None]
     _key: str
-    _task_values: dict[Any, S]
     guard_mode: Mode
     """How this registry's sessions (implicit and scopes') are guarded: raise, warn or off."""
 
@@ -64,12 +63,12 @@ class UnitScoping(Generic[S]):
                 self._created_by(session_factory, adopt_set), scopefunc, self._scope_var, adopt_set
             )
             # Keys that never match: a subclass that kept the fast _proxied still answers right.
-            self._key, self._task_values = "", {}
+            self._key = ""
         else:
             self.registry = UnitRegistry(
                 session_factory, self._scope_var, on_unit_end, create, adopt_set
             )
-            self._key, self._task_values = self.registry._key, self.registry._task_values
+            self._key = self.registry._key
         forget = self.registry.forget  # one bound method for all the registry's sessions
 
     @staticmethod

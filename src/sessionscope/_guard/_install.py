@@ -8,6 +8,7 @@ sessionmaker makes sessions that are guarded from birth, owned by the unit that 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -82,6 +83,7 @@ def install(
         return session
     guard = SessionGuard(mode, type(session).__name__, site or application_site())
     guard.on_hand_off = on_hand_off
+    guard.session_ref = weakref.ref(session)
     sync.__dict__[GUARD_ATTRIBUTE] = guard
     sync.__class__ = guarded_class(type(sync))
     _writes.register(sync.hash_key, guard)
