@@ -36,6 +36,7 @@ from ._async_session_end import close_shielded
 from ._guard import Mode, cleanup, install
 from ._session_end import seal
 from ._units import Unit, current_unit, describe_unit
+from ._work import WorkUnit, current_or_new_work, current_work
 from .exc import CrossUnitError, ScopeEndedError, background
 
 S = TypeVar("S")
@@ -120,6 +121,7 @@ class SessionScope(Generic[S]):
         self._guard = guard
         self._lookup = lookup
         self._entered_by: Unit | None = None
+        self._entered_in: WorkUnit | None = None
         self._exited = False
         self._state: ScopeState[S] | None = None
         """The scope's own session: set for a scope that is not nested."""
@@ -140,6 +142,7 @@ class SessionScope(Generic[S]):
                 "another block."
             )
         self._entered_by = current_unit()
+        self._entered_in = current_or_new_work()
         outer = self._var.get()
         if outer is not None and not outer.ended and not self._new:
             if self._session_kw:
@@ -190,9 +193,12 @@ class SessionScope(Generic[S]):
                 "rolled back its savepoint with its own work; nothing was done now. " + _IN_ORDER
             )
         left_open = self._leave_stack()
-        exiting = current_unit()
-        if exiting is not self._entered_by:
-            return False, True, self._cross_unit(exiting)
+        # the unit of work that entered it (its jobs included: FastAPI enters a sync dependency's
+        # scope in one pool job and exits it in another), or one nested in it
+        exiting_work = current_work()
+        assert self._entered_in is not None
+        if exiting_work is None or not exiting_work.within(self._entered_in):
+            return False, True, self._cross_unit(current_unit())
         if left_open:
             return False, True, self._ended_before_nested(left_open)
         return self._commit and exc_type is None, exc_type is not None, None
