@@ -300,6 +300,7 @@ def test_a_job_of_a_thread_without_boundary_ends_with_its_context(engine: Engine
     """Unmarked pool jobs: each is a unit of work of its own, closed when the job is dropped."""
     Scoped = sessionscope.scoped_session(sessionmaker(create_engine(engine.url)))
     pool = concurrent.futures.ThreadPoolExecutor(1)
+
     # each job runs in a context of its own holding no unit of work (a copy of an unmarked task's)
     def job() -> Session:
         session = Scoped()

@@ -47,6 +47,13 @@ OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
 
 
 _modules = sys.modules
+_MARK_THE_REQUEST = (
+    " If the session was made in a thread-pool job of a request (a FastAPI/Starlette sync "
+    "dependency or endpoint, asyncio.to_thread), the request must open "
+    "`async with sessionscope.unit_of_work():` (a pure ASGI wrapper, or the framework's "
+    "integration) before its first job: then all its jobs are one unit of work and may pass "
+    "the session on, one after another."
+)
 _CLOSING = frozenset({"close", "invalidate", "reset"})
 """What any unit may do to a session whose owner is gone: closing is how users recover."""
 
@@ -73,6 +80,7 @@ class SessionGuard:
         "entered",
         "on_hand_off",
         "after_leave",
+        "owned_by_job",
         "__weakref__",
     )
 
@@ -87,6 +95,8 @@ class SessionGuard:
         """Called with the session when it is handed off or shared: its registry forgets it."""
         self.after_leave: list[Callable[[], object]] | None = None
         """A close deferred until the unit inside leaves; popped (atomically) by one side only."""
+        self.owned_by_job = False
+        """Whether the (last) owner was a thread's or pool job's own work, for the refusal's fix."""
         self.session_ref: Callable[[], Any] = _nobody
         """The guarded Session or AsyncSession (weakly), for closing it when its owner ends."""
         self.own()
@@ -102,6 +112,7 @@ class SessionGuard:
         """
         work = current_or_new_work()
         self.owner_ref: Callable[[], WorkUnit | None] = weakref.ref(work)
+        self.owned_by_job = not work.explicit and work.task is None
         work.owns(self)
         self.generation = _fork.generation
         self.token: BorrowToken | None
@@ -277,9 +288,10 @@ class SessionGuard:
             )
         if self.state == ENDED:
             return (
-                "belonged to a unit that has ended; sessionscope closed it then",
+                "belonged to a unit of work that has ended; sessionscope closed it then",
                 f"Give {who} its own session (the registry's Session() or Session.scope()); wait "
-                "for work you hand off before the unit that owns the session ends.",
+                "for work you hand off before the unit that owns the session ends."
+                + (_MARK_THE_REQUEST if self.owned_by_job else ""),
             )
         if self.state == SHARED:
             return (
@@ -305,12 +317,8 @@ class SessionGuard:
                 "sessionscope.unit_of_work() (or the framework's integration) in the unit that "
                 "waits for the jobs; or move it with sessionscope.hand_off()/adopt().",
             )
-        if running_task() is None:
-            fix += (
-                f" If {who} runs a job for the owner (a thread-pool job of a request), the owner "
-                "must open sessionscope.unit_of_work() before handing the job out, so that its "
-                "jobs are part of its unit of work."
-            )
+        if self.owned_by_job or running_task() is None:
+            fix += _MARK_THE_REQUEST
         return f"belongs to {owner.describe()}", fix
 
     def unit_inside(self) -> Unit | None:

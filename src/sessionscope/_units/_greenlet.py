@@ -87,5 +87,7 @@ def unwatch_end(unit: greenlet, listener: Any) -> None:
 
 
 def describe(unit: greenlet) -> str:
+    if unit.parent is None:  # a thread's main greenlet stands for a thread sessionscope never named
+        return f"an OS thread (its main greenlet at {id(unit):#x})"
     name = getattr(unit, "name", None) or type(unit).__name__
     return f"greenlet {name!r} at {id(unit):#x}"
