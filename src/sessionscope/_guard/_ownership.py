@@ -353,7 +353,9 @@ class SessionGuard:
 def _as_unit(holder: Any) -> Any:
     """The unit a slot holder stands for: a thread enters by its main greenlet (fast path)."""
     if isinstance(holder, greenlet) and holder.parent is None:
-        return holder.__dict__.get(THREAD_UNIT_ATTRIBUTE, holder)
+        thread_ref = holder.__dict__.get(THREAD_UNIT_ATTRIBUTE)
+        thread = thread_ref() if thread_ref is not None else None
+        return thread if thread is not None else holder
     return holder
 
 

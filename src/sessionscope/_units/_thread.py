@@ -100,7 +100,8 @@ def current_thread_unit() -> ThreadUnit:
         unit: ThreadUnit = _per_thread.unit
     except AttributeError:
         unit = _per_thread.unit = ThreadUnit()
-        _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = unit
+        # weakly: a thread's main greenlet is freed late (by the main thread), its unit must not be
+        _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = weakref.ref(unit)
     return unit
 
 
@@ -121,7 +122,7 @@ def renew_after_fork() -> list[Any]:
     """In a forked child the surviving thread gets a new identity; the old one is abandoned."""
     old = getattr(_per_thread, "unit", None)
     _per_thread.unit = ThreadUnit()
-    _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = _per_thread.unit
+    _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = weakref.ref(_per_thread.unit)
     return [old] if old is not None else []
 
 
