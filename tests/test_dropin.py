@@ -153,3 +153,63 @@ def test_using_an_async_session_class_warns_as_sqlalchemy_does(registry_class: A
         Session()
     assert any("async_scoped_session" in str(w.message) for w in caught)
     Session.registry.clear()
+
+
+def _asyncio_warnings(registry_class: Any, factory: Any, scopefunc: Any) -> list[int]:
+    """How many asyncio deprecation warnings each step of one sequence of calls gives."""
+    Session = registry_class(factory, scopefunc)
+    steps = [
+        lambda: Session(),  # makes the session
+        lambda: Session(),  # returns it again
+        lambda: Session.info,  # a proxy: SQLAlchemy does not check here
+        lambda: Session.registry.clear(),
+        lambda: Session(info={"k": 1}),  # made with arguments
+        lambda: Session(),
+        lambda: Session.registry.clear(),
+        lambda: Session.info,  # a proxy making the session
+        lambda: Session(),
+    ]
+    counts = []
+    for step in steps:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+        counts.append(sum("async_scoped_session" in str(w.message) for w in caught))
+    Session.registry.clear()
+    return counts
+
+
+def _mock_async_factory(**kw: Any) -> Any:
+    from unittest import mock
+
+    session = mock.Mock(name="session")
+    session._is_asyncio = True
+    return session
+
+
+@pytest.mark.parametrize("scopefunc", [None, lambda: "key"], ids=["unit", "scopefunc"])
+@pytest.mark.parametrize("factory_kind", ["AsyncSession", "mock"])
+def test_the_asyncio_deprecation_warns_exactly_when_sqlalchemys_does(
+    factory_kind: str, scopefunc: Any
+) -> None:
+    """On every Session() call returning an async session, never through proxies or at creation."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    if factory_kind == "mock":
+        factory: Any = _mock_async_factory
+    else:
+        factory = sessionmaker(class_=AsyncSession)
+    theirs = _asyncio_warnings(sa_scoped_session, factory, scopefunc)
+    ours = _asyncio_warnings(sessionscope.scoped_session, factory, scopefunc)
+    assert theirs == [1, 1, 0, 0, 1, 1, 0, 0, 1]
+    assert ours == theirs
+
+
+@BOTH
+def test_a_sync_session_gets_no_asyncio_warning(registry_class: Any, sqlite_engine: Any) -> None:
+    Session = registry_class(sessionmaker(sqlite_engine))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Session()
+        Session(), Session.info
+    Session.remove()

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.asyncio import async_scoped_session as _sa_async_scoped_session
 
+from ._arguments import async_session_factory, expect_flags, expect_scopefunc
 from ._async_session_end import close_on_its_loop
 from ._guard import Mode
 from ._scope import AsyncSessionScope
@@ -27,7 +28,9 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
     """A drop-in ``async_scoped_session`` whose default scope is the current task.
 
     :param session_factory: an ``async_sessionmaker``, a ``sessionmaker(class_=AsyncSession)``,
-     or any callable making an AsyncSession.
+     or any callable making an AsyncSession. A sync maker is refused here; another callable is
+     checked on the first session it makes (and ``session_factory`` is then a thin wrapper,
+     ``__wrapped__`` being the callable given), so a sync one fails at that call, not at task end.
     :param scopefunc: optional; with one, sessions are keyed by it exactly as in SQLAlchemy (and
      must be removed with ``await remove()`` as there).
     :param guard: ``"raise"`` (default), ``"warn"`` or ``"off"``, as for
@@ -48,9 +51,10 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
         *,
         guard: Mode = "raise",
     ) -> None:
-        self._set_up_registry(
-            session_factory, scopefunc, guard=guard, on_unit_end=close_on_its_loop
-        )
+        call = "async_scoped_session()"
+        checked = async_session_factory(call, session_factory)
+        expect_scopefunc(call, scopefunc)
+        self._set_up_registry(checked, scopefunc, guard=guard, on_unit_end=close_on_its_loop)
 
     async def remove(self) -> None:
         """Close and discard the current unit's implicit AsyncSession, if any.
@@ -68,6 +72,8 @@ class async_scoped_session(UnitScoping[_AS], _sa_async_scoped_session[_AS]):  # 
         The same semantics as ``scoped_session.scope()``: nested scopes join, ``new=True`` is
         independent, ``commit=False`` rolls back; work the block awaits in ``to_thread`` shares it.
         """
+        if new.__class__ is not bool or commit.__class__ is not bool:
+            expect_flags("async_scoped_session.scope()", new=new, commit=commit)
         return self._open_scope(AsyncSessionScope, new=new, commit=commit, session_kw=kw)
 
 

@@ -17,15 +17,19 @@ documentation describes; ``copy_to`` is that, spelled once:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable
-from typing import Any, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, overload
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.orm.exc import UnmappedInstanceError
 from sqlalchemy.orm.state import InstanceState
 
+from ._arguments import expect_flags, message, refuse, what_it_is
+
 _O = TypeVar("_O")
+_TARGETS = (Session, AsyncSession, scoped_session, async_scoped_session)
 
 
 def _is_mapped_instance(obj: Any) -> bool:
@@ -64,21 +68,45 @@ def copy_to(session: Any, objects: Any, load: bool = True) -> Any:
     :param load: ``False`` copies trusted clean state without querying the database.
     :return: the copy of one object, or a list of copies in the order given.
     """
+    if not isinstance(session, _TARGETS):
+        refuse(
+            sa_exc.ArgumentError,
+            "copy_to()",
+            "session",
+            session,
+            "a Session, an AsyncSession or a scoped session (the target)",
+            what_it_is(session),
+        )
+    expect_flags("copy_to()", load=load)
     single = _is_mapped_instance(objects)
     if single:
         sources = [objects]
     elif isinstance(objects, Iterable) and not isinstance(objects, str | bytes):
         sources = list(objects)
-        for source in sources:
+        for position, source in enumerate(sources):
             if not _is_mapped_instance(source):
-                raise UnmappedInstanceError(source)
+                _refuse_unmapped(f"objects[{position}]", source)
     else:
-        raise UnmappedInstanceError(objects)
+        _refuse_unmapped("objects", objects)
 
     if isinstance(session, AsyncSession | async_scoped_session):
         return _copy_async(session, sources, load, single)
     copies = [session.merge(source, load=load) for source in sources]
     return copies[0] if single else copies
+
+
+def _refuse_unmapped(name: str, value: Any) -> NoReturn:
+    """SQLAlchemy's own error for what ``merge`` cannot take, naming the argument."""
+    raise UnmappedInstanceError(
+        value,
+        message(
+            "copy_to()",
+            name,
+            value,
+            "a mapped instance, or an iterable of them",
+            f"{UnmappedInstanceError(value)}.",
+        ),
+    )
 
 
 async def _copy_async(session: Any, sources: list[Any], load: bool, single: bool) -> Any:

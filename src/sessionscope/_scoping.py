@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _sa_scoped_session
 from sqlalchemy.util import warn_deprecated
 
+from ._arguments import expect_factory, expect_flags, expect_scopefunc
 from ._guard import Mode
+from ._registry import unit_session
 from ._scope import SessionScope
 from ._session_end import close_at_unit_end
 from ._unit_scoping import UnitScoping
@@ -24,18 +26,14 @@ from ._unit_scoping import UnitScoping
 _S = TypeVar("_S", bound=Session)
 
 
-def _warn_if_asyncio(session: Any) -> None:
-    """SQLAlchemy's deprecation warning for an AsyncSession in a sync scoped_session.
-
-    SQLAlchemy checks on every call; here it is checked once, when the session is made.
-    """
-    if getattr(session, "_is_asyncio", False):
-        warn_deprecated(
-            "Using `scoped_session` with asyncio is deprecated and "
-            "will raise an error in a future version. "
-            "Please use `async_scoped_session` instead.",
-            "1.4.23",
-        )
+def _warn_asyncio() -> None:
+    """SQLAlchemy's deprecation warning for an AsyncSession returned by a sync scoped_session."""
+    warn_deprecated(
+        "Using `scoped_session` with asyncio is deprecated and "
+        "will raise an error in a future version. "
+        "Please use `async_scoped_session` instead.",
+        "1.4.23",
+    )
 
 
 class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[misc]
@@ -63,13 +61,31 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         *,
         guard: Mode = "raise",
     ) -> None:
+        expect_factory("scoped_session()", session_factory)
+        expect_scopefunc("scoped_session()", scopefunc)
         self._set_up_registry(
-            session_factory,
-            scopefunc,
-            guard=guard,
-            on_unit_end=close_at_unit_end,
-            warn_on_create=_warn_if_asyncio,
+            session_factory, scopefunc, guard=guard, on_unit_end=close_at_unit_end
         )
+
+    def __call__(self, **kw: Any) -> _S:
+        """Return the current unit's session, creating it if needed (as SQLAlchemy's).
+
+        With keyword arguments and no session yet, a session is made with them; if one exists,
+        SQLAlchemy's "Scoped session is already present" error is raised. A session that is an
+        AsyncSession gets SQLAlchemy's deprecation warning here, on every call, as SQLAlchemy's
+        ``__call__`` gives it (and its proxies do not). ``UnitScoping.__call__`` inlined, so a
+        sync session costs one attribute read more, not a frame.
+        """
+        if kw:
+            return _sa_scoped_session.__call__(self, **kw)  # makes, sets and warns as SQLAlchemy
+        session = unit_session(self)
+        try:
+            is_asyncio = session._is_asyncio
+        except AttributeError:  # not a session: left alone (SQLAlchemy's __call__ would fail)
+            return session
+        if is_asyncio and not self._support_async:
+            _warn_asyncio()
+        return session
 
     def remove(self) -> None:
         """Close and discard the current unit's implicit session, if any.
@@ -90,6 +106,8 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         :param commit: ``False`` ends the block with a rollback instead (tests, read-only work).
         :param kw: passed to ``session_factory`` for this scope's session.
         """
+        if new.__class__ is not bool or commit.__class__ is not bool:
+            expect_flags("Session.scope()", new=new, commit=commit)
         return self._open_scope(SessionScope, new=new, commit=commit, session_kw=kw)
 
 

@@ -25,6 +25,7 @@ from typing import TypeVar
 from sqlalchemy import exc as sa_exc
 
 from .. import _fork
+from .._arguments import expect_session
 from .._units import current_unit, describe_unit
 from ..exc import ConcurrentUseError, CrossUnitError, background
 from ._install import guard_of
@@ -37,8 +38,10 @@ def hand_off(session: S) -> S:
     """Give up ownership of a guarded ``session`` so that another unit can :func:`adopt` it.
 
     Called in the owning unit, outside any call into the session. Until it is adopted, nobody may
-    use the session or its objects. An unguarded session is returned unchanged.
+    use the session or its objects. An unguarded session (a ``guard="off"`` registry's) is returned
+    unchanged; anything that is not a session is refused with ``ArgumentError``.
     """
+    expect_session("hand_off()", "session", session)
     guard = guard_of(session)
     if guard is None:
         return session
@@ -65,8 +68,9 @@ def adopt(session: S) -> S:
 
     A session whose owner has ended may be adopted too; one still owned by a live unit must be
     handed off by it first. The adopter is responsible for closing it. An unguarded session is
-    returned unchanged.
+    returned unchanged; anything that is not a session is refused with ``ArgumentError``.
     """
+    expect_session("adopt()", "session", session)
     guard = guard_of(session)
     if guard is None:
         return session

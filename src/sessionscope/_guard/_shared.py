@@ -14,6 +14,7 @@ not commit; the unit that finishes the task commits (in its block).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 import threading
 from types import TracebackType
@@ -22,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from sqlalchemy import exc as sa_exc
 
 from .. import _fork
+from .._arguments import expect_session, refuse
 from .._units import Unit, current_unit, describe_unit
 from .._units._thread import ThreadUnit, current_thread_unit
 from ..exc import ConcurrentUseError, CrossUnitError, background
@@ -51,11 +53,14 @@ class SharedSession(Generic[S]):
     """
 
     def __init__(self, session: S, *, lock: Lock | None = None) -> None:
+        expect_session("SharedSession()", "session", session)
+        if lock is not None:
+            _expect_lock(lock)
         guard = guard_of(session)
         if guard is None:
             install(session, "raise")
             guard = guard_of(session)
-            assert guard is not None
+            assert guard is not None  # a Session or AsyncSession, just guarded
         if guard.state == SHARED:
             raise sa_exc.InvalidRequestError("This session is already a SharedSession's.")
         _check_owner_is_current(guard, "share it")
@@ -91,7 +96,7 @@ class SharedSession(Generic[S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._give_back():
+        if self._give_back("with"):
             self._lock.release()
 
     # -- async with (asyncio or trio tasks) ----------------------------------------------------
@@ -112,7 +117,7 @@ class SharedSession(Generic[S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._give_back():
+        if self._give_back("async with"):
             self._async_lock.release()
 
     # -- turns -----------------------------------------------------------------------------------
@@ -144,8 +149,15 @@ class SharedSession(Generic[S]):
             raise
         self._holder, self._holder_thread, self._depth = unit, current_thread_unit(), 1
 
-    def _give_back(self) -> bool:
+    def _give_back(self, blocks: str) -> bool:
         """End one block of the holder; True when the lock is to be released."""
+        if self._holder is None or blocks != self._blocks:
+            raise sa_exc.InvalidRequestError(
+                f"A SharedSession was exited (`{blocks}`) without being entered that way (or "
+                "exited once more than entered); nothing was released. Use "
+                "`with shared as session:` (`async with` in tasks) instead of calling "
+                "__enter__/__exit__ by hand. " + background("guard-shared-blocks")
+            )
         unit = current_unit()
         if unit is not self._holder:
             raise sa_exc.InvalidRequestError(
@@ -175,6 +187,29 @@ class SharedSession(Generic[S]):
                 "eventlet.semaphore.Semaphore()), and use `async with` in tasks. "
                 + background("guard-shared")
             )
+
+
+def _expect_lock(lock: object) -> None:
+    """A ``with``-block lock: ``acquire()``/``release()`` that block, not coroutines."""
+    acquire = getattr(lock, "acquire", None)
+    if not callable(acquire) or not callable(getattr(lock, "release", None)):
+        refuse(
+            TypeError,
+            "SharedSession()",
+            "lock",
+            lock,
+            "a lock with acquire() and release() (threading.Lock(), gevent.lock.Semaphore())",
+        )
+    if inspect.iscoroutinefunction(acquire):
+        refuse(
+            TypeError,
+            "SharedSession()",
+            "lock",
+            lock,
+            "a lock for `with` blocks (threading.Lock(), gevent.lock.Semaphore())",
+            "An asyncio lock cannot serve `with` blocks; `async with shared as session:` brings "
+            "its own asyncio.Lock (or trio.Lock), so leave `lock` out.",
+        )
 
 
 def _new_async_lock() -> Any:

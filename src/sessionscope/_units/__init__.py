@@ -9,6 +9,7 @@ before threads.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Hashable
 from types import ModuleType
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from greenlet import greenlet
 
 from .. import _fork
+from .._arguments import refuse
 from . import _asyncio, _greenlet, _thread, _trio
 from ._thread import ThreadUnit
 
@@ -68,9 +70,28 @@ def _model_of(unit: Unit) -> ModuleType:
     return _trio
 
 
+def _is_trio_task(unit: Unit) -> bool:
+    trio = sys.modules.get("trio")  # a trio task exists only once trio has been imported
+    return trio is not None and isinstance(unit, trio.lowlevel.Task)
+
+
 def describe_unit(unit: Unit) -> str:
-    """A human description of ``unit`` for error messages: kind and name."""
-    description: str = _model_of(unit).describe(unit)
+    """A human description of ``unit`` for error messages: kind and name.
+
+    :param unit: what :func:`current_unit` returns; anything else is refused with ``TypeError``
+     (it has no kind and name to describe).
+    """
+    model = _model_of(unit)
+    if model is _trio and not _is_trio_task(unit):
+        refuse(
+            TypeError,
+            "describe_unit()",
+            "unit",
+            unit,
+            "a unit from sessionscope.current_unit() (an asyncio or trio task, a greenlet, a "
+            "ThreadUnit)",
+        )
+    description: str = model.describe(unit)
     return description
 
 
