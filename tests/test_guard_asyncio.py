@@ -540,7 +540,7 @@ def test_an_owner_ending_while_a_borrower_is_inside_still_gets_its_session_close
             rows = list((await session.execute(long)).all())
             with pytest.raises(CrossUnitError) as refused:
                 session.add(Row(owner="late", n=1))
-            assert "a unit that has ended" in str(refused.value)
+            assert "a unit of work that has ended" in str(refused.value)
             assert "asyncio task 'borrower' called AsyncSession.add()" in str(refused.value)
             return rows
 

@@ -38,7 +38,7 @@ def test_closing_an_ended_units_session_again_is_quiet(engine: Engine) -> None:
     # what close_all_sessions() does to it, from the main thread (not called here: it would reach
     # the sessions of every other test's units too): the ended thread's session closes again
     ended.close()
-    with pytest.raises(sessionscope.CrossUnitError, match="belonged to a unit that has ended"):
+    with pytest.raises(sessionscope.CrossUnitError, match="unit of work that has ended"):
         ended.execute(text("select 1"))  # but it cannot be used again
 
 

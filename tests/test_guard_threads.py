@@ -760,7 +760,7 @@ def test_guard_off_on_a_guarded_session_turns_it_off_and_raise_turns_it_back_on(
 def test_an_invalid_mode_is_an_argument_error(
     call: Callable[[Engine], Any], engine: Engine
 ) -> None:
-    with pytest.raises(exc.ArgumentError, match="guard must be one of 'raise', 'warn' or 'off'"):
+    with pytest.raises(exc.ArgumentError, match="expects one of 'raise', 'warn' or 'off'"):
         call(engine)
 
 

@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from typing import Any, Generic, TypeVar, overload
 
 from . import _fork_pools
+from ._arguments import expect_flags, refuse
 from ._guard import Mode, check_mode, install
 from ._registry import ScopefuncRegistry, UnitRegistry, unit_session
 from ._scope import ScopeState, SessionScope, scoped_decorator
@@ -43,20 +44,14 @@ class UnitScoping(Generic[S]):
         *,
         guard: Mode,
         on_unit_end: Callable[[S], None],
-        warn_on_create: Callable[[S], None] | None = None,
     ) -> None:
         self.session_factory = session_factory
-        self.guard_mode = check_mode(guard)
+        self.guard_mode = check_mode(guard, f"{type(self).__name__}()", "guard")
         _fork_pools.remember_factory(session_factory)  # even for guard="off"
         self._scope_var = ContextVar("sessionscope.scope", default=None)
 
         def adopt_set(session: S) -> None:
             install(session, self.guard_mode, on_hand_off=forget)
-
-        def create(session: S) -> None:
-            if warn_on_create is not None:
-                warn_on_create(session)
-            adopt_set(session)
 
         if scopefunc:
             self.registry = ScopefuncRegistry(
@@ -66,7 +61,7 @@ class UnitScoping(Generic[S]):
             self._key = ""
         else:
             self.registry = UnitRegistry(
-                session_factory, self._scope_var, on_unit_end, create, adopt_set
+                session_factory, self._scope_var, on_unit_end, adopt_set, adopt_set
             )
             self._key = self.registry._key
         forget = self.registry.forget  # one bound method for all the registry's sessions
@@ -125,6 +120,11 @@ class UnitScoping(Generic[S]):
         Each call of the decorated function runs in a scope of its own; for the async registry
         the function must be a coroutine function.
         """
+        if fn is not None and not callable(fn):
+            refuse(
+                TypeError, f"{type(self).__name__}.scoped", "fn", fn, "a function to run in a scope"
+            )
+        expect_flags(f"{type(self).__name__}.scoped", new=new, commit=commit)
         return scoped_decorator(
             self.scope,
             fn,

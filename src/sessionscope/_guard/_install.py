@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import _fork_pools
+from .._arguments import refuse, what_it_is
 from . import _writes
 from ._guarded_class import GUARD_ATTRIBUTE, guarded_class, unguarded_class
 from ._ownership import MODES, Mode, SessionGuard
@@ -26,9 +27,9 @@ T = TypeVar("T")
 HandOffHook = Callable[[Any], None]
 
 
-def check_mode(mode: object) -> Mode:
-    if mode not in MODES:
-        raise sa_exc.ArgumentError(f"guard must be one of 'raise', 'warn' or 'off', not {mode!r}.")
+def check_mode(mode: object, call: str = "sessionscope.guard()", name: str = "mode") -> Mode:
+    if not isinstance(mode, str) or mode not in MODES:
+        refuse(sa_exc.ArgumentError, call, name, mode, "one of 'raise', 'warn' or 'off'")
     return mode  # type: ignore[return-value,unused-ignore]  # checked against MODES
 
 
@@ -43,8 +44,13 @@ def _sync_session_or_none(session: Any) -> Session | None:
 def sync_session_of(session: Any) -> Session:
     sync = _sync_session_or_none(session)
     if sync is None:
-        raise sa_exc.ArgumentError(
-            f"sessionscope guards a Session or an AsyncSession, not {type(session).__name__!r}."
+        refuse(
+            sa_exc.ArgumentError,
+            "sessionscope.guard()",
+            "target",
+            session,
+            "a Session, an AsyncSession, a sessionmaker or an async_sessionmaker",
+            what_it_is(session),
         )
     return sync
 
