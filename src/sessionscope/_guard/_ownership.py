@@ -267,8 +267,9 @@ class SessionGuard:
         if forked:
             message = (
                 f"{this} was created before os.fork(), in the parent process, and {who} of the "
-                f"child {did}. Its connection belongs to the parent. Create new "
-                "sessions in the child (and call engine.dispose(close=False) there first). "
+                f"child {did}. Its connection belongs to the parent. Create new sessions in "
+                "the child (the engines sessionscope knows got fresh pools there; call "
+                "engine.dispose(close=False) in the child for any other engine). "
                 + background("guard-forked")
             )
         else:
