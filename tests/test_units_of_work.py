@@ -101,8 +101,8 @@ def test_another_requests_job_is_refused_every_time(engine: Engine) -> None:
                 session = await loop.run_in_executor(
                     pool, contextvars.copy_context().run, SessionLocal
                 )
-                # handed out, but its unit of work is still open while we wait for the other
-                await other(session)
+                # handed out, but its unit of work is still open while another request runs
+                await asyncio.create_task(other(session))
                 session.close()
                 return session
 
@@ -313,3 +313,19 @@ def test_a_job_of_a_thread_without_boundary_ends_with_its_context(engine: Engine
     assert len(Scoped.registry) == 0
     for session in sessions:  # closed as their job was dropped: nothing holds a connection
         assert not session.in_transaction()
+
+
+def test_a_nested_boundary_may_use_the_outer_works_sessions_but_siblings_may_not(
+    engine: Engine,
+) -> None:
+    SessionLocal = sessionscope.guard(sessionmaker(engine))
+    with sessionscope.unit_of_work():
+        outer = SessionLocal()
+        with sessionscope.unit_of_work():
+            assert outer.execute(text("select 1")).scalar() == 1  # the outer work waits for us
+            inner = SessionLocal()
+            inner.execute(text("select 1"))
+        with sessionscope.unit_of_work(), pytest.raises(sessionscope.CrossUnitError):
+            inner.execute(text("select 1"))  # a sibling's: ended with its block
+        outer.close()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]

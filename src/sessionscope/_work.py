@@ -261,7 +261,8 @@ class UnitOfWork:
                 "This unit_of_work() was already entered; call sessionscope.unit_of_work() again "
                 "for another block."
             )
-        self.work = WorkUnit(current_unit(), running_task(), explicit=True)
+        # inside another unit of work (which waits for this block), whose sessions stay usable
+        self.work = WorkUnit(current_unit(), running_task(), explicit=True, parent=current_work())
         self._token = work_var.set(self.work)
         return self.work
 
