@@ -73,8 +73,8 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         With keyword arguments and no session yet, a session is made with them; if one exists,
         SQLAlchemy's "Scoped session is already present" error is raised. A session that is an
         AsyncSession gets SQLAlchemy's deprecation warning here, on every call, as SQLAlchemy's
-        ``__call__`` gives it (and its proxies do not). ``UnitScoping.__call__`` inlined, so a
-        sync session costs one attribute read more, not a frame.
+        ``__call__`` gives it (and its proxies do not): one attribute read more than
+        ``UnitScoping.__call__``, the same frames as SQLAlchemy's ``__call__`` and registry.
         """
         if kw:
             return _sa_scoped_session.__call__(self, **kw)  # makes, sets and warns as SQLAlchemy
