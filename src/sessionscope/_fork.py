@@ -6,8 +6,8 @@ child used (or even closed) one of those sessions it would speak on the parent's
 child, everything sessionscope knew about the parent's units is dropped *without touching it*: the
 objects are parked in :data:`_orphans` for the life of the process, so that no garbage-collection
 path returns their connections to a pool and talks to the server. The pools of the engines
-sessionscope has seen are replaced in the child too (``_fork_pools``: ``engine.dispose(close=False)``,
-as SQLAlchemy documents).
+sessionscope has seen are replaced in the child too (``_fork_pools``:
+``engine.dispose(close=False)``, as SQLAlchemy documents).
 """
 
 from __future__ import annotations
