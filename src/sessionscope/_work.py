@@ -46,7 +46,7 @@ from . import _fork
 from ._units import _trio, current_unit, describe_unit
 from ._units._asyncio import _get_running_loop, current_task_of_loop
 from ._units._greenlet import run_outside_hub, watch_end
-from ._units._thread import INTERPRETER, watch_end_weakly
+from ._units._thread import INTERPRETER, is_pool_worker, replace_last_job, watch_end_weakly
 
 log = logging.getLogger("sessionscope")
 _modules = sys.modules
@@ -156,7 +156,7 @@ class WorkUnit:
             work = work.parent
         return False
 
-    def lend_to(self, task: asyncio.Task[Any]) -> None:
+    def lend_to(self, task: asyncio.Future[Any]) -> None:
         """Let ``task`` run in this work until it ends (the opening thread waits for it)."""
         self.task = task
         task.add_done_callback(self.task_ended)
@@ -164,7 +164,7 @@ class WorkUnit:
 
         lent_on_loop(task.get_loop(), self)
 
-    def task_ended(self, task: asyncio.Task[Any]) -> None:
+    def task_ended(self, task: asyncio.Future[Any]) -> None:
         if self.task is task:
             self.task = None  # free for the next task the thread runs
 
@@ -206,7 +206,7 @@ def current_work() -> WorkUnit | None:
     if task is not None and task is not work.task:
         # a task that did not open it: a child task (a unit of its own), or a task inside a
         # thread's work (asyncio.run() inside a request thread) ...
-        if work.lends and isinstance(task, asyncio.Task) and _is_free(work):
+        if work.lends and asyncio.isfuture(task) and _is_free(work):
             work.lend_to(task)  # ... unless the thread lends its work to the tasks it runs
             return work
         return None
@@ -215,7 +215,7 @@ def current_work() -> WorkUnit | None:
 
 def _is_free(work: WorkUnit) -> bool:
     holder = work.task
-    return holder is None or (isinstance(holder, asyncio.Task) and holder.done())
+    return holder is None or (asyncio.isfuture(holder) and holder.done())
 
 
 def current_or_new_work() -> WorkUnit:
@@ -228,7 +228,7 @@ def current_or_new_work() -> WorkUnit:
     work = WorkUnit(unit, task, explicit=False)
     work_var.set(work)
     if task is not None:
-        if isinstance(task, asyncio.Task):
+        if asyncio.isfuture(task):  # (also pure-Python tasks, which are no asyncio.Task)
             task.add_done_callback(work.unit_ended)
         else:
             _trio.watch_end(task, work)
@@ -236,6 +236,14 @@ def current_or_new_work() -> WorkUnit:
         watch_end(unit, work)  # gevent/eventlet announce their end; raw greenlets are freed
     else:
         watch_end_weakly(work)  # before the thread's context is torn down
+        if is_pool_worker():
+            # A pool thread runs one job at a time: the job that opened the previous work here
+            # has returned. Its context should have been freed with it, but a failed job's
+            # context often lives on in a reference cycle (the exception, its traceback, the
+            # future), holding a connection until the garbage collector runs.
+            previous = replace_last_job(work)
+            if previous is not None:
+                previous.end()
     return work
 
 

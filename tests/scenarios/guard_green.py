@@ -198,8 +198,13 @@ def recorded(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def holds_state(session: OrmSession) -> bool:
-    """A session not closed: in a transaction, or holding pending or loaded objects."""
-    return bool(session.in_transaction() or session.new or len(session.identity_map))
+    """A session not closed: in a transaction, or holding pending or loaded objects.
+
+    Read from outside the session's unit (sessionscope's guard refuses ``session.new`` there):
+    through SQLAlchemy's own, unchecked property.
+    """
+    pending = OrmSession.new.fget(session)  # type: ignore[attr-defined]
+    return bool(session.in_transaction() or pending or len(session.identity_map))
 
 
 # -- engine, registries, tables -------------------------------------------------------------------

@@ -38,7 +38,6 @@ GUARDED_METHODS = (
     "delete",
     "delete_all",  # SQLAlchemy 2.1
     "enable_relationship_loading",
-    "execute",
     "expire",
     "expire_all",
     "expunge",
@@ -55,12 +54,14 @@ GUARDED_METHODS = (
     "reset",
     "rollback",
     "scalar",
-    "scalars",
     "_identity_lookup",  # a lazy many-to-one answered from the identity map
+    "__iter__",  # the session's pending and persistent objects, which change under its owner
 )
+"""Checked methods of a guarded session (``execute`` and ``scalars`` also guard their results)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", bound=Session)
+T = TypeVar("T")
 
 
 def _checked(name: str, method: F) -> F:
@@ -90,18 +91,20 @@ def _checked(name: str, method: F) -> F:
     return checked  # type: ignore[return-value]
 
 
-def guarded_class(base: type[S]) -> type[S]:
-    """The guarded subclass of ``base`` (made once per class)."""
+def checked_subclass(
+    base: type[T], namespace_for: Callable[[type[T]], dict[str, Any]], cache_attribute: str
+) -> type[T]:
+    """The checked subclass of ``base`` (made once per class and kind), for class switching.
+
+    It keeps the class's name, module and docstring, takes no attributes of its own
+    (``__slots__ = ()``, so instances can switch to it and back), and remembers ``base``.
+    """
     if is_guarded_class(base):
         return base
-    cached: type[S] | None = base.__dict__.get(_CACHE_ATTRIBUTE)
+    cached: type[T] | None = base.__dict__.get(cache_attribute)
     if cached is not None:
         return cached
-    namespace: dict[str, Any] = {
-        name: _checked(name, getattr(base, name))
-        for name in GUARDED_METHODS
-        if callable(getattr(base, name, None))
-    }
+    namespace = namespace_for(base)
     namespace.update(
         __slots__=(),
         __module__=base.__module__,
@@ -110,8 +113,24 @@ def guarded_class(base: type[S]) -> type[S]:
         _sessionscope_unguarded_class=base,
     )
     guarded = type(base.__name__, (base,), namespace)
-    setattr(base, _CACHE_ATTRIBUTE, guarded)
+    setattr(base, cache_attribute, guarded)
     return guarded
+
+
+def checked_methods(base: type, names: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    """``_checked`` versions of those of ``names`` that ``base`` has (``prefix``: for messages)."""
+    return {
+        name: _checked(prefix + name, getattr(base, name))
+        for name in names
+        if callable(getattr(base, name, None))
+    }
+
+
+def guarded_class(base: type[S]) -> type[S]:
+    """The guarded subclass of a Session class ``base`` (made once per class)."""
+    from ._handles import session_namespace  # the handles module builds on this one
+
+    return checked_subclass(base, session_namespace, _CACHE_ATTRIBUTE)
 
 
 def is_guarded_class(cls: type) -> bool:

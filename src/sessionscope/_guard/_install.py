@@ -20,6 +20,7 @@ from .. import _fork_pools
 from .._arguments import refuse, what_it_is
 from . import _writes
 from ._guarded_class import GUARD_ATTRIBUTE, guarded_class, unguarded_class
+from ._handles import guard_session_state
 from ._ownership import MODES, Mode, SessionGuard
 from ._site import Site, application_site
 
@@ -90,8 +91,10 @@ def install(
     guard = SessionGuard(mode, type(session).__name__, site or application_site())
     guard.on_hand_off = on_hand_off
     guard.session_ref = weakref.ref(session)
+    sync.info  # noqa: B018 - memoized now: the guarded class only checks its assignment
     sync.__dict__[GUARD_ATTRIBUTE] = guard
     sync.__class__ = guarded_class(type(sync))
+    guard_session_state(sync, guard)
     _writes.register(sync.hash_key, guard)
     return session
 
@@ -102,6 +105,7 @@ def _set_mode(session: Any, mode: Mode) -> None:
     if guard is None:
         install(session, mode, site=application_site())
     elif mode == "off":
+        guard.mode = "off"  # its handles (connection, transactions, results) keep a reference
         sync.__class__ = unguarded_class(type(sync))
         del sync.__dict__[GUARD_ATTRIBUTE]
         _writes.unregister(sync.hash_key)

@@ -218,6 +218,13 @@ class SessionGuard:
         if self.admit(attribute, of_class):
             self.leave()
 
+    def check_use(self, operation: str) -> None:
+        """A use that does not stay inside (a result's fetch, a state read): the same rules."""
+        if self.depth and getcurrent() is self.entered:
+            return  # inside a call of the session (its own fetches, its own state reads)
+        if self.admit(operation):
+            self.leave()
+
     def _admit_slow(self, operation: str, of_class: type | None) -> bool:
         if self.mode == "off":
             return False
@@ -255,7 +262,20 @@ class SessionGuard:
         if of_class is None:
             if operation == "_identity_lookup":  # a lazy many-to-one from the identity map
                 return f"lazy-loaded a related object through this {self.label}"
+            if operation == "(result)":
+                return f"fetched rows of a result of this {self.label}"
+            if operation.startswith("."):
+                return f"read {self.label}{operation}"
+            if operation.startswith("="):
+                return f"assigned {self.label}.{operation[1:]}"
             return f"called {self.label}.{operation}()"
+        if operation == "(flag_dirty)":
+            return f"flagged a {of_class.__name__} attached to it as modified"
+        if operation.startswith("(set_committed_value)"):
+            return (
+                f"set the committed value of {of_class.__name__}.{operation[21:]} on an object "
+                "attached to it"
+            )
         return f"wrote {of_class.__name__}.{operation} on an object attached to it"
 
     def _refuse(

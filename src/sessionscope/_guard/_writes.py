@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.event.api import _event_key
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_RESULT
 from sqlalchemy.orm.mapper import _all_registries
@@ -75,6 +76,38 @@ def _check(state: Any, key: str) -> None:
                 guard.check_write(key, state.class_)
 
 
+def _check_committed_value(state: Any, key: str) -> None:
+    session_id = state.session_id
+    if session_id is not None:
+        ref = _guard_of_session_id.get(session_id)
+        if ref is not None:
+            guard = ref()
+            if guard is not None:
+                guard.check_write(f"(set_committed_value){key}", state.class_)
+
+
+def _patch_set_committed_value() -> None:
+    """``set_committed_value()`` writes an attribute and fires no event: check it at its impl.
+
+    SQLAlchemy's loaders call it too, inside the session's own calls, where the check is one
+    comparison; for objects of unguarded sessions it is one dict lookup.
+    """
+    for impl_class in vars(orm_attributes).values():
+        if isinstance(impl_class, type) and "set_committed_value" in impl_class.__dict__:
+            original = impl_class.__dict__["set_committed_value"]
+            if getattr(original, "_sessionscope_checked", False):
+                continue
+
+            def checked(
+                self: Any, state: Any, dict_: Any, value: Any, _original: Any = original
+            ) -> Any:
+                _check_committed_value(state, self.key)
+                return _original(self, state, dict_, value)
+
+            checked._sessionscope_checked = True  # type: ignore[attr-defined]
+            impl_class.set_committed_value = checked  # type: ignore[attr-defined]
+
+
 def _listeners_for(key: str, impl: Any) -> dict[str, Callable[..., Any]]:
     """The raw listeners checking writes to one attribute, by event name.
 
@@ -109,7 +142,14 @@ def _listeners_for(key: str, impl: Any) -> dict[str, Callable[..., Any]]:
         # before SQLAlchemy swaps in the new collection, which it does before append/remove
         _check(state, key)
 
-    listeners: dict[str, Callable[..., Any]] = {"set": on_set, "remove": on_remove}
+    def on_modified(state: Any, initiator: Any, **_: Any) -> None:
+        _check(state, key)  # flag_modified()
+
+    listeners: dict[str, Callable[..., Any]] = {
+        "set": on_set,
+        "remove": on_remove,
+        "modified": on_modified,
+    }
     if impl.collection:
         listeners.update(append=on_append, bulk_replace=on_bulk_replace)
     return listeners
@@ -140,6 +180,7 @@ def _install() -> None:
         if _installed:
             return
         event.listen(Mapper, "mapper_configured", _on_mapper_configured)
+        _patch_set_committed_value()
         for registry in _all_registries():
             for mapper in registry.mappers:
                 if mapper.configured:

@@ -61,7 +61,7 @@ def current_unit() -> Unit:
 
 def _model_of(unit: Unit) -> ModuleType:
     """The module that knows ``unit``'s concurrency model."""
-    if isinstance(unit, asyncio.Task):
+    if asyncio.isfuture(unit):
         return _asyncio
     if isinstance(unit, ThreadUnit):
         return _thread
@@ -114,7 +114,7 @@ def is_finished(unit: Any) -> bool:
     """True when ``unit`` is known to have finished (used to sweep raw greenlets kept alive)."""
     if isinstance(unit, greenlet):
         return bool(unit.dead)
-    if isinstance(unit, asyncio.Task):
+    if asyncio.isfuture(unit):
         return unit.done()
     return False
 

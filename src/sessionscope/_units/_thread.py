@@ -134,6 +134,28 @@ def watch_end(unit: Any, listener: UnitEndListener) -> None:
     sentinel.listeners.append(listener)
 
 
+def is_pool_worker() -> bool:
+    """Whether the running thread is a thread pool's worker: it runs jobs in contexts of others.
+
+    anyio's worker threads (Starlette, FastAPI, ``anyio.to_thread``) and ``concurrent.futures``
+    workers (``asyncio.to_thread``, ``run_in_executor``): their own context runs only the pool's
+    loop, never application code.
+    """
+    thread = threading.current_thread()
+    if type(thread).__name__ == "WorkerThread" and type(thread).__module__.startswith("anyio"):
+        return True
+    futures_thread = sys.modules.get("concurrent.futures.thread")
+    target = getattr(thread, "_target", None)
+    return futures_thread is not None and target is getattr(futures_thread, "_worker", None)
+
+
+def replace_last_job(work: Any) -> Any:
+    """Remember ``work`` as this pool thread's current job's; return the previous one, if alive."""
+    previous = getattr(_per_thread, "last_job", None)
+    _per_thread.last_job = weakref.ref(work)
+    return previous() if previous is not None else None
+
+
 def watch_end_weakly(listener: UnitEndListener) -> None:
     """As :func:`watch_end` for the running thread, without keeping ``listener`` alive.
 

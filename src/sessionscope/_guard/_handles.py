@@ -1,0 +1,284 @@
+"""What a guarded session hands out is guarded with it: connections, transactions, results, state.
+
+A session gives out handles that reach its connection without going through the session again:
+``session.connection()`` (and the connection of every transaction), ``session.begin()`` and every
+other ``SessionTransaction``, and the results of ``execute()`` / ``scalars()`` (iterating them
+fetches from the cursor and, for the ORM, fills the session's identity map). Each handle is
+switched, like the session itself, to a checked subclass of its own class (made once per class),
+carrying the session's :class:`SessionGuard`; its calls ask the same ``admit()`` first, so another
+unit using it is refused before anything reaches the driver, and a call made inside a session call
+(the session's own use of its connection and transaction) costs one comparison.
+
+- Connections and transactions are switched as SQLAlchemy creates them (the ``after_begin`` and
+  ``after_transaction_create`` session events, listened to once for all sessions; unguarded
+  sessions pay one dict lookup per transaction).
+- Results are switched as the session or its connection returns them. A result whose rows were
+  all fetched (soft-closed: ``.all()`` was called) reaches nothing any more and is plain data, as
+  is a ``FrozenResult``.
+- The session's in-flight collections (``new``, ``dirty``, ``deleted``, iterating the session)
+  are checked on read: they change under the owner's flush, and another unit iterating them can
+  fail half-way. Introspection that answers one question (``in_transaction()``, ``is_active``,
+  ``is_modified(obj)``, ``obj in session``, ``get_transaction()``, whose transaction is itself
+  guarded), configuration and the application's own dict (``info``, ``identity_map``, ``bind``,
+  ``autoflush``) are not checked on read: no connection is reached, and monitoring and test
+  harnesses read them from outside. *Assigning* them is checked, through descriptors that only
+  intercept writes (reads still go straight to the instance dict).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Result
+from sqlalchemy.engine.result import FilterResult
+from sqlalchemy.orm import Session, SessionTransaction
+
+from ._guarded_class import (
+    GUARD_ATTRIBUTE,
+    GUARDED_METHODS,
+    _checked,
+    checked_methods,
+    checked_subclass,
+    is_guarded_class,
+)
+from ._ownership import ENDED
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RETURNING_RESULTS = ("execute", "scalars")
+"""Session methods whose results are guarded as they are returned."""
+
+CONNECTION_METHODS = (
+    "begin",
+    "begin_nested",
+    "begin_twophase",
+    "close",
+    "commit",
+    "detach",
+    "exec_driver_sql",
+    "execute",
+    "execution_options",
+    "get_isolation_level",
+    "get_nested_transaction",
+    "get_transaction",
+    "in_nested_transaction",
+    "in_transaction",
+    "invalidate",
+    "rollback",
+    "scalar",
+    "scalars",
+)
+CONNECTION_RETURNING_RESULTS = ("execute", "exec_driver_sql", "scalars")
+
+TRANSACTION_METHODS = ("commit", "rollback", "close", "prepare", "__exit__")
+
+RESULT_FETCHES = (
+    "_fetchiter_impl",
+    "_fetchone_impl",
+    "_fetchmany_impl",
+    "_fetchall_impl",
+    "_raw_all_tuples",
+    "_raw_row_iterator",
+)
+
+STATE_PROPERTIES = ("new", "dirty", "deleted", "no_autoflush")
+"""The session's in-flight collections (they change under the owner's flush, and iterating them
+from another unit can fail half-way), and ``no_autoflush``, which switches autoflush off."""
+
+WRITE_CHECKED_ATTRIBUTES = ("info", "autoflush", "expire_on_commit")
+"""Read freely (configuration and the application's own dict), checked when assigned."""
+
+
+# -- the session -------------------------------------------------------------------------------
+
+
+def _checked_returning(name: str, method: F) -> F:
+    """A checked method whose result, a handle, is guarded with the session or connection."""
+    checked = _checked(name, method)
+
+    @functools.wraps(method)
+    def returning(self: Any, *args: Any, **kw: Any) -> Any:
+        result = checked(self, *args, **kw)
+        guard_result(result, self.__dict__[GUARD_ATTRIBUTE])
+        return result
+
+    return returning  # type: ignore[return-value]
+
+
+def _checked_property(name: str, prop: property) -> property:
+    fget = prop.fget
+    assert fget is not None
+
+    def get(self: Any) -> Any:
+        self.__dict__[GUARD_ATTRIBUTE].check_use(f".{name}")
+        return fget(self)
+
+    return property(get, prop.fset, prop.fdel, prop.__doc__)
+
+
+class _WriteChecked:
+    """An attribute read straight from the instance dict and checked when assigned.
+
+    A descriptor with ``__set__`` and no ``__get__``: Python then reads the instance's own dict
+    (no call, no cost), and only assignment goes through here.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        guard = obj.__dict__.get(GUARD_ATTRIBUTE)
+        if guard is not None:
+            guard.check_use(f"={self.name}")
+        obj.__dict__[self.name] = value
+
+
+class _IdentityMapSlot:
+    """``session.identity_map``: read freely; each map the session gets reports flagged objects.
+
+    SQLAlchemy replaces the map on ``close()`` and ``expunge_all()``. Objects enter the map's
+    ``_modified`` set the first time they change, which is also what ``flag_dirty()`` does (it
+    fires no attribute event): the set of a guarded session's map checks that step.
+    """
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__["identity_map"] = value
+        guard = obj.__dict__.get(GUARD_ATTRIBUTE)
+        if guard is not None:
+            watch_flagging(value, guard)
+
+
+class _FlaggingChecked(set):  # type: ignore[type-arg]
+    """An identity map's set of modified states, checking the unit that flags an object."""
+
+    __slots__ = ("guard",)
+    guard: Any
+
+    def add(self, state: Any) -> None:
+        self.guard.check_write("(flag_dirty)", state.class_)
+        set.add(self, state)
+
+
+def watch_flagging(identity_map: Any, guard: Any) -> None:
+    if type(identity_map._modified) is not _FlaggingChecked:
+        modified = _FlaggingChecked(identity_map._modified)
+        modified.guard = guard
+        identity_map._modified = modified
+
+
+def session_namespace(base: type) -> dict[str, Any]:
+    """The checked methods, state and write-checked attributes of a guarded Session class."""
+    namespace = checked_methods(base, GUARDED_METHODS)
+    for name in RETURNING_RESULTS:
+        namespace[name] = _checked_returning(name, getattr(base, name))
+    for name in STATE_PROPERTIES:
+        prop = getattr(base, name, None)
+        if isinstance(prop, property):
+            namespace[name] = _checked_property(name, prop)
+    for name in WRITE_CHECKED_ATTRIBUTES:
+        namespace[name] = _WriteChecked(name)
+    namespace["identity_map"] = _IdentityMapSlot()
+    return namespace
+
+
+def guard_session_state(session: Any, guard: Any) -> None:
+    """Finish guarding a session that was created (and filled its dict) before its class switch.
+
+    ``info`` is memoized by SQLAlchemy into the instance dict on first read, which the
+    write-checked descriptor leaves to it.
+    """
+    watch_flagging(session.identity_map, guard)
+    _install_events()
+    # a session guarded while in a transaction: its transactions and connections so far
+    transaction = session._transaction
+    while transaction is not None:
+        _switch(transaction, guard, _transaction_namespace, _TRANSACTION_CLASSES)
+        for connection, *_ in transaction._connections.values():
+            _switch(connection, guard, _connection_namespace, _CONNECTION_CLASSES)
+        transaction = transaction._parent
+
+
+# -- handles -------------------------------------------------------------------------------------
+
+_CONNECTION_CLASSES = "_sessionscope_guarded_connection_class"
+_TRANSACTION_CLASSES = "_sessionscope_guarded_transaction_class"
+_RESULT_CLASSES = "_sessionscope_guarded_result_class"
+
+
+def _connection_namespace(base: type) -> dict[str, Any]:
+    namespace = checked_methods(base, CONNECTION_METHODS, prefix="connection().")
+    for name in CONNECTION_RETURNING_RESULTS:
+        namespace[name] = _checked_returning(f"connection().{name}", getattr(base, name))
+    return namespace
+
+
+def _transaction_namespace(base: type) -> dict[str, Any]:
+    return checked_methods(base, TRANSACTION_METHODS, prefix="begin().")
+
+
+def _checked_fetch(method: F) -> F:
+    @functools.wraps(method)
+    def checked(self: Any, *args: Any, **kw: Any) -> Any:
+        guard = self.__dict__[GUARD_ATTRIBUTE]
+        # Plain data: all rows fetched already (soft-closed), or the session's unit of work
+        # ended and closed it (what is left is buffered; an open cursor would be refused by
+        # SQLAlchemy itself).
+        if not self._soft_closed and guard.state != ENDED:
+            guard.check_use("(result)")
+        return method(self, *args, **kw)
+
+    return checked  # type: ignore[return-value]
+
+
+def _result_namespace(base: type) -> dict[str, Any]:
+    return {
+        name: _checked_fetch(getattr(base, name))
+        for name in RESULT_FETCHES
+        if callable(getattr(base, name, None))
+    }
+
+
+def _switch(handle: Any, guard: Any, namespace_for: Any, cache: str) -> None:
+    cls = type(handle)
+    if not is_guarded_class(cls):
+        handle.__class__ = checked_subclass(cls, namespace_for, cache)
+    handle.__dict__[GUARD_ATTRIBUTE] = guard
+
+
+def guard_result(result: Any, guard: Any) -> None:
+    """Guard a result (or, for ``scalars()``/``mappings()`` filters, the result under it)."""
+    if isinstance(result, FilterResult):
+        result = result._real_result
+    if isinstance(result, Result) and GUARD_ATTRIBUTE not in result.__dict__:
+        _switch(result, guard, _result_namespace, _RESULT_CLASSES)
+
+
+def _on_transaction_create(session: Session, transaction: SessionTransaction) -> None:
+    guard = session.__dict__.get(GUARD_ATTRIBUTE)
+    if guard is not None:
+        _switch(transaction, guard, _transaction_namespace, _TRANSACTION_CLASSES)
+
+
+def _on_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    guard = session.__dict__.get(GUARD_ATTRIBUTE)
+    if guard is not None:
+        _switch(connection, guard, _connection_namespace, _CONNECTION_CLASSES)
+
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+def _install_events() -> None:
+    global _installed
+    if _installed:
+        return
+    with _install_lock:
+        if not _installed:
+            event.listen(Session, "after_transaction_create", _on_transaction_create)
+            event.listen(Session, "after_begin", _on_begin)
+            _installed = True
