@@ -155,25 +155,29 @@ def wait_for(server: Server, done: Any, timeout: float = 30) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def settled(server: Server, sent: int) -> dict[str, Any]:
-    """The server's stats once every request sent has completed and no connection is out.
+def settled(server: Server, sent: int, stale: int = 0) -> dict[str, Any]:
+    """The server's stats once every request sent has completed and at most ``stale``
+    connections are out.
 
     Completed means the ASGI call returned: a dependency's exit and the background tasks run after
     the response, and the boundary ends after them.
     """
-    return wait_for(server, lambda s: s["completed"] >= sent and s["checkedout"] == 0)
+    return wait_for(server, lambda s: s["completed"] >= sent and s["checkedout"] <= stale)
 
 
 def assert_served_cleanly(
-    server: Server, database: Database, family: str, results: list[Result]
+    server: Server, database: Database, family: str, results: list[Result], stale: int = 0
 ) -> None:
+    """``stale``: connections allowed to stay out (unmarked jobs, see the test that passes it)."""
     unexpected = [r for r in results if not as_expected(r)]
-    assert unexpected == [], f"{len(unexpected)} unexpected responses, first: {unexpected[:3]}"
-    stats = settled(server, len(results))
+    assert unexpected == [], (
+        f"{len(unexpected)} unexpected responses, first: {unexpected[:3]}\n{server.log()[-3000:]}"
+    )
+    stats = settled(server, len(results), stale)
     assert stats["completed"] == len(results)
     assert stats["leaks"] == [], "a request saw another's session state"
     assert stats["share_nothing"] == []
-    assert stats["checkedout"] == 0
+    assert stats["checkedout"] <= stale
 
     rows = FAMILIES[family][1]
     acknowledged = [request_id(r) for r in results if not r.path.endswith("/fail")]
@@ -185,7 +189,7 @@ def assert_served_cleanly(
         "duplicated": [key for key, count in committed.items() if count > 1][:5],
     }
     backends = database.backends()
-    assert backends["idle in transaction"] == 0, backends
+    assert backends["idle in transaction"] <= stale, backends
     assert backends["idle in transaction (aborted)"] == 0, backends
     assert "Traceback" not in server.log(), server.log()[-5000:]
 
@@ -235,7 +239,11 @@ def test_unmarked_def_endpoints_using_the_registry_carry_nothing_between_request
         # a pool thread may hold its last job until it runs the next: one more round, then check
         final = [f"/registry/plain/final{i}" for i in range(CLIENTS)]
         results += drive(server.base_url, final, clients=CLIENTS)
-        assert_served_cleanly(server, database, "registry-plain", results)
+        # The documented limit of unmarked jobs: a job that failed leaves its context in a
+        # reference cycle (the exception, its traceback, the pool's future). Its session is
+        # closed when its pool thread starts its next job, or by the garbage collector: at most
+        # one per pool thread stays out meanwhile. (Marked requests: none, see above.)
+        assert_served_cleanly(server, database, "registry-plain", results, stale=threads)
 
 
 def test_unmarked_tutorial_get_db_is_refused_in_the_endpoint_and_told_to_mark_the_request(

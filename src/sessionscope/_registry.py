@@ -51,12 +51,13 @@ def unit_session(holder: _FastLookup[S]) -> S:
             if "trio" not in _modules:  # a thread or greenlet: in the work of its context
                 try:
                     return work.values[holder._key]  # type: ignore[no-any-return]
-                except KeyError:
+                except (KeyError, ReferenceError):  # (a pool job's ended work, weakly held)
                     pass
-        elif current_task_of_loop(loop) is work.task:  # only the task that opened the work
+        else:
             try:
-                return work.values[holder._key]  # type: ignore[no-any-return]
-            except KeyError:
+                if current_task_of_loop(loop) is work.task:  # only the task that opened it
+                    return work.values[holder._key]  # type: ignore[no-any-return]
+            except (KeyError, ReferenceError):
                 pass
     return holder._miss()
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 import weakref
@@ -83,6 +84,7 @@ class WorkUnit:
         "owned",
         "parent",
         "lends",
+        "via",
         "__weakref__",
     )
 
@@ -107,6 +109,8 @@ class WorkUnit:
         """The work this one runs inside (test harnesses nest them): its sessions may be used."""
         self.lends = lends
         """Whether asyncio tasks the opening thread runs may take the work over, one at a time."""
+        self.via: Any = None
+        """What a pool job's context holds instead of the work (a weak proxy); else None."""
 
     # -- who -----------------------------------------------------------------------------------
 
@@ -130,8 +134,13 @@ class WorkUnit:
 
     # -- the end -------------------------------------------------------------------------------
 
-    def end(self) -> None:
-        """End the work: its sessions are closed (rolled back if uncommitted), once."""
+    def end(self, *, collected: bool = False) -> None:
+        """End the work: its sessions are closed (rolled back if uncommitted), once.
+
+        ``collected``: the garbage collector freed the work's last context in a reference cycle,
+        together with whatever else the cycle held; SQLAlchemy may have reclaimed the connection
+        first, so a close that fails then is no news (logged at debug level).
+        """
         if self.ended:
             return
         self.ended = True
@@ -141,11 +150,15 @@ class WorkUnit:
         for key, value in values.items():
             hook = _end_hooks.get(key)
             if hook is not None:
-                _run_hook(self, hook.work_ended, self, value)
+                _run_hook(self, collected, hook.work_ended, self, value)
         for ref in owned or ():
             guard = ref()
             if guard is not None:
-                _run_hook(self, guard.owner_ended, self)
+                _run_hook(self, collected, guard.owner_ended, self)
+
+    def myself(self) -> WorkUnit:
+        """The work itself, also when asked through the weak proxy a pool job's context holds."""
+        return self
 
     def within(self, other: WorkUnit) -> bool:
         """Whether this work is ``other`` or runs inside it (``parent`` chain)."""
@@ -177,14 +190,17 @@ class WorkUnit:
         # pool job's as the pool drops it. At interpreter shutdown nothing may run (module
         # globals may be gone already; the default argument survives).
         if not self.ended and not _interpreter["shutting_down"]:
-            self.end()
+            self.end(collected=True)
 
 
-def _run_hook(work: WorkUnit, hook: Callable[..., object], *args: Any) -> None:
+def _run_hook(work: WorkUnit, collected: bool, hook: Callable[..., object], *args: Any) -> None:
     try:
         hook(*args)
     except Exception:  # an end-of-work hook must never break a loop, a hub or a thread's exit
-        log.exception("sessionscope: cleaning up after %s failed", work.describe())
+        if collected:
+            log.debug("sessionscope: closing after %s failed", work.describe(), exc_info=True)
+        else:
+            log.exception("sessionscope: cleaning up after %s failed", work.describe())
 
 
 def running_task() -> Any:
@@ -199,7 +215,12 @@ def running_task() -> Any:
 
 def current_work() -> WorkUnit | None:
     """The unit of work the running code belongs to, or None if it has none yet."""
-    work = work_var.get()
+    work: Any = work_var.get()
+    if type(work) is weakref.ProxyType:  # a pool job's work (see current_or_new_work)
+        try:
+            work = work.myself()
+        except ReferenceError:
+            return None
     if work is None or work.ended or work.generation != _fork.generation:
         return None
     task = running_task()
@@ -208,9 +229,9 @@ def current_work() -> WorkUnit | None:
         # thread's work (asyncio.run() inside a request thread) ...
         if work.lends and asyncio.isfuture(task) and _is_free(work):
             work.lend_to(task)  # ... unless the thread lends its work to the tasks it runs
-            return work
+            return work  # type: ignore[no-any-return]
         return None
-    return work
+    return work  # type: ignore[no-any-return]
 
 
 def _is_free(work: WorkUnit) -> bool:
@@ -237,14 +258,60 @@ def current_or_new_work() -> WorkUnit:
     else:
         watch_end_weakly(work)  # before the thread's context is torn down
         if is_pool_worker():
-            # A pool thread runs one job at a time: the job that opened the previous work here
-            # has returned. Its context should have been freed with it, but a failed job's
-            # context often lives on in a reference cycle (the exception, its traceback, the
-            # future), holding a connection until the garbage collector runs.
-            previous = replace_last_job(work)
-            if previous is not None:
-                previous.end()
+            _hold_in_the_pool_thread(work)
     return work
+
+
+class _JobToken:
+    """Held by a pool job's context: ends the job's work when the pool drops the context."""
+
+    __slots__ = ("work_ref",)
+
+    def __init__(self, work: WorkUnit) -> None:
+        self.work_ref = weakref.ref(work)
+
+    def __del__(self, _interpreter: dict[str, bool] = INTERPRETER) -> None:
+        work = self.work_ref()
+        if work is None or work.ended or _interpreter["shutting_down"]:
+            return
+        if _collecting:
+            # freed by the garbage collector (a failed job's context, in a cycle): closing a
+            # session here could take a lock the interrupted code holds. The thread's next job,
+            # or its end, ends the work instead.
+            return
+        work.end()
+
+
+_collecting = False
+
+
+def _track_collections(phase: str, info: dict[str, Any]) -> None:
+    global _collecting
+    _collecting = phase == "start"
+
+
+gc.callbacks.append(_track_collections)
+
+
+_job_token: ContextVar[_JobToken | None] = ContextVar("sessionscope.job", default=None)
+
+
+def _hold_in_the_pool_thread(work: WorkUnit) -> None:
+    """A pool job's work: held by its thread, reached from the job's context only weakly.
+
+    The job's context is normally dropped as the job returns, and the work ends with it (the
+    token). But a job that *failed* leaves its context in a reference cycle (the exception, its
+    traceback, the pool's future) until the garbage collector runs; the work, its sessions and
+    their connections must not be in that cycle. So the thread holds the work, the context holds
+    a weak proxy and the token, and the thread's next job (one job at a time) ends what its
+    previous job left.
+    """
+    previous = replace_last_job(work)
+    work.via = weakref.proxy(work)
+    work_var.set(work.via)
+    _job_token.set(_JobToken(work))
+    if previous is not None:
+        previous.end()
 
 
 class UnitOfWork:

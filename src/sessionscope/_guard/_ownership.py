@@ -58,6 +58,18 @@ _CLOSING = frozenset({"close", "invalidate", "reset"})
 """What any unit may do to a session whose owner is gone: closing is how users recover."""
 
 
+class _Is:
+    """A callable returning one object, as a weak reference returns its referent."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __call__(self) -> Any:
+        return self.value
+
+
 def _nobody() -> None:
     """Stands in for a weak reference when there is no owner (or no fast way to see it)."""
     return None
@@ -72,6 +84,7 @@ class SessionGuard:
         "created_at",
         "state",
         "owner_ref",
+        "fast_key",
         "session_ref",
         "generation",
         "token",
@@ -112,6 +125,8 @@ class SessionGuard:
         """
         work = current_or_new_work()
         self.owner_ref: Callable[[], WorkUnit | None] = weakref.ref(work)
+        # what the fast path finds in the context: the work, or a pool job's weak proxy of it
+        self.fast_key: Callable[[], Any] = self.owner_ref if work.via is None else _Is(work.via)
         self.owned_by_job = not work.explicit and work.task is None
         work.owns(self)
         self.generation = _fork.generation
@@ -121,7 +136,7 @@ class SessionGuard:
 
     def disown(self, state: str) -> None:
         """Nobody owns the session until :meth:`own` (handed off, or shared between blocks)."""
-        self.owner_ref = _nobody
+        self.owner_ref = self.fast_key = _nobody
         self.token = None
         self.state = state
 
@@ -157,7 +172,7 @@ class SessionGuard:
         of that class; both only go into messages.
         """
         work = work_var.get()
-        if work is None or work is not self.owner_ref():
+        if work is None or work is not self.fast_key():
             return self._admit_slow(operation, of_class)
         current = getcurrent()  # (nested calls were recognised by the callers already)
         loop = _get_running_loop()

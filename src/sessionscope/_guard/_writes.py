@@ -53,7 +53,7 @@ def _forget_owners_after_fork() -> list[Any]:
     for ref in list(_guard_of_session_id.values()):
         guard = ref()
         if guard is not None:
-            guard.owner_ref = _nobody
+            guard.owner_ref = guard.fast_key = _nobody
     return []
 
 

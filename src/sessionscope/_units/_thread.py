@@ -150,10 +150,10 @@ def is_pool_worker() -> bool:
 
 
 def replace_last_job(work: Any) -> Any:
-    """Remember ``work`` as this pool thread's current job's; return the previous one, if alive."""
+    """Hold ``work`` as this pool thread's current job's; return the previous one, if any."""
     previous = getattr(_per_thread, "last_job", None)
-    _per_thread.last_job = weakref.ref(work)
-    return previous() if previous is not None else None
+    _per_thread.last_job = work
+    return previous
 
 
 def watch_end_weakly(listener: UnitEndListener) -> None:
