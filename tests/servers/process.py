@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,9 @@ class Server:
         return response.json()
 
 
-def _start(app: str, env: Mapping[str, str], log_path: Path) -> tuple[Server, Any]:
+def _start(
+    app: str, env: Mapping[str, str], log_path: Path, args: Sequence[str] = ()
+) -> tuple[Server, Any]:
     port = free_port()
     command = [
         sys.executable,
@@ -68,6 +70,7 @@ def _start(app: str, env: Mapping[str, str], log_path: Path) -> tuple[Server, An
         "--log-level",
         "warning",
         "--no-access-log",
+        *args,
     ]
     full_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **env}
     log = log_path.open("ab")
@@ -104,15 +107,23 @@ def stop(server: Server, timeout: float = 15) -> int:
 
 @contextlib.contextmanager
 def running(
-    app: str, env: Mapping[str, str], log_path: Path, *, attempts: int = 3, timeout: float = 30
+    app: str,
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    attempts: int = 3,
+    timeout: float = 30,
+    args: Sequence[str] = (),
 ) -> Iterator[Server]:
     """``uvicorn --factory app`` with ``env`` added, on a free port, until the block ends.
+
+    ``args``: more uvicorn options (``["--loop", "uvloop"]``).
 
     The port is found by binding port 0 and released before uvicorn binds it; if another process
     took it meanwhile, uvicorn exits and the start is retried on another port.
     """
     for _ in range(attempts):
-        server, log = _start(app, env, log_path)
+        server, log = _start(app, env, log_path, args)
         try:
             if _answers(server, timeout):
                 break
