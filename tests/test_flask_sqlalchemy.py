@@ -77,6 +77,8 @@ def test_either_order_works(order: str) -> None:
     with app.app_context():
         session = db.session()
         assert isinstance(session, flask_sqlalchemy.session.Session)  # its class, binds and all
+        db.session.execute(sa.text("select 1"))
+        assert session.in_transaction()
         assert db.session() is session
         in_request = None
         with app.test_request_context():  # same app: Flask reuses the app context
@@ -196,10 +198,11 @@ def test_threads_each_request_its_own_session_failed_rows_never_land(
         codes = list(pool.map(lambda n: client.post(f"/add/ok{n}").status_code, range(8)))
         assert codes == [200] * 8
         assert len(set(seen[:workers])) == workers and len(set(seen[workers:])) == workers
-        app.config["PROPAGATE_EXCEPTIONS"] = False
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    with ThreadPoolExecutor(1) as one:  # the next request surely runs on the failed one's thread
         for n in range(workers):
-            assert pool.submit(client.post, f"/fail/bad{n}").result().status_code == 500
-            assert pool.submit(client.post, "/commit-nothing").result().status_code == 200
+            assert one.submit(client.post, f"/fail/bad{n}").result().status_code == 500
+            assert one.submit(client.post, "/commit-nothing").result().status_code == 200
     with app.app_context():
         names = set(db.session.scalars(sa.select(Item.name)))
         assert names == {f"ok{n}" for n in range(8)}
@@ -315,8 +318,8 @@ def test_flask_sqlalchemy_own_suite_passes_with_unit_scoped(
     root = _sdist_tests(cache.mkdir("flask-sqlalchemy-sdist") if cache else tmp_path)
     ours, output = _run_suite(root, plugin=True)
     applied = re.search(r"unit_scoped applied to (\d+) SQLAlchemy instances", output)
-    assert applied and int(applied.group(1)) > 100, output[-2000:]
-    assert sum(o == "PASSED" for o in ours.values()) > 250, output[-2000:]
+    assert applied and int(applied.group(1)) > 0, output[-2000:]
+    assert sum(o == "PASSED" for o in ours.values()) > 100, output[-2000:]  # 3.0.5 has 129 tests
     failing = sorted(n for n, o in ours.items() if o in {"FAILED", "ERROR"})
     if failing:
         baseline, base_output = _run_suite(root, *failing, plugin=False)
