@@ -147,6 +147,43 @@ def test_context_pushed_before_hooking_becomes_a_unit() -> None:
     assert not session.in_transaction()
 
 
+def test_async_view_uses_the_request_session_its_children_their_own() -> None:
+    """Flask runs an ``async def`` view as a task (asgiref) while the request's thread waits."""
+    pytest.importorskip("asgiref")
+    db, Item = _make_db()
+    unit_scoped(db)
+    app = _app("sqlite://")
+    db.init_app(app)
+    with app.app_context():
+        db.create_all()
+    seen: dict[str, Any] = {}
+
+    @app.before_request
+    def before() -> None:
+        seen["item"] = Item(id=1, name="from before_request")
+        db.session.add(seen["item"])
+        db.session.flush()
+        seen["session"] = db.session()
+
+    @app.get("/async")
+    async def view() -> str:
+        import asyncio
+
+        seen["item"].name = "changed in the view"  # the request's object, in the view's task
+        children = await asyncio.gather(*(_is(db, seen["session"]) for _ in range(2)))
+        same = db.session() is seen["session"]
+        db.session.commit()
+        return f"{same} {children}"
+
+    assert client_get(app, "/async") == "True [False, False]"
+    with app.app_context():
+        assert db.session.scalars(sa.select(Item.name)).all() == ["changed in the view"]
+
+
+async def _is(db: Any, session: Any) -> bool:
+    return db.session() is session  # type: ignore[no-any-return]
+
+
 # -- a real app under threads (PostgreSQL) --------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ which picks the engine by bind key, ``query_cls``, ``session_options``, the tear
   :func:`sessionscope.unit_of_work`: opened when the context is pushed (Flask's
   ``appcontext_pushed`` signal), ended after every other teardown function of the context has run,
   so the session is closed (rolled back if uncommitted) even if nobody calls ``remove()``;
+- an ``async def`` view (one task that Flask runs through asgiref while the request's thread
+  waits) is lent the unit of work, so it uses the request's session; its child tasks do not;
 - ``db.session`` is a :class:`sessionscope.scoped_session` over Flask-SQLAlchemy's own
   ``sessionmaker``, so the unit of work keys the session and the share-nothing guard owns it: a
   request's session or objects used by another thread or greenlet raise
@@ -194,7 +196,11 @@ def _open(ctx: AppContext) -> None:
     if getattr(ctx, _WORK_ATTR, None) is not None:
         return
     work = UnitOfWork()
-    work.__enter__()
+    # Lent, as pytest's thread lends its work to async fixtures: Flask runs an ``async def`` view
+    # as one task (asgiref) while the request's thread waits for it, so that task takes the work
+    # over and uses the request's db.session, one task at a time; its child tasks stay units of
+    # their own.
+    work.__enter__().lends = True
     setattr(ctx, _WORK_ATTR, work)
 
 
