@@ -10,11 +10,14 @@ and PostgreSQL) and async ones (aiosqlite and asyncpg).
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session as OrmSession
@@ -243,6 +246,36 @@ def test_cancellation_mid_request(db: Registries) -> None:
     asyncio.run(main())
     assert db.rows() == 0
     assert db.checked_out() == 0
+
+
+def test_repeated_cancellation_waits_for_the_thread_job_of_a_sync_session(
+    db: Registries,
+) -> None:
+    """anyio's cancel scopes cancel at every await (Starlette cancels a streaming response's task
+    on a client disconnect): the commit's worker-thread job is waited for all the same, so the
+    request's end never closes the session while that thread is still inside it."""
+    if db.is_async:
+        pytest.skip("sync sessions only: AsyncSessions are awaited on the loop")
+    anyio = pytest.importorskip("anyio")
+    in_commit = threading.Event()
+
+    @event.listens_for(db.registry.session_factory, "before_commit")
+    def slow_commit(session: Any) -> None:
+        in_commit.set()
+        time.sleep(0.2)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await db.add("request")
+        async with anyio.create_task_group() as group:
+            group.start_soon(respond, send, 200)
+            await asyncio.to_thread(in_commit.wait, 5)
+            group.cancel_scope.cancel()  # while the commit runs in its thread
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        asyncio.run(call(SessionScopeMiddleware(app, db.registry, commit=True)))
+    assert db.checked_out() == 0
+    assert db.rows() == 1  # the commit ran to its end; the response start was never sent
 
 
 # ------------------------------------------------------------------------------------------------

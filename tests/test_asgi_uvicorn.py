@@ -30,10 +30,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, insert, make_url, text
 from sqlalchemy.pool import NullPool
@@ -255,3 +257,43 @@ def test_sqlalchemy_scoped_session_misused_in_the_same_app_shows_other_tenants(
     assert [r for r in results if r.status == 200], results[:3]
     leaked = other_tenants_seen(results)
     assert leaked, "no request saw another tenant's rows through the shared session"
+
+
+def test_streaming_bodies_and_clients_that_leave_mid_stream(
+    database: Database, tmp_path: Path
+) -> None:
+    """``/def/stream``: its row 1 is committed as the response starts; the generator flushes row 3
+    after that, which is never committed, whether the client reads the whole body or closes the
+    connection after the first chunk. Either way the session ends: no connection out, no backend
+    idle in transaction."""
+    read_whole = [f"full{i}" for i in range(20)]
+    leave = [f"gone{i}" for i in range(20)]
+
+    def stream(base_url: str, req: str, whole: bool) -> bytes:
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            with client.stream("POST", f"/def/stream/{req}") as response:
+                assert response.status_code == 200
+                if whole:
+                    return response.read()
+                return next(response.iter_raw())  # then the connection is closed unread
+
+    with serve(database, tmp_path, "fastapi-sync") as server:
+        with ThreadPoolExecutor(10) as pool:
+            bodies = list(
+                pool.map(
+                    stream,
+                    [server.base_url] * 40,
+                    read_whole + leave,
+                    [True] * 20 + [False] * 20,
+                )
+            )
+        stats = settled(server, 40)
+        backends = database.backends()
+        log = server.log()
+    assert all(body.count(b"\n") == 11 for body in bodies[:20]), bodies[:2]
+    assert stats["completed"] == 40, stats
+    assert stats["checkedout"] == 0, stats
+    assert stats["leaks"] == []
+    assert backends["idle in transaction"] == 0, backends
+    assert "Traceback" not in log, log[-5000:]
+    assert database.committed() == Counter({(req, 1): 1 for req in read_whole + leave})

@@ -116,7 +116,8 @@ class SessionScopeMiddleware:
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        scope[SCOPE_KEY] = (*scope.get(SCOPE_KEY, ()), id(self.session))
+        # a copy, as the ASGI spec asks of middleware that changes the scope
+        scope = {**scope, SCOPE_KEY: (*scope.get(SCOPE_KEY, ()), id(self.session))}
         async with unit_of_work():
             if self._async:
                 async with self.session.scope(commit=False) as session:
@@ -174,7 +175,9 @@ class _Request:
 
         async def send_through(message: Message) -> None:
             kind = message["type"]
-            if kind == "http.response.start":
+            if kind == "websocket.http.response.start":  # a WebSocket denied with a response
+                self.status = int(message["status"])
+            elif kind == "http.response.start":
                 self.status = int(message["status"])
                 if commit and self.status < 400:
                     await self.run("commit")  # before the start: a failure is still a 500
@@ -187,7 +190,7 @@ class _Request:
                 await self.close(quietly=False)
 
         await self.middleware.app(scope, receive, send_through)
-        if scope["type"] == "websocket" and commit:
+        if scope["type"] == "websocket" and commit and (self.status or 0) < 400:
             await self.run("commit")  # the application returned without error
 
 
@@ -195,8 +198,11 @@ async def _off_loop(call: Callable[[], object]) -> None:
     """Run a blocking session call in a worker thread, a job of the request's unit of work.
 
     The job runs in a copy of the request's context, so the guard sees the request's own work.
-    Cancelled while the job runs, it still waits for the job to finish (the job cannot be stopped,
-    and the request's end must not close the session under it), then re-raises the cancellation.
+    Cancelled while the job runs, it still waits for the job to finish, then re-raises the
+    cancellation: the job cannot be stopped, and the request's end must not close the session
+    under it (that would be two threads in one session). anyio's cancel scopes (Starlette's
+    streaming responses on a client disconnect) cancel again at every await until the scope is
+    left, so the wait goes on through repeated cancellations.
     """
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()
@@ -204,6 +210,10 @@ async def _off_loop(call: Callable[[], object]) -> None:
     try:
         await asyncio.shield(job)
     except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(job)  # a second cancellation: stop waiting, job runs out
+        while not job.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([job])
+        failure = None if job.cancelled() else job.exception()  # (retrieved: no warning)
+        if failure is not None:
+            log.debug("sessionscope: a cancelled request's session call failed", exc_info=failure)
         raise

@@ -20,6 +20,9 @@ client's id of the request:
   and clean by then).
 - ``/{mode}/slow/{req}``: a row flushed, a sleep (other requests run meanwhile), committed.
 - ``/{mode}/read/{req}``: a query, no row.
+- ``/def/stream/{req}`` (``fastapi-sync``): row ``n=1`` written before the response (committed as
+  it starts), then a streaming body whose generator flushes row ``n=3`` (never committed: the
+  middleware rolls it back when the body ends, or when the client went away mid-stream).
 - ``/tenant/{mode}/{tenant}/{req}``: ``SET LOCAL app.tenant`` then read every ``tenant_rows`` row
   row-level security lets through; answers the tenants seen.
 - ``/leaky/tenant/{tenant}/{req}`` (``fastapi-sync`` only): the same with SQLAlchemy's own
@@ -42,10 +45,11 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import String, create_engine, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -74,6 +78,7 @@ class TenantRow(Base):
 
 
 SLOW = 0.02  # seconds between a slow request's flush and its end
+STREAM_CHUNKS = 10  # chunks of /def/stream after its first, SLOW apart
 
 
 class Stats:
@@ -256,6 +261,22 @@ def create_app() -> Any:
             def def_read(req: str, db: Db, fail: Fail) -> Any:
                 read_sync(db, req, fail=fail)
                 return answer(req, [])
+
+            @api.post("/def/stream/{req}")
+            def def_stream(req: str, db: Db) -> Any:
+                write_sync(db, req, fail=False)  # row 1: committed as the response starts
+
+                def body() -> Iterator[bytes]:  # iterated in thread-pool jobs of the request
+                    yield b"first\n"
+                    if registry() is not db or db.info.get("req") != req:
+                        stats.leak(f"{req}'s stream lost its session")
+                    db.add(WrittenRow(req=req, n=3))  # after the commit: never committed
+                    db.flush()
+                    for _ in range(STREAM_CHUNKS):
+                        time.sleep(SLOW)
+                        yield b"more\n"
+
+                return StreamingResponse(body())
 
             @api.post("/tenant/def/{tenant}/{req}")
             def def_tenant(tenant: str, req: str, db: Db) -> Any:
