@@ -324,9 +324,10 @@ class UnitOfWork:
     AsyncSessions are closed awaited and sync sessions are closed off the event loop.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, lend_to_tasks: bool = False) -> None:
         self.work: WorkUnit | None = None
         self._token: Token[WorkUnit | None] | None = None
+        self._lends = lend_to_tasks
 
     def _open(self) -> WorkUnit:
         if self.work is not None:
@@ -337,7 +338,13 @@ class UnitOfWork:
                 "for another block."
             )
         # inside another unit of work (which waits for this block), whose sessions stay usable
-        self.work = WorkUnit(current_unit(), running_task(), explicit=True, parent=current_work())
+        self.work = WorkUnit(
+            current_unit(),
+            running_task(),
+            explicit=True,
+            parent=current_work(),
+            lends=self._lends,
+        )
         self._token = work_var.set(self.work)
         return self.work
 
@@ -383,14 +390,28 @@ class UnitOfWork:
             self._reset()
 
 
-def unit_of_work() -> UnitOfWork:
+def unit_of_work(*, lend_to_tasks: bool = False) -> UnitOfWork:
     """Mark one request or job: ``with sessionscope.unit_of_work():`` (``async with`` in tasks).
 
     For servers and workers that reuse a thread or greenlet for many requests or jobs (gunicorn's
     gthread, gevent and eventlet workers, Celery pools, hand-written worker loops), and for asyncio
     code whose thread-pool jobs must share the request's session. See :class:`UnitOfWork`.
+
+    :param lend_to_tasks: opened in a thread, let the asyncio tasks that thread runs to completion
+     inside the block (``asyncio.run()``, asgiref's ``async_to_sync``) take part in the work, one
+     task at a time; tasks *they* start remain units of their own.
     """
-    return UnitOfWork()
+    if lend_to_tasks is not True and lend_to_tasks is not False:
+        from ._arguments import refuse
+
+        refuse(
+            TypeError,
+            "sessionscope.unit_of_work()",
+            "lend_to_tasks",
+            lend_to_tasks,
+            "True or False",
+        )
+    return UnitOfWork(lend_to_tasks=lend_to_tasks)
 
 
 def forget_after_fork(works: list[WorkUnit]) -> list[Any]:

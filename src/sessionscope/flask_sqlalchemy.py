@@ -195,12 +195,12 @@ def _open(ctx: AppContext) -> None:
     """A unit of work for ``ctx``; a context pushed again (same object) keeps its first one."""
     if getattr(ctx, _WORK_ATTR, None) is not None:
         return
-    work = UnitOfWork()
+    work = UnitOfWork(lend_to_tasks=True)
     # Lent, as pytest's thread lends its work to async fixtures: Flask runs an ``async def`` view
     # as one task (asgiref) while the request's thread waits for it, so that task takes the work
     # over and uses the request's db.session, one task at a time; its child tasks stay units of
     # their own.
-    work.__enter__().lends = True
+    work.__enter__()
     setattr(ctx, _WORK_ATTR, work)
 
 
