@@ -175,6 +175,36 @@ def test_a_failing_commit_raises_into_the_app_before_anything_is_sent(db: Regist
     assert db.checked_out() == 0
 
 
+@pytest.mark.parametrize("commit", [True, False], ids=["commit", "no-commit"])
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails"])
+def test_background_work_after_the_body_is_a_transaction_of_its_own(
+    db: Registries, commit: bool, fails: bool
+) -> None:
+    """After the last body message (where Starlette runs background tasks) the session is clean;
+    what is written then is committed with commit=True when the app returns, never when it raises,
+    and never with commit=False. The request's own row follows the status (here 200)."""
+    clean: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await db.add("request")
+        await respond(send, 200)
+        session = db.registry()
+        clean.append(not session.in_transaction() and not session.new)
+        await db.add("background")
+        if fails:
+            raise RuntimeError("background task failed")
+
+    middleware = SessionScopeMiddleware(app, db.registry, commit=commit)
+    if fails:
+        with pytest.raises(RuntimeError):
+            asyncio.run(call(middleware))
+    else:
+        asyncio.run(call(middleware))
+    assert clean == [True]
+    assert db.rows() == (0 if not commit else 1 if fails else 2)
+    assert db.checked_out() == 0
+
+
 def test_what_the_app_commits_itself_stays_with_commit_false(db: Registries) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         session = await db.add("kept")

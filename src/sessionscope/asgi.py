@@ -23,11 +23,12 @@ The order of events in one HTTP request:
    response sent yet (the server answers 500) instead of losing the write behind a 200.
 3. The last ``http.response.body`` passes (the end of a streaming body too): the session is closed,
    which rolls back whatever was not committed and returns its connection. Background tasks, which
-   Starlette runs after that, find a clean session (no transaction, no objects) and commit their
-   own work.
-4. The application returns or raises: the scope and the unit of work end (closing every session the
-   request made, guarded sessionmakers' included), whatever happened: errors, client disconnects,
-   cancellation.
+   Starlette runs after that, find a clean session (no transaction, no objects): a transaction of
+   their own.
+4. The application returns: with ``commit=True`` what the background tasks left uncommitted is
+   committed (they did not fail). It raises: that is rolled back. Then the scope and the unit of
+   work end (closing every session the request made, guarded sessionmakers' included), whatever
+   happened: errors, client disconnects, cancellation.
 
 Sync sessions (``scoped_session``) commit and close in a worker thread, a job of the request's unit
 of work, never on the event loop; AsyncSessions (``async_scoped_session``) are awaited.
@@ -95,9 +96,10 @@ class SessionScopeMiddleware:
     :param session: the registry, a ``sessionscope.scoped_session`` (sync sessions: their commit
      and close run in a worker thread) or ``sessionscope.async_scoped_session``.
     :param commit: ``True``: commit when the response starts with a status below 400 (before the
-     start is sent: a failing commit becomes a 500), and for a WebSocket when the application
-     returns without error. ``False`` (default): never commit; the application commits what it
-     means to keep, and the rest is rolled back when the response body ends.
+     start is sent: a failing commit becomes a 500); commit the background tasks' work (after the
+     body) and a WebSocket's when the application returns without error. ``False`` (default):
+     never commit; the application commits what it means to keep, and the rest is rolled back when
+     the response body ends (and again when the application returns).
 
     Lifespan (and any other scope type) passes straight through.
     """
@@ -190,8 +192,14 @@ class _Request:
                 await self.close(quietly=False)
 
         await self.middleware.app(scope, receive, send_through)
-        if scope["type"] == "websocket" and commit and (self.status or 0) < 400:
-            await self.run("commit")  # the application returned without error
+        if not commit:
+            return
+        if scope["type"] == "websocket":
+            if (self.status or 0) < 400:
+                await self.run("commit")  # the application returned without error
+        elif self.closed and self.session.in_transaction():
+            # the work of the background tasks, which ran after the body and did not fail
+            await self.run("commit")
 
 
 async def _off_loop(call: Callable[[], object]) -> None:
