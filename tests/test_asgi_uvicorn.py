@@ -43,8 +43,9 @@ from sqlalchemy.pool import NullPool
 from tests import test_fastapi_uvicorn as fastapi_uvicorn
 from tests.conftest import PG_URL
 from tests.servers.fastapi_app import Base as RowsBase
+from tests.servers.fastapi_app import RequestRow
 from tests.servers.process import Result, Server, drive, running
-from tests.servers.scoped_app import Base, TenantRow
+from tests.servers.scoped_app import CONFLICT_ID, Base, TenantRow
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -297,3 +298,23 @@ def test_streaming_bodies_and_clients_that_leave_mid_stream(
     assert backends["idle in transaction"] == 0, backends
     assert "Traceback" not in log, log[-5000:]
     assert database.committed() == Counter({(req, 1): 1 for req in read_whole + leave})
+
+
+def test_a_commit_that_fails_is_a_500_not_a_lost_write_behind_a_200(
+    database: Database, tmp_path: Path
+) -> None:
+    """``/def/conflict``: the endpoint returns 200, but its row's id is taken; the middleware
+    commits before forwarding ``http.response.start``, the commit fails, and uvicorn answers 500.
+    The session is closed all the same."""
+    with database.reader.begin() as conn:
+        conn.execute(insert(RequestRow), [{"id": CONFLICT_ID, "req": "taken", "n": 0}])
+    with serve(database, tmp_path, "fastapi-sync") as server:
+        results = drive(server.base_url, [f"/def/conflict/c{i}" for i in range(20)], clients=5)
+        stats = settled(server, 20)
+        backends = database.backends()
+        log = server.log()
+    assert {r.status for r in results} == {500}, results[:3]
+    assert "IntegrityError" in log
+    assert stats["checkedout"] == 0, stats
+    assert backends["idle in transaction"] == 0, backends
+    assert database.committed() == Counter({("taken", 0): 1})

@@ -23,6 +23,8 @@ client's id of the request:
 - ``/def/stream/{req}`` (``fastapi-sync``): row ``n=1`` written before the response (committed as
   it starts), then a streaming body whose generator flushes row ``n=3`` (never committed: the
   middleware rolls it back when the body ends, or when the client went away mid-stream).
+- ``/def/conflict/{req}`` (``fastapi-sync``): a row whose id is taken, answered 200 by the
+  endpoint; the middleware's commit fails before the response starts, so the server answers 500.
 - ``/tenant/{mode}/{tenant}/{req}``: ``SET LOCAL app.tenant`` then read every ``tenant_rows`` row
   row-level security lets through; answers the tenants seen.
 - ``/leaky/tenant/{tenant}/{req}`` (``fastapi-sync`` only): the same with SQLAlchemy's own
@@ -79,6 +81,7 @@ class TenantRow(Base):
 
 SLOW = 0.02  # seconds between a slow request's flush and its end
 STREAM_CHUNKS = 10  # chunks of /def/stream after its first, SLOW apart
+CONFLICT_ID = -1  # the id of a row the test inserts: /def/conflict's commit fails on it
 
 
 class Stats:
@@ -261,6 +264,11 @@ def create_app() -> Any:
             def def_read(req: str, db: Db, fail: Fail) -> Any:
                 read_sync(db, req, fail=fail)
                 return answer(req, [])
+
+            @api.post("/def/conflict/{req}")
+            def def_conflict(req: str, db: Db) -> Any:
+                db.add(WrittenRow(id=CONFLICT_ID, req=req, n=1))  # the id is taken: commit fails
+                return answer(req, [1])
 
             @api.post("/def/stream/{req}")
             def def_stream(req: str, db: Db) -> Any:
