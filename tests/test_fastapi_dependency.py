@@ -180,3 +180,25 @@ def test_fastapi_is_imported_lazily() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_add_middleware_and_a_failing_commit_answered_500(sync_registry: Any) -> None:
+    """``app.add_middleware(SessionScopeMiddleware, ...)`` (inside Starlette's
+    ServerErrorMiddleware): the endpoint's 200 becomes a 500 when the commit fails."""
+    Session = sync_registry
+    api = FastAPI()
+    api.add_middleware(SessionScopeMiddleware, session=Session, commit=True)
+    Db = Annotated[OrmSession, Depends(sessionscope.fastapi.session(Session))]
+
+    @api.post("/{n}")
+    def endpoint(n: int, db: Db) -> dict[str, int]:
+        db.add(Row(id=n, owner="endpoint", n=n))
+        return {"n": n}
+
+    async def main() -> list[int]:
+        transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [(await client.post(path)).status_code for path in ("/1", "/1", "/2")]
+
+    assert asyncio.run(main()) == [200, 500, 200]
+    assert count_rows(Session) == 2
