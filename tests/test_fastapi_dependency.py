@@ -202,3 +202,52 @@ def test_add_middleware_and_a_failing_commit_answered_500(sync_registry: Any) ->
 
     assert asyncio.run(main()) == [200, 500, 200]
     assert count_rows(Session) == 2
+
+
+@pytest.mark.parametrize("spec_version", ["2.0", "2.4"])
+def test_async_streaming_response_keeps_the_session_until_the_body_ends(
+    tmp_path: Path, spec_version: str
+) -> None:
+    """Below ASGI spec 2.4 Starlette streams in a child task (with a disconnect listener): the
+    AsyncSession is used, and closed at the body's end, from that task, while the request waits."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/fastapi-stream.db")
+    from fastapi.responses import StreamingResponse
+
+    async def main() -> tuple[bytes, int, list[bool]]:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        Session = sessionscope.async_scoped_session(async_sessionmaker(engine))
+        api = FastAPI()
+        Db = Annotated[AsyncSession, Depends(sessionscope.fastapi.session(Session))]
+        in_stream: list[bool] = []
+
+        @api.post("/")
+        async def endpoint(db: Db) -> StreamingResponse:
+            db.add(Row(owner="before", n=1))  # committed as the response starts
+
+            async def body() -> Any:
+                yield b"a"
+                in_stream.append(Session() is db)
+                db.add(Row(owner="in the stream", n=2))
+                await db.flush()  # after the commit: rolled back when the body ends
+                in_stream.append(db.in_transaction())
+                yield b"b"
+
+            return StreamingResponse(body())
+
+        app = SessionScopeMiddleware(api, Session, commit=True)
+
+        async def versioned(scope: Any, receive: Any, send: Any) -> None:
+            await app(
+                {**scope, "asgi": {"version": "3.0", "spec_version": spec_version}}, receive, send
+            )
+
+        answer = await post(versioned, "/")
+        async with AsyncSession(engine) as check:
+            owners = (await check.scalars(select(Row.owner))).all()
+        checked_out = engine.pool.checkedout()  # type: ignore[attr-defined]
+        await engine.dispose()
+        assert owners == ["before"]
+        return answer.content, checked_out, in_stream
+
+    assert asyncio.run(main()) == (b"ab", 0, [True, True])
