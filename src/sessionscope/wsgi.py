@@ -1,0 +1,275 @@
+"""WSGI: one unit of work and one session scope per request, until the response is done.
+
+WSGI servers reuse threads (gunicorn ``gthread``, waitress, mod_wsgi) and greenlets (gunicorn
+``gevent``/``eventlet``: a keep-alive connection's greenlet serves request after request), so the
+thread or greenlet is not the request. :class:`SessionScopeMiddleware` marks the request:
+
+- The request runs in a copy of the server's context, inside ``sessionscope.unit_of_work()`` and a
+  ``session.scope()``: ``Session()`` and its proxies are the request's own session wherever the
+  application calls them, and nothing of the request is left in the server's thread or greenlet.
+- The request ends when the server is done with the response: when the body iterable is
+  exhausted and closed (PEP 3333 makes ``close()`` the server's duty, also on errors), not when
+  the application returns. A streaming body keeps its session while it is produced. Every path
+  that stops early (the application raising before or after ``start_response``, the body raising,
+  a client gone mid-stream) ends it too: uncommitted work is rolled back and the connection goes
+  back to the pool.
+- ``commit=True`` commits in the ``start_response`` it passes to the application, when the status
+  is below 400: the commit happens before the status line can go out, so a commit that fails
+  raises out of ``start_response`` (and out of the application) and the server answers 500,
+  instead of a 200 for a write that was lost. The exception reaches the server and any error
+  middleware around this one, as any exception of the application does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+import weakref
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exc as sa_exc
+
+from ._arguments import expect_flags, refuse
+from ._async_scoping import async_scoped_session
+from ._scoping import scoped_session
+from ._work import unit_of_work
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from sqlalchemy.orm import Session
+
+    from ._scope import SessionScope
+    from ._work import UnitOfWork
+
+__all__ = ["SessionScopeMiddleware"]
+
+_NO_ERROR: tuple[None, None, None] = (None, None, None)
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+
+_current: contextvars.ContextVar[weakref.ref[RequestScope] | None] = contextvars.ContextVar(
+    "sessionscope.wsgi.request", default=None
+)
+"""Weakly: the request's context must not keep its request alive (a body the server dropped
+without ``close()`` ends its unit of work as it is freed, not when the garbage collector runs)."""
+
+
+def current_request_scope() -> RequestScope | None:
+    """The request (or Flask app context) scope the running code is in, if any."""
+    ref = _current.get()
+    return None if ref is None else ref()
+
+
+def expect_registry(call: str, value: object) -> None:
+    """Refuse anything but a sync ``sessionscope.scoped_session`` as the ``session`` argument.
+
+    The request's scope is opened on the registry the application calls; a session, a
+    sessionmaker or SQLAlchemy's own ``scoped_session`` would give the application's
+    ``Session()`` another session than the one this integration commits and closes.
+    """
+    if isinstance(value, scoped_session):
+        return
+    if isinstance(value, async_scoped_session):
+        fix = "WSGI is synchronous: pass a sessionscope.scoped_session(sessionmaker(engine))."
+    elif hasattr(value, "registry") and hasattr(value, "session_factory"):
+        fix = (
+            "SQLAlchemy's scoped_session keys sessions by thread, which servers reuse: use "
+            "`from sessionscope import scoped_session` for the registry."
+        )
+    else:
+        fix = "Pass the registry your code calls: `Session = scoped_session(sessionmaker(engine))`."
+    refuse(sa_exc.ArgumentError, call, "session", value, "a sessionscope.scoped_session", fix)
+
+
+class RequestScope:
+    """One request's unit of work and scope, and how its end is decided.
+
+    Everything it opens runs in ``context``, a copy of the server's context made for this request:
+    the server may call the body's ``close()`` from another point of its loop, and the
+    request's context variables must be reset where they were set.
+    """
+
+    __slots__ = (
+        "context",
+        "registry",
+        "work",
+        "scope",
+        "session",
+        "commit",
+        "ended",
+        "_token",
+        "__weakref__",
+    )
+
+    def __init__(self, registry: scoped_session[Any], *, commit: bool) -> None:
+        self.context = contextvars.copy_context()
+        self.registry = registry
+        self.work: UnitOfWork = unit_of_work()
+        # new=True: a request is independent of any scope around the server (a test's, say)
+        self.scope: SessionScope[Any] = registry.scope(new=True, commit=False)
+        self.session: Session | None = None
+        self.commit = commit
+        self.ended = False
+        self._token: contextvars.Token[weakref.ref[RequestScope] | None] | None = None
+
+    def open(self) -> None:
+        """Enter the unit of work, then the scope, in the running context."""
+        self.work.__enter__()
+        try:
+            self.session = self.scope.__enter__()
+        except BaseException:
+            self.ended = True
+            self.work.__exit__(*sys.exc_info())
+            raise
+        self._token = _current.set(weakref.ref(self))
+
+    def commit_for(self, status: str) -> None:
+        """Commit when asked to and the status is a success (see :meth:`commit_now`)."""
+        if self.commit and _code(status) < 400:
+            self.commit_now()
+
+    def commit_now(self) -> None:
+        """Commit the request's session; if that fails, roll back and raise the failure."""
+        if self.ended or self.session is None:
+            return
+        try:
+            self.session.commit()
+        except BaseException:
+            self.session.rollback()
+            raise
+
+    def end(self, exc_info: ExcInfo | OptExcInfo = _NO_ERROR) -> None:
+        """Close the scope (rolling back what was not committed) and end the unit of work, once.
+
+        With ``exc_info`` of an error in flight, a failure to close is logged by the scope and the
+        original error stays the one raised.
+        """
+        if self.ended:
+            return
+        self.ended = True
+        token, self._token = self._token, None
+        if token is not None:
+            with contextlib.suppress(ValueError):  # ended from another context: nothing to reset
+                _current.reset(token)
+        try:
+            self.scope.__exit__(*exc_info)
+        finally:
+            self.work.__exit__(*exc_info)
+
+
+def _code(status: str) -> int:
+    try:
+        return int(status.split(None, 1)[0])
+    except (ValueError, IndexError):
+        return 500  # not a status line: never commit on it
+
+
+class SessionScopeMiddleware:
+    """Give every request its own unit of work and session scope of ``session``.
+
+    :param app: the WSGI application.
+    :param session: the application's ``sessionscope.scoped_session``; inside a request,
+        ``session()`` and its proxies return the request's session.
+    :param commit: ``True`` commits when the response status is below 400 (before the status line
+        goes out, so a failed commit is a 500) and rolls back otherwise; ``False`` (default)
+        never commits: what the request did not commit itself is rolled back.
+    """
+
+    def __init__(self, app: WSGIApplication, session: Any, *, commit: bool = False) -> None:
+        if not callable(app):
+            refuse(TypeError, "SessionScopeMiddleware()", "app", app, "a WSGI application")
+        expect_registry("SessionScopeMiddleware()", session)
+        expect_flags("SessionScopeMiddleware()", commit=commit)
+        self.app = app
+        self.session: scoped_session[Any] = session
+        self.commit = commit
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request = RequestScope(self.session, commit=self.commit)
+        return request.context.run(self._run, request, environ, start_response)
+
+    def _run(
+        self, request: RequestScope, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        started = False
+
+        def scoped_start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+        ) -> Any:
+            nonlocal started
+            request.commit_for(status)
+            started = True
+            return start_response(status, headers, exc_info)
+
+        request.open()
+        try:
+            result = self.app(environ, scoped_start_response)
+        except BaseException:
+            request.end(sys.exc_info())
+            raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if started and isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+            # A file sent as is (sendfile): no database work is left, and wrapping it would hide
+            # it from the server. The server closes it.
+            try:
+                request.end()
+            except BaseException:
+                _close(result)
+                raise
+            return result
+        return ScopedBody(request, result)
+
+
+class ScopedBody:
+    """The application's response body, ending the request's scope when closed.
+
+    Each step of the iteration runs in the request's context. ``close()`` closes the
+    application's iterable first (a generator's ``finally`` may still use the session), then ends
+    the scope. An error raised by the iteration ends it at once, before it propagates.
+    """
+
+    __slots__ = ("_request", "_result", "_iterator")
+
+    def __init__(self, request: RequestScope, result: Iterable[bytes]) -> None:
+        self._request = request
+        self._result = result
+        self._iterator: Iterator[bytes] | None = None
+
+    def __iter__(self) -> ScopedBody:
+        return self
+
+    def __next__(self) -> bytes:
+        return self._request.context.run(self._next)
+
+    def _next(self) -> bytes:
+        try:
+            if self._iterator is None:
+                self._iterator = iter(self._result)
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException:
+            self._close(sys.exc_info())
+            raise
+
+    def close(self) -> None:
+        """The server is done with the response: close the application's body, end the scope."""
+        if not self._request.ended:
+            self._request.context.run(self._close, _NO_ERROR)
+
+    def _close(self, exc_info: ExcInfo | OptExcInfo) -> None:
+        try:
+            _close(self._result)
+        except BaseException:
+            self._request.end(exc_info if exc_info[0] is not None else sys.exc_info())
+            raise
+        self._request.end(exc_info)
+
+
+def _close(result: object) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
