@@ -35,6 +35,7 @@ from tests.servers.wsgi_checks import (
     assert_data_went_wrong,
     assert_served_cleanly,
     assert_tenants_isolated,
+    mark_known_failures,
     plan,
     serve,
     sqlalchemy_registry_problems,
@@ -237,10 +238,15 @@ def test_flask_under_gevent_preload_commits_exactly_its_rows_and_leaves_nothing_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
-@pytest.mark.parametrize("worker", ["sync", "gthread", "gevent"])
+@pytest.mark.parametrize("worker", ["sync", "gthread", "gevent", "eventlet"])
 def test_flask_under_every_worker_class_and_2000_requests(
-    worker: str, preload: bool, database: WsgiDatabase, tmp_path: Path
+    worker: str,
+    preload: bool,
+    database: WsgiDatabase,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
+    mark_known_failures(request, worker, preload)
     with serve(database, tmp_path, framework="flask", worker=worker, preload=preload) as server:
         results = drive(server.base_url, plan(2000), clients=CLIENTS)
         assert_served_cleanly(server, database, results)

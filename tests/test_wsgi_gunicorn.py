@@ -17,9 +17,10 @@ SQLAlchemy's own ``scoped_session`` with the usual hand-written wrapper, in the 
 under gevent with ``--preload``, fails the same checks.
 
 Unmarked: gthread and gevent ``--preload`` (1,000 requests), the tenant check and SQLAlchemy's
-failure. ``slow``: every worker class (``sync``, ``gthread``, ``gevent``), with and without
-``--preload``, 2,000 requests each. gunicorn 23.0 removed the ``eventlet`` worker (deprecated in
-22) and the installed gunicorn has none; the eventlet case is not covered here.
+failure. ``slow``: every worker class (``sync``, ``gthread``, ``gevent``, ``eventlet``), with and
+without ``--preload``, 2,000 requests each. gunicorn 23.0 removed the ``eventlet`` worker: those
+cases run a gunicorn < 23 installed apart (see ``tests/servers/wsgi_checks.py``) or skip; eventlet
+with ``--preload`` is an expected failure (SQLAlchemy's pool locks predate the patch).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tests.servers.wsgi_checks import (
     assert_data_went_wrong,
     assert_served_cleanly,
     assert_tenants_isolated,
+    mark_known_failures,
     plan,
     serve,
     sqlalchemy_registry_problems,
@@ -65,10 +67,15 @@ def test_each_request_commits_exactly_its_rows_and_leaves_nothing_behind(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
-@pytest.mark.parametrize("worker", ["sync", "gthread", "gevent"])
+@pytest.mark.parametrize("worker", ["sync", "gthread", "gevent", "eventlet"])
 def test_every_worker_class_under_2000_requests(
-    worker: str, preload: bool, database: WsgiDatabase, tmp_path: Path
+    worker: str,
+    preload: bool,
+    database: WsgiDatabase,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
+    mark_known_failures(request, worker, preload)
     with serve(database, tmp_path, framework="wsgi", worker=worker, preload=preload) as server:
         results = drive(server.base_url, plan(2000), clients=CLIENTS)
         assert_served_cleanly(server, database, results)
