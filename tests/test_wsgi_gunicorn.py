@@ -36,6 +36,7 @@ from tests.servers.wsgi_checks import (
     CLIENTS,
     WsgiDatabase,
     assert_data_went_wrong,
+    assert_failed_commits_are_500s,
     assert_served_cleanly,
     assert_tenants_isolated,
     mark_known_failures,
@@ -63,6 +64,7 @@ def test_each_request_commits_exactly_its_rows_and_leaves_nothing_behind(
     with serve(database, tmp_path, framework="wsgi", worker=worker, preload=preload) as server:
         results = drive(server.base_url, plan(1000), clients=CLIENTS)
         assert_served_cleanly(server, database, results)
+        assert_failed_commits_are_500s(server, database)
 
 
 @pytest.mark.slow

@@ -20,6 +20,8 @@ Endpoints (POST, the request id in the path):
   ``500 {"expected_failure": id}``.
 - ``/tenant/{tenant}/{id}``: ``SET LOCAL app.tenant``, add a row of that tenant to a table under
   row-level security, and return the tenants of every row the request could see.
+- ``/commitfail/{id}``: add two rows breaking a deferred unique constraint: the integration's
+  commit fails, and the response must be a 500.
 
 The first touch of the session in a request checks it is fresh: no ``Session.info`` of another
 request, nothing pending, nothing in the identity map, no transaction. Anything else is printed as
@@ -35,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import String, create_engine, func, select, text
+from sqlalchemy import String, UniqueConstraint, create_engine, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session as sa_scoped_session
@@ -64,6 +66,15 @@ class TenantRow(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant: Mapped[str] = mapped_column(String(40), index=True)
     req: Mapped[str] = mapped_column(String(40))
+
+
+class UniqueRow(Base):
+    """Its unique constraint is checked at COMMIT (deferred): a commit that fails."""
+
+    __tablename__ = "unique_rows"
+    __table_args__ = (UniqueConstraint("k", deferrable=True, initially="DEFERRED"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    k: Mapped[str] = mapped_column(String(40))
 
 
 class ExpectedFailure(Exception):
@@ -111,6 +122,10 @@ def handle(Session: Any, path: str) -> tuple[int, dict[str, Any]]:
         session.flush()
         time.sleep(SLOW_SECONDS / 4)
         raise ExpectedFailure(req)
+    if kind == "commitfail":  # flushes fine; the integration's commit fails
+        session.add_all([UniqueRow(k=req), UniqueRow(k=req)])
+        session.flush()
+        return 200, {"req": req}
     if kind == "tenant":
         tenant = parts[1]
         session.execute(text("select set_config('app.tenant', :t, true)"), {"t": tenant})

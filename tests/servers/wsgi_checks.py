@@ -24,8 +24,8 @@ from sqlalchemy.pool import NullPool
 
 from tests.conftest import PG_URL
 from tests.servers.gunicorn_process import drive_clients, gunicorn
-from tests.servers.process import REPO, Result, Server
-from tests.servers.wsgi_app import Base, TenantRow, WsgiRow
+from tests.servers.process import REPO, Result, Server, drive
+from tests.servers.wsgi_app import Base, TenantRow, UniqueRow, WsgiRow
 from tests.test_fastapi_uvicorn import Database
 
 APP = "tests.servers.wsgi_app:create_app()"
@@ -283,3 +283,15 @@ def assert_data_went_wrong(found: dict[str, Any]) -> None:
         or found["leaks"]
     )
     assert wrong_data, found
+
+
+def assert_failed_commits_are_500s(server: Server, database: WsgiDatabase) -> None:
+    """Commits that fail at COMMIT (a deferred constraint): a 500 each, nothing written, nothing
+    left in a transaction. (The server logs each failure with its traceback.)"""
+    results = drive(server.base_url, [f"/commitfail/c{i}" for i in range(20)], clients=5)
+    assert [r.status for r in results] == [500] * 20, results[:3]
+    with database.reader.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(UniqueRow)) == 0
+    assert "UniqueViolation" in server.log()
+    backends = database.settled_backends()
+    assert backends["idle in transaction"] + backends["idle in transaction (aborted)"] == 0
