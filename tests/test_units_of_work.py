@@ -329,3 +329,22 @@ def test_a_nested_boundary_may_use_the_outer_works_sessions_but_siblings_may_not
             inner.execute(text("select 1"))  # a sibling's: ended with its block
         outer.close()
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_an_async_boundary_under_trio_closes_its_sync_sessions_in_a_worker_thread(
+    engine: Engine,
+) -> None:
+    trio = pytest.importorskip("trio")
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    seen: list[Session] = []
+
+    async def main() -> None:
+        for _ in range(3):
+            async with sessionscope.unit_of_work():
+                session = Scoped()
+                session.execute(text("select 1"))  # checked out, in a transaction
+                seen.append(session)
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+    trio.run(main)
+    assert len({id(s) for s in seen}) == 3

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ._async_session_end import _closing, closers_on_its_loop
 from ._guard._lineage import cleanup
 from ._session_end import close_quietly_or_invalidate
+from ._units._asyncio import _get_running_loop
 from ._work import WorkUnit, _end_hooks
 
 
@@ -34,20 +35,27 @@ def closers_for(session: Any) -> tuple[Callable[[], object], Callable[[], object
 
 async def end_awaited(work: WorkUnit) -> None:
     """End ``work`` from a task: sync closes off the loop, AsyncSession closes awaited."""
+
+    def end_in_worker() -> None:
+        with cleanup():
+            work.end()
+
+    if _get_running_loop() is None:  # trio: its worker threads; AsyncSessions need asyncio
+        import trio
+
+        if _holds_sync_sessions(work):
+            await trio.to_thread.run_sync(end_in_worker)
+        else:
+            work.end()
+        return
     loop = asyncio.get_running_loop()
     before = set(_closing)
-    if _holds_sync_sessions(work):
-
-        def end_in_worker() -> None:
-            with cleanup():
-                work.end()
-
-        # The async closes it starts must run on this loop: they are started from the worker
-        # through the loop (closers_on_its_loop sees no running loop there), so end on the loop
-        # instead when any AsyncSession is held.
-        if not _holds_async_sessions(work):
-            await loop.run_in_executor(None, end_in_worker)
-            return
+    # Sync sessions close in a worker thread; but the closes of AsyncSessions must start on this
+    # loop (closers_on_its_loop sees no running loop in a worker), so with any AsyncSession held
+    # the whole end runs here.
+    if _holds_sync_sessions(work) and not _holds_async_sessions(work):
+        await loop.run_in_executor(None, end_in_worker)
+        return
     work.end()
     started = [task for task in _closing if task not in before]
     if started:
