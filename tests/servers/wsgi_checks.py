@@ -165,6 +165,8 @@ def serve(
     if worker == "eventlet":
         env.update(eventlet_worker_or_skip())
     options = WORKERS[worker] + (["--preload"] if preload else [])
+    if registry != "sessionscope":  # its hung requests need not be waited for at shutdown
+        options += ["--graceful-timeout", "1"]
     return gunicorn(APP, env, tmp_path / "server.log", options)
 
 
@@ -270,7 +272,7 @@ def sqlalchemy_registry_problems(
     ) as server:
         paths = plan(240)
         plans = [paths[c::CLIENTS] for c in range(CLIENTS)]
-        results = drive_clients(server.base_url, plans, deadline=6, timeout=3)
+        results = drive_clients(server.base_url, plans, deadline=4, timeout=2)
         return problems(server, database, results, settle=1)
 
 
