@@ -53,7 +53,8 @@ EVENTLET_PRELOAD = pytest.mark.xfail(
     strict=False,
     reason="eventlet with --preload: SQLAlchemy's pool locks are made before eventlet patches the "
     "worker (in the master, and by the after-fork dispose in the child), and a pool Condition then "
-    "fails under load with 'RuntimeError: cannot wait on un-acquired lock'",
+    "fails under load with 'RuntimeError: cannot wait on un-acquired lock' (plain SQLAlchemy "
+    "without sessionscope fails every request the same way)",
 )
 
 
