@@ -10,7 +10,10 @@ rounds, inside one fresh thread:
 - a unit of work: new session, add, flush, get (identity-map hit and miss), lazy loads both ways,
   attribute writes (scalar and collection append), a select, commit, ``remove()``;
 - single calls with no I/O, where the guard's share is largest: ``session.get()`` answered from
-  the identity map, a write to an attribute of an attached object, ``Session()`` + ``remove()``.
+  the identity map, a write to an attribute of an attached object, ``Session()`` + ``remove()``;
+- the handles a session gives out, per call: a 1,000-row result iterated (ns per row, the
+  statement included) and fetched row by row with ``fetchone()`` (a check per row), and
+  ``session.connection().execute(select 1)`` (ns per call).
 
 The attribute-write listeners are process-wide: once any session has been guarded, every write to
 a mapped attribute calls them, and for objects of unguarded sessions (``"off"``, SQLAlchemy's) they
@@ -44,7 +47,7 @@ from typing import Any, Protocol
 
 from _envs import in_thread
 from _timing import Comparison, Settings, _timed, calibrate, compile_loop
-from sqlalchemy import ForeignKey, String, create_engine, event, func, select
+from sqlalchemy import ForeignKey, String, create_engine, event, func, select, text
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -178,6 +181,24 @@ def no_session(registry: Any) -> Subject:
     return Subject(registry)
 
 
+def own_session(registry: Any) -> Subject:
+    return Subject(registry())
+
+
+RESULT_ROWS = 1_000
+NAMES = {
+    "Author": Author,
+    "Book": Book,
+    # RESULT_ROWS rows computed by SQLite itself: the statement is cheap, the rows are the cost
+    "ROWS": text(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c"
+        f" WHERE x < {RESULT_ROWS}) SELECT x FROM c"
+    ),
+    "SELECT_1": text("SELECT 1"),
+}
+"""The names the cases' statements use."""
+
+
 @dataclass(frozen=True)
 class GuardCase:
     """A statement over ``S`` and how to bind ``S`` from a registry.
@@ -190,6 +211,7 @@ class GuardCase:
     expr: str
     subject: Callable[[Any], Subject]
     per: str = "call"
+    rows: int = 1  # what one statement does RESULT_ROWS times: ns are per row
     listener: bool = False
     target: float | None = None  # from the issue: the highest acceptable raise / off ratio
     aim: float | None = None
@@ -209,6 +231,21 @@ CASES = (
     GuardCase("session.get(), identity-map hit", "S.get(Author, 1)", identity_hit),
     GuardCase("attribute write, attached object", "S.name = 'x'", attached_object),
     GuardCase("Session() then remove()", "S(); S.remove()", no_session),
+    GuardCase(
+        "result iteration, 1,000 rows",
+        "for _ in S.execute(ROWS): pass",
+        own_session,
+        per="row",
+        rows=RESULT_ROWS,
+    ),
+    GuardCase(
+        "result fetchone(), 1,000 rows",
+        "for _ in iter(S.execute(ROWS).fetchone, None): pass",
+        own_session,
+        per="row",
+        rows=RESULT_ROWS,
+    ),
+    GuardCase("connection().execute(select 1)", "S.connection().execute(SELECT_1)", own_session),
     GuardCase("unit of work, guard='off'", "S()", unit_of_work, "unit of work", listener=True),
     GuardCase("attribute write, guard='off'", "S.name = 'x'", attached_object, listener=True),
 )
@@ -368,14 +405,15 @@ class LocalSampler:
         self.check = Check(guarded, write_listeners(), work)
         # A loop of its own, so that its specialised bytecode only ever sees this contender.
         self.loop = compile_loop(case.expr, unroll)
-        self.loop.__globals__.update(Author=Author, Book=Book)  # names the statements use
+        self.loop.__globals__.update(NAMES)
         self.unroll = unroll
+        self.ops = unroll * case.rows  # per sample iteration
 
     def calibrate(self, target_ns: int) -> int:
         return calibrate(self.loop, self.subject.value, target_ns)
 
     def sample(self, n: int) -> float:
-        return _timed(self.loop, self.subject.value, n) / (n * self.unroll)
+        return _timed(self.loop, self.subject.value, n) / (n * self.ops)
 
 
 def interleave(samplers: Mapping[str, Sampler], settings: Settings) -> dict[str, list[float]]:
