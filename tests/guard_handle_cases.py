@@ -204,14 +204,6 @@ def _connection_handles() -> list[Handle]:
     ]
 
 
-ENGINE_TRANSACTIONS_UNGUARDED = (
-    "the engine-level Transaction objects of a guarded session's connection (RootTransaction from"
-    " connection.get_transaction(), NestedTransaction from connection.begin_nested()) are not"
-    " guarded: another unit's commit() commits the owner's transaction; its rollback() of a"
-    " savepoint is refused only deep inside, after SQLAlchemy deactivated the savepoint"
-)
-
-
 def _root_transaction(world: World) -> Action:
     root = world.connection.get_transaction()
     assert root is not None
@@ -236,7 +228,6 @@ def _engine_transaction_handles() -> list[Handle]:
             "connection.get_transaction() handle, commit",
             _root_transaction,
             "Session",
-            known_failure=ENGINE_TRANSACTIONS_UNGUARDED,
         ),
         Handle(
             "connection.begin_nested() handle, rollback",
@@ -244,7 +235,6 @@ def _engine_transaction_handles() -> list[Handle]:
             "Session",
             finish=_commit_engine_savepoint,
             savepoint_rows=1,
-            known_failure=ENGINE_TRANSACTIONS_UNGUARDED,
         ),
     ]
 
@@ -486,16 +476,11 @@ def _session_state_handles() -> list[Handle]:
         on_session("session.dirty", lambda s: s.dirty, "read Session.dirty"),
         on_session("session.deleted", lambda s: s.deleted, "read Session.deleted"),
         on_session("iter(session)", list, "called Session.__iter__()"),
-        on_session("with session.no_autoflush", _enter_no_autoflush, "Session.autoflush"),
+        on_session("with session.no_autoflush", _enter_no_autoflush, "Session.no_autoflush"),
         on_session(
             "session.no_autoflush (read)",
             lambda s: s.no_autoflush,
             "read Session.no_autoflush",
-            known_failure=(
-                "Session.no_autoflush is SQLAlchemy's _non_memoized_property, not a property:"
-                " _handles.session_namespace skips it, so reading it is not refused (entering it"
-                " is, through the autoflush assignment)"
-            ),
         ),
         assigning("info", {}),
         assigning("autoflush", False),

@@ -32,8 +32,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from greenlet import getcurrent
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Result
+from sqlalchemy.engine import Connection, Result, Transaction
 from sqlalchemy.engine.result import FilterResult
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -72,7 +73,19 @@ CONNECTION_METHODS = (
     "scalar",
     "scalars",
 )
-CONNECTION_RETURNING_RESULTS = ("execute", "exec_driver_sql", "scalars")
+CONNECTION_RETURNING_HANDLES = (
+    "execute",
+    "exec_driver_sql",
+    "scalars",
+    "begin",
+    "begin_nested",
+    "begin_twophase",
+    "get_transaction",
+    "get_nested_transaction",
+)
+"""Connection methods returning a result or an engine-level transaction, guarded as returned."""
+
+ENGINE_TRANSACTION_METHODS = ("commit", "rollback", "close", "prepare", "__exit__")
 
 TRANSACTION_METHODS = ("commit", "rollback", "close", "prepare", "__exit__")
 
@@ -102,22 +115,24 @@ def _checked_returning(name: str, method: F) -> F:
 
     @functools.wraps(method)
     def returning(self: Any, *args: Any, **kw: Any) -> Any:
+        guard = self.__dict__[GUARD_ATTRIBUTE]
+        nested = guard.depth and getcurrent() is guard.entered
         result = checked(self, *args, **kw)
-        guard_result(result, self.__dict__[GUARD_ATTRIBUTE])
+        if not nested:  # the session's own statements (a flush's) never reach anyone else
+            guard_handle(result, guard)
         return result
 
     return returning  # type: ignore[return-value]
 
 
-def _checked_property(name: str, prop: property) -> property:
-    fget = prop.fget
-    assert fget is not None
+def _checked_property(name: str, descriptor: Any) -> property:
+    """A read-checked property over any descriptor (SQLAlchemy uses its own for some)."""
 
     def get(self: Any) -> Any:
         self.__dict__[GUARD_ATTRIBUTE].check_use(f".{name}")
-        return fget(self)
+        return descriptor.__get__(self, type(self))
 
-    return property(get, prop.fset, prop.fdel, prop.__doc__)
+    return property(get, doc=getattr(descriptor, "__doc__", None))
 
 
 class _WriteChecked:
@@ -176,9 +191,10 @@ def session_namespace(base: type) -> dict[str, Any]:
     for name in RETURNING_RESULTS:
         namespace[name] = _checked_returning(name, getattr(base, name))
     for name in STATE_PROPERTIES:
-        prop = getattr(base, name, None)
-        if isinstance(prop, property):
-            namespace[name] = _checked_property(name, prop)
+        for klass in base.__mro__:
+            if name in klass.__dict__:
+                namespace[name] = _checked_property(name, klass.__dict__[name])
+                break
     for name in WRITE_CHECKED_ATTRIBUTES:
         namespace[name] = _WriteChecked(name)
     namespace["identity_map"] = _IdentityMapSlot()
@@ -207,12 +223,22 @@ def guard_session_state(session: Any, guard: Any) -> None:
 _CONNECTION_CLASSES = "_sessionscope_guarded_connection_class"
 _TRANSACTION_CLASSES = "_sessionscope_guarded_transaction_class"
 _RESULT_CLASSES = "_sessionscope_guarded_result_class"
+_ENGINE_TRANSACTION_CLASSES = "_sessionscope_guarded_engine_transaction_class"
 
 
 def _connection_namespace(base: type) -> dict[str, Any]:
     namespace = checked_methods(base, CONNECTION_METHODS, prefix="connection().")
-    for name in CONNECTION_RETURNING_RESULTS:
-        namespace[name] = _checked_returning(f"connection().{name}", getattr(base, name))
+    for name in CONNECTION_RETURNING_HANDLES:
+        if callable(getattr(base, name, None)):
+            namespace[name] = _checked_returning(f"connection().{name}", getattr(base, name))
+    return namespace
+
+
+def _engine_transaction_namespace(base: type) -> dict[str, Any]:
+    """An engine-level transaction (``connection.begin()``, ``get_transaction()``) takes no
+    attributes (``__slots__``): it finds the guard through its connection."""
+    namespace = checked_methods(base, ENGINE_TRANSACTION_METHODS, prefix="connection().begin().")
+    namespace[GUARD_ATTRIBUTE] = property(lambda self: self.connection.__dict__[GUARD_ATTRIBUTE])
     return namespace
 
 
@@ -249,12 +275,18 @@ def _switch(handle: Any, guard: Any, namespace_for: Any, cache: str) -> None:
     handle.__dict__[GUARD_ATTRIBUTE] = guard
 
 
-def guard_result(result: Any, guard: Any) -> None:
-    """Guard a result (or, for ``scalars()``/``mappings()`` filters, the result under it)."""
-    if isinstance(result, FilterResult):
-        result = result._real_result
-    if isinstance(result, Result) and GUARD_ATTRIBUTE not in result.__dict__:
-        _switch(result, guard, _result_namespace, _RESULT_CLASSES)
+def guard_handle(handle: Any, guard: Any) -> None:
+    """Guard a result (for ``scalars()``/``mappings()`` filters, the result under them) or an
+    engine-level transaction of a guarded connection, as it is returned."""
+    if isinstance(handle, FilterResult):
+        handle = handle._real_result
+    if isinstance(handle, Result):
+        if GUARD_ATTRIBUTE not in handle.__dict__:
+            _switch(handle, guard, _result_namespace, _RESULT_CLASSES)
+    elif isinstance(handle, Transaction) and not is_guarded_class(type(handle)):
+        handle.__class__ = checked_subclass(
+            type(handle), _engine_transaction_namespace, _ENGINE_TRANSACTION_CLASSES
+        )
 
 
 def _on_transaction_create(session: Session, transaction: SessionTransaction) -> None:
