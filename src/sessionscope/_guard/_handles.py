@@ -53,7 +53,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 RETURNING_RESULTS = ("execute", "scalars")
 """Session methods whose results are guarded as they are returned."""
 
-CONNECTION_METHODS = (
+CONNECTION_METHODS = (  # (``in_transaction()``: introspection, as on the session; SQLAlchemy 2.0
+    # asks it while a result is read, also after the session closed)
     "begin",
     "begin_nested",
     "begin_twophase",
@@ -66,8 +67,6 @@ CONNECTION_METHODS = (
     "get_isolation_level",
     "get_nested_transaction",
     "get_transaction",
-    "in_nested_transaction",
-    "in_transaction",
     "invalidate",
     "rollback",
     "scalar",
