@@ -77,13 +77,8 @@ def _check(state: Any, key: str) -> None:
 
 
 def _check_committed_value(state: Any, key: str) -> None:
-    session_id = state.session_id
-    if session_id is not None:
-        ref = _guard_of_session_id.get(session_id)
-        if ref is not None:
-            guard = ref()
-            if guard is not None:
-                guard.check_write(f"(set_committed_value){key}", state.class_)
+    if state.session_id is not None:  # (the operation's name only for attached objects)
+        _check(state, "(set_committed_value)" + key)
 
 
 def _patch_set_committed_value() -> None:
