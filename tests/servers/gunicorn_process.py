@@ -9,8 +9,6 @@ list (one tenant per client).
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -20,36 +18,7 @@ from typing import Any
 
 import httpx
 
-from tests.servers.process import REPO, Result, Server, _answers, free_port, stop
-
-
-def _start(
-    app: str, env: Mapping[str, str], log_path: Path, options: list[str]
-) -> tuple[Server, Any]:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--keep-alive",
-        "30",
-        "--graceful-timeout",
-        "5",
-        "--timeout",
-        "60",
-        "--log-level",
-        "warning",
-        *options,
-        app,
-    ]
-    full_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", **env}
-    log = log_path.open("ab")
-    process = subprocess.Popen(
-        command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT
-    )
-    return Server(process, f"http://127.0.0.1:{port}", log_path), log
+from tests.servers.process import Result, Server, launched
 
 
 @contextlib.contextmanager
@@ -63,23 +32,28 @@ def gunicorn(
     timeout: float = 30,
 ) -> Iterator[Server]:
     """``gunicorn options app`` on a free 127.0.0.1 port, ``env`` added, until the block ends."""
-    for _ in range(attempts):
-        server, log = _start(app, env, log_path, options)
-        try:
-            if _answers(server, timeout):
-                break
-            stop(server)
-        except BaseException:
-            stop(server)
-            raise
-        finally:
-            log.close()
-    else:
-        raise RuntimeError(f"{app} did not start; its log:\n{log_path.read_text()[-5000:]}")
-    try:
+
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--keep-alive",
+            "30",
+            "--graceful-timeout",
+            "5",
+            "--timeout",
+            "60",
+            "--log-level",
+            "warning",
+            *options,
+            app,
+        ]
+
+    with launched(app, command, env, log_path, attempts=attempts, timeout=timeout) as server:
         yield server
-    finally:
-        stop(server)
 
 
 def drive_clients(

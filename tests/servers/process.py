@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,25 +54,9 @@ class Server:
 
 
 def _start(
-    app: str, env: Mapping[str, str], log_path: Path, args: Sequence[str] = ()
+    command: list[str], port: int, env: Mapping[str, str], log_path: Path
 ) -> tuple[Server, Any]:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        app,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-        *args,
-    ]
-    full_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **env}
+    full_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", **env}
     log = log_path.open("ab")
     process = subprocess.Popen(
         command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT
@@ -106,6 +90,41 @@ def stop(server: Server, timeout: float = 15) -> int:
 
 
 @contextlib.contextmanager
+def launched(
+    name: str,
+    command_for: Callable[[int], list[str]],
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    attempts: int = 3,
+    timeout: float = 30,
+) -> Iterator[Server]:
+    """The server ``command_for(port)`` starts, on a free 127.0.0.1 port, until the block ends.
+
+    The port is found by binding port 0 and released before the server binds it; if another
+    process took it meanwhile, the server exits and the start is retried on another port.
+    """
+    for _ in range(attempts):
+        port = free_port()
+        server, log = _start(command_for(port), port, env, log_path)
+        try:
+            if _answers(server, timeout):
+                break
+            stop(server)
+        except BaseException:
+            stop(server)
+            raise
+        finally:
+            log.close()
+    else:
+        raise RuntimeError(f"{name} did not start; its log:\n{log_path.read_text()[-5000:]}")
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+@contextlib.contextmanager
 def running(
     app: str,
     env: Mapping[str, str],
@@ -118,27 +137,27 @@ def running(
     """``uvicorn --factory app`` with ``env`` added, on a free port, until the block ends.
 
     ``args``: more uvicorn options (``["--loop", "uvloop"]``).
-
-    The port is found by binding port 0 and released before uvicorn binds it; if another process
-    took it meanwhile, uvicorn exits and the start is retried on another port.
     """
-    for _ in range(attempts):
-        server, log = _start(app, env, log_path, args)
-        try:
-            if _answers(server, timeout):
-                break
-            stop(server)
-        except BaseException:
-            stop(server)
-            raise
-        finally:
-            log.close()
-    else:
-        raise RuntimeError(f"{app} did not start; its log:\n{log_path.read_text()[-5000:]}")
-    try:
+
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            app,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            *args,
+        ]
+
+    with launched(app, command, env, log_path, attempts=attempts, timeout=timeout) as server:
         yield server
-    finally:
-        stop(server)
 
 
 @dataclass
