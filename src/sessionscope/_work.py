@@ -44,10 +44,10 @@ from typing import Any
 from greenlet import greenlet
 
 from . import _fork
-from ._units import _trio, current_unit, describe_unit
+from ._units import ThreadUnit, _trio, current_unit, describe_unit, watch_unit_end
 from ._units._asyncio import _get_running_loop, current_task_of_loop
-from ._units._greenlet import run_outside_hub, watch_end
-from ._units._thread import INTERPRETER, is_pool_worker, replace_last_job, watch_end_weakly
+from ._units._greenlet import run_outside_hub
+from ._units._thread import INTERPRETER, is_pool_worker, replace_last_job
 
 log = logging.getLogger("sessionscope")
 _modules = sys.modules
@@ -248,17 +248,9 @@ def current_or_new_work() -> WorkUnit:
     task = running_task()
     work = WorkUnit(unit, task, explicit=False)
     work_var.set(work)
-    if task is not None:
-        if asyncio.isfuture(task):  # (also pure-Python tasks, which are no asyncio.Task)
-            task.add_done_callback(work.unit_ended)
-        else:
-            _trio.watch_end(task, work)
-    elif isinstance(unit, greenlet):
-        watch_end(unit, work)  # gevent/eventlet announce their end; raw greenlets are freed
-    else:
-        watch_end_weakly(work)  # before the thread's context is torn down
-        if is_pool_worker():
-            _hold_in_the_pool_thread(work)
+    watch_unit_end(unit, work)  # a task's end, a gevent/eventlet greenlet's, a thread's (weakly)
+    if isinstance(unit, ThreadUnit) and is_pool_worker():
+        _hold_in_the_pool_thread(work)
     return work
 
 

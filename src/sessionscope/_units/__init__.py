@@ -29,7 +29,6 @@ __all__ = [
     "Unit",
     "current_unit",
     "describe_unit",
-    "unwatch_unit_end",
     "watch_unit_end",
 ]
 
@@ -98,25 +97,11 @@ def describe_unit(unit: Unit) -> str:
 def watch_unit_end(unit: Unit, listener: Any) -> None:
     """Arrange for ``listener.unit_ended()`` to be called once ``unit`` has ended.
 
-    Must be called from ``unit`` itself. It may be called more than once (a greenlet that finishes
-    and is then freed); listeners make it idempotent. Raw greenlets have no end signal: their
-    storage is watched for being freed instead (see ``UnitLocal``).
+    Must be called from ``unit`` itself; listeners make a second signal harmless. Raw greenlets
+    have no end signal: their unit of work ends when their context is freed, or in a sweep (see
+    ``UnitLocal``). A thread holds its listeners weakly (see ``_thread.watch_end``).
     """
     _model_of(unit).watch_end(unit, listener)
-
-
-def unwatch_unit_end(unit: Unit, listener: Any) -> None:
-    """Undo :func:`watch_unit_end`; called from ``unit`` itself."""
-    _model_of(unit).unwatch_end(unit, listener)
-
-
-def is_finished(unit: Any) -> bool:
-    """True when ``unit`` is known to have finished (used to sweep raw greenlets kept alive)."""
-    if isinstance(unit, greenlet):
-        return bool(unit.dead)
-    if asyncio.isfuture(unit):
-        return unit.done()
-    return False
 
 
 _fork.on_fork_in_child(_thread.renew_after_fork)

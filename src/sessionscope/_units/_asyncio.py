@@ -40,9 +40,5 @@ def watch_end(task: asyncio.Task[Any], listener: Any) -> None:
     task.add_done_callback(listener.unit_ended)
 
 
-def unwatch_end(task: asyncio.Task[Any], listener: Any) -> None:
-    task.remove_done_callback(listener.unit_ended)
-
-
 def describe(task: asyncio.Task[Any]) -> str:
     return f"asyncio task {task.get_name()!r}"

@@ -72,18 +72,13 @@ def watch_end(unit: greenlet, listener: Any) -> None:
     """Call ``listener.unit_ended()`` when a gevent or eventlet greenlet finishes or is killed.
 
     Those announce their end (``rawlink`` / ``link``), so the session is closed as the greenlet
-    finishes even if the application keeps the greenlet object. Raw greenlets announce nothing;
-    ``UnitLocal`` watches them (and all others) by a weak reference that fires when they are freed.
+    finishes even if the application keeps the greenlet object. Raw greenlets announce nothing:
+    their unit of work ends as their context is freed with them (``_work``), or in a sweep.
     """
     if hasattr(unit, "rawlink"):  # gevent.Greenlet
         unit.rawlink(listener.unit_ended)
     elif hasattr(unit, "link") and hasattr(unit, "_exit_event"):  # eventlet GreenThread
         unit.link(listener.unit_ended)
-
-
-def unwatch_end(unit: greenlet, listener: Any) -> None:
-    if hasattr(unit, "rawlink") or hasattr(unit, "link") and hasattr(unit, "_exit_event"):
-        unit.unlink(listener.unit_ended)
 
 
 def describe(unit: greenlet) -> str:

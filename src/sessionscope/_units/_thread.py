@@ -69,18 +69,15 @@ def _at_exit() -> None:
 class _ThreadEndSentinel:
     """Lives in the thread's own local storage; telling listeners when the thread is done."""
 
-    __slots__ = ("listeners", "weak_listeners")
+    __slots__ = ("listeners",)
 
     def __init__(self) -> None:
-        self.listeners: list[UnitEndListener] = []
-        self.weak_listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.listeners: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def __del__(self, _interpreter: dict[str, bool] = _interpreter) -> None:
         if _interpreter["shutting_down"]:
             return  # connections die with the process; nothing may run this late
-        for listener in self.listeners:
-            listener.unit_ended()
-        for listener in list(self.weak_listeners):
+        for listener in list(self.listeners):
             listener.unit_ended()
 
 
@@ -126,14 +123,6 @@ def renew_after_fork() -> list[Any]:
     return [old] if old is not None else []
 
 
-def watch_end(unit: Any, listener: UnitEndListener) -> None:
-    """Call ``listener.unit_ended()`` in the current thread (``unit``) when it ends."""
-    sentinel = getattr(_per_thread, "sentinel", None)
-    if sentinel is None:
-        sentinel = _per_thread.sentinel = _ThreadEndSentinel()
-    sentinel.listeners.append(listener)
-
-
 def is_pool_worker() -> bool:
     """Whether the running thread is a thread pool's worker: it runs jobs in contexts of others.
 
@@ -156,25 +145,17 @@ def replace_last_job(work: Any) -> Any:
     return previous
 
 
-def watch_end_weakly(listener: UnitEndListener) -> None:
-    """As :func:`watch_end` for the running thread, without keeping ``listener`` alive.
+def watch_end(unit: Any, listener: UnitEndListener) -> None:
+    """Call ``listener.unit_ended()`` in the current thread (``unit``) when it ends.
 
-    For units of work of a thread's own context, and of pool jobs that run on it: a job's work is
-    freed (and ended) with the job's context, long before the thread ends, and must not pile up.
-    It must be told before the thread's context is torn down, which is not a safe moment to run
-    Python code that touches context variables.
+    Weakly: a pool job's unit of work is freed (and ended) long before its thread ends, and must
+    not pile up. It is told before the thread's context is torn down, which is not a safe moment
+    to run Python code that touches context variables.
     """
     sentinel = getattr(_per_thread, "sentinel", None)
     if sentinel is None:
         sentinel = _per_thread.sentinel = _ThreadEndSentinel()
-    sentinel.weak_listeners.add(listener)
-
-
-def unwatch_end(unit: Any, listener: UnitEndListener) -> None:
-    """Stop watching for ``listener`` (called from the same thread)."""
-    sentinel = getattr(_per_thread, "sentinel", None)
-    if sentinel is not None and listener in sentinel.listeners:
-        sentinel.listeners.remove(listener)
+    sentinel.listeners.add(listener)
 
 
 def describe(unit: Any) -> str:

@@ -58,12 +58,5 @@ def watch_end(task: Any, listener: Any) -> None:
     instrument.listeners.setdefault(task, []).append(listener)
 
 
-def unwatch_end(task: Any, listener: Any) -> None:
-    instrument = _instruments.get(_run_context.runner)
-    listeners = instrument.listeners.get(task, []) if instrument is not None else []
-    if listener in listeners:
-        listeners.remove(listener)
-
-
 def describe(task: Any) -> str:
     return f"trio task {task.name!r}"
