@@ -292,6 +292,49 @@ def _transaction_handles() -> list[Handle]:
             lambda w: w.session.get_transaction().commit,  # type: ignore[union-attr]
             "called Session.begin().commit()",
         ),
+        # what a transaction hands out is guarded with it: its connection, its parent
+        Handle(
+            "session.get_transaction() handle, connection().execute",
+            lambda w: (
+                lambda: (
+                    w.session.get_transaction()  # type: ignore[union-attr]
+                    .connection(None)
+                    .execute(_intruder_insert(3))
+                )
+            ),
+            "called Session.begin().connection()",
+        ),
+        Handle(
+            "session.begin_nested() handle, parent.commit",
+            lambda w: _session_savepoint(w).parent.commit,  # type: ignore[union-attr]
+            "called Session.begin().commit()",
+            finish=_commit_session_savepoint,
+            savepoint_rows=1,
+        ),
+    ] + _bound_connection_handles()
+
+
+def _executing_intruder(connection: Connection) -> Action:
+    return lambda: connection.execute(_intruder_insert(4))
+
+
+def _bound_connection_handles() -> list[Handle]:
+    """SQLAlchemy 2.1.7 added ``SessionTransaction.bound_connection()`` and ``connections``."""
+    if not hasattr(SessionTransaction, "bound_connection"):
+        return []
+    return [
+        Handle(
+            "session.get_transaction() handle, bound_connection().execute",
+            lambda w: _executing_intruder(
+                w.session.get_transaction().bound_connection()  # type: ignore[union-attr]
+            ),
+            "called Session.connection().execute()",
+        ),
+        Handle(
+            "session.get_transaction() handle, connections, commit",
+            lambda w: next(iter(w.session.get_transaction().connections)).commit,  # type: ignore[union-attr]
+            "called Session.connection().commit()",
+        ),
     ]
 
 

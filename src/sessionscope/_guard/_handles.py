@@ -9,9 +9,10 @@ carrying the session's :class:`SessionGuard`; its calls ask the same ``admit()``
 unit using it is refused before anything reaches the driver, and a call made inside a session call
 (the session's own use of its connection and transaction) costs one comparison.
 
-- Connections and transactions are switched as SQLAlchemy creates them (the ``after_begin`` and
-  ``after_transaction_create`` session events, listened to once for all sessions; unguarded
-  sessions pay one dict lookup per transaction).
+- Connections and transactions are switched as the session hands them out (``connection()``,
+  ``begin()``, ``get_transaction()``, ...; a guarded transaction's ``connection()``, ``parent``,
+  ``connections``), not as SQLAlchemy creates them: the session's own statements on a connection
+  nobody took cost nothing, and unguarded sessions pay nothing at all.
 - Results are switched as the session or its connection returns them. A result whose rows were
   all fetched (soft-closed: ``.all()`` was called) reaches nothing any more and is plain data, as
   is a ``FrozenResult``.
@@ -28,15 +29,13 @@ unit using it is refused before anything reaches the driver, and a call made ins
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from greenlet import getcurrent
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Result, Transaction
 from sqlalchemy.engine.result import FilterResult
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import SessionTransaction
 
 from ._guarded_class import (
     GUARD_ATTRIBUTE,
@@ -50,8 +49,17 @@ from ._ownership import ENDED
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-RETURNING_RESULTS = ("execute", "scalars")
-"""Session methods whose results are guarded as they are returned."""
+RETURNING_HANDLES = (
+    "execute",
+    "scalars",
+    "connection",
+    "begin",
+    "begin_nested",
+)
+"""Session methods whose results (a result, a connection, a transaction) are guarded as returned."""
+
+HANDING_OUT = ("get_transaction", "get_nested_transaction")
+"""Session introspection that is not checked but hands out a transaction, guarded as returned."""
 
 CONNECTION_METHODS = (  # (``in_transaction()``: introspection, as on the session; SQLAlchemy 2.0
     # asks it while a result is read, also after the session closed)
@@ -87,6 +95,9 @@ CONNECTION_RETURNING_HANDLES = (
 ENGINE_TRANSACTION_METHODS = ("commit", "rollback", "close", "prepare", "__exit__")
 
 TRANSACTION_METHODS = ("commit", "rollback", "close", "prepare", "__exit__")
+TRANSACTION_RETURNING_HANDLES = ("connection",)
+TRANSACTION_HANDING_OUT = ("bound_connection",)  # (SQLAlchemy 2.1.7) acquires nothing
+TRANSACTION_HANDING_OUT_PROPERTIES = ("parent", "connections")  # (``connections``: 2.1.7)
 
 RESULT_FETCHES = (
     "_fetchiter_impl",
@@ -122,6 +133,35 @@ def _checked_returning(name: str, method: F) -> F:
         return result
 
     return returning  # type: ignore[return-value]
+
+
+def _handing_out(method: F) -> F:
+    """An unchecked method (introspection) whose result, a handle, is guarded as returned."""
+
+    @functools.wraps(method)
+    def handing_out(self: Any, *args: Any, **kw: Any) -> Any:
+        handle = method(self, *args, **kw)
+        guard_handle(handle, self.__dict__[GUARD_ATTRIBUTE])
+        return handle
+
+    return handing_out  # type: ignore[return-value]
+
+
+def _handing_out_methods(base: type, names: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        name: _handing_out(getattr(base, name))
+        for name in names
+        if callable(getattr(base, name, None))
+    }
+
+
+def _handing_out_property(descriptor: Any) -> property:
+    def get(self: Any) -> Any:
+        handle = descriptor.__get__(self, type(self))
+        guard_handle(handle, self.__dict__[GUARD_ATTRIBUTE])
+        return handle
+
+    return property(get, doc=getattr(descriptor, "__doc__", None))
 
 
 def _checked_property(name: str, descriptor: Any) -> property:
@@ -187,8 +227,9 @@ def watch_flagging(identity_map: Any, guard: Any) -> None:
 def session_namespace(base: type) -> dict[str, Any]:
     """The checked methods, state and write-checked attributes of a guarded Session class."""
     namespace = checked_methods(base, GUARDED_METHODS)
-    for name in RETURNING_RESULTS:
+    for name in RETURNING_HANDLES:
         namespace[name] = _checked_returning(name, getattr(base, name))
+    namespace.update(_handing_out_methods(base, HANDING_OUT))
     for name in STATE_PROPERTIES:
         for klass in base.__mro__:
             if name in klass.__dict__:
@@ -207,8 +248,7 @@ def guard_session_state(session: Any, guard: Any) -> None:
     write-checked descriptor leaves to it.
     """
     watch_flagging(session.identity_map, guard)
-    _install_events()
-    # a session guarded while in a transaction: its transactions and connections so far
+    # a session guarded while in a transaction: what it may have handed out already
     transaction = session._transaction
     while transaction is not None:
         _switch(transaction, guard, _transaction_namespace, _TRANSACTION_CLASSES)
@@ -242,7 +282,15 @@ def _engine_transaction_namespace(base: type) -> dict[str, Any]:
 
 
 def _transaction_namespace(base: type) -> dict[str, Any]:
-    return checked_methods(base, TRANSACTION_METHODS, prefix="begin().")
+    namespace = checked_methods(base, TRANSACTION_METHODS, prefix="begin().")
+    for name in TRANSACTION_RETURNING_HANDLES:
+        namespace[name] = _checked_returning(f"begin().{name}", getattr(base, name))
+    namespace.update(_handing_out_methods(base, TRANSACTION_HANDING_OUT))
+    for name in TRANSACTION_HANDING_OUT_PROPERTIES:
+        descriptor = base.__dict__.get(name)
+        if descriptor is not None:
+            namespace[name] = _handing_out_property(descriptor)
+    return namespace
 
 
 def _checked_fetch(method: F) -> F:
@@ -275,41 +323,28 @@ def _switch(handle: Any, guard: Any, namespace_for: Any, cache: str) -> None:
 
 
 def guard_handle(handle: Any, guard: Any) -> None:
-    """Guard a result (for ``scalars()``/``mappings()`` filters, the result under them) or an
-    engine-level transaction of a guarded connection, as it is returned."""
+    """Guard a handle as the session, or one of its guarded handles, hands it out.
+
+    A result (for ``scalars()``/``mappings()`` filters, the result under them); a connection; a
+    session transaction (and its parents, which it hands out as ``parent``); an engine-level
+    transaction of a guarded connection (it finds the guard through its connection); a set of
+    connections. Anything else (None, a value) is left alone.
+    """
     if isinstance(handle, FilterResult):
         handle = handle._real_result
     if isinstance(handle, Result):
         if GUARD_ATTRIBUTE not in handle.__dict__:
             _switch(handle, guard, _result_namespace, _RESULT_CLASSES)
-    elif isinstance(handle, Transaction) and not is_guarded_class(type(handle)):
-        handle.__class__ = checked_subclass(
-            type(handle), _engine_transaction_namespace, _ENGINE_TRANSACTION_CLASSES
-        )
-
-
-def _on_transaction_create(session: Session, transaction: SessionTransaction) -> None:
-    guard = session.__dict__.get(GUARD_ATTRIBUTE)
-    if guard is not None:
-        _switch(transaction, guard, _transaction_namespace, _TRANSACTION_CLASSES)
-
-
-def _on_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
-    guard = session.__dict__.get(GUARD_ATTRIBUTE)
-    if guard is not None:
-        _switch(connection, guard, _connection_namespace, _CONNECTION_CLASSES)
-
-
-_installed = False
-_install_lock = threading.Lock()
-
-
-def _install_events() -> None:
-    global _installed
-    if _installed:
-        return
-    with _install_lock:
-        if not _installed:
-            event.listen(Session, "after_transaction_create", _on_transaction_create)
-            event.listen(Session, "after_begin", _on_begin)
-            _installed = True
+    elif isinstance(handle, Connection):
+        _switch(handle, guard, _connection_namespace, _CONNECTION_CLASSES)
+    elif isinstance(handle, SessionTransaction):
+        _switch(handle, guard, _transaction_namespace, _TRANSACTION_CLASSES)
+    elif isinstance(handle, Transaction):
+        if not is_guarded_class(type(handle)):
+            handle.__class__ = checked_subclass(
+                type(handle), _engine_transaction_namespace, _ENGINE_TRANSACTION_CLASSES
+            )
+    elif isinstance(handle, (frozenset, set, tuple, list)):
+        for each in handle:
+            if isinstance(each, Connection):
+                _switch(each, guard, _connection_namespace, _CONNECTION_CLASSES)
