@@ -2,11 +2,13 @@
 
 The demo is the project's showcase, so these tests hold it to its claims: sessionscope's column is
 zero everywhere, and SQLAlchemy's column really shows the damage under gevent and asyncio (a demo
-whose "before" column were quietly all zeros would prove nothing).
+whose "before" column were quietly all zeros would prove nothing). The web section (real gunicorn
+and uvicorn servers) runs once, small, on PostgreSQL; the model tests leave it out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,18 +16,24 @@ from typing import Any
 
 import pytest
 
+from sessionscope.demo import web_report
+from sessionscope.demo.web import WEB_METRIC_LABELS, WEB_SERVERS, WebMetrics, WebOutcome
 from tests.conftest import PG_URL, postgres_available, require_server
 
 UNITS = 10
 ROWS = 3
+MODELS = ("--models", "threads,gevent,asyncio")
+"""The concurrency models without the web section (tested on its own, below)."""
+WEB_REQUESTS = 240
+WEB_CLIENTS = 12
 
 
-def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
+def run_demo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sessionscope", "demo", "--units", str(UNITS), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -64,7 +72,9 @@ def assert_demo_claims(document: dict[str, Any]) -> None:
 
 
 def test_demo_on_sqlite_file() -> None:
-    assert_demo_claims(run_demo_json())
+    document = run_demo_json(*MODELS)
+    assert_demo_claims(document)
+    assert document["web"] is None
 
 
 def test_demo_text_report() -> None:
@@ -82,6 +92,7 @@ def test_demo_refuses_an_unknown_model() -> None:
     finished = run_demo("--models", "threads,fibers")
     assert finished.returncode == 2
     assert "fibers" in finished.stderr
+    assert "web" in finished.stderr  # among the choices it lists
 
 
 @pytest.fixture
@@ -95,4 +106,70 @@ def isolated_pg_url(request: pytest.FixtureRequest) -> str:
 
 
 def test_demo_on_postgresql(isolated_pg_url: str) -> None:
-    assert_demo_claims(run_demo_json("--url", isolated_pg_url))
+    assert_demo_claims(run_demo_json(*MODELS, "--url", isolated_pg_url))
+
+
+def test_web_section_on_postgresql(isolated_pg_url: str) -> None:
+    """gunicorn (gevent, --preload) and uvicorn, the same small load with each registry: every row
+    of sessionscope's column is zero and everything was answered; SQLAlchemy's shows damage."""
+    document = run_demo_json(
+        "--models",
+        "web",
+        "--web-requests",
+        str(WEB_REQUESTS),
+        "--web-clients",
+        str(WEB_CLIENTS),
+        "--url",
+        isolated_pg_url,
+    )
+    assert document["sessionscope_all_zero"] is True
+    assert document["models"] == {}
+    section = document["web"]
+    assert section["skipped"] == {} and section["failed_to_run"] == {}
+    assert (
+        section["metrics"]
+        == list(WEB_METRIC_LABELS)
+        == [
+            "rows_lost",
+            "failed_rows_committed",
+            "foreign_objects",
+            "errors",
+            "hung",
+        ]
+    )
+    assert set(section["servers"]) == set(WEB_SERVERS) == {"gunicorn-gevent", "uvicorn"}
+    writes = WEB_REQUESTS - WEB_REQUESTS // 6  # one request in six fails on purpose
+    for key, columns in section["servers"].items():
+        ours = WebMetrics(**columns["sessionscope"])
+        assert {m: getattr(ours, m) for m in section["metrics"]} == dict.fromkeys(
+            section["metrics"], 0
+        ), (key, ours)
+        assert ours.failures() == {}, (key, ours)
+        assert (ours.requests, ours.acknowledged, ours.rows_committed) == (
+            WEB_REQUESTS,
+            writes,
+            writes,
+        ), (key, ours)
+        theirs = WebMetrics(**columns["sqlalchemy"])
+        assert theirs.failures(), (key, theirs)  # the same load does damage without sessionscope
+
+        # the table as printed: one row per metric, SQLAlchemy's column then sessionscope's
+        text = web_report.section(
+            WebOutcome(WEB_SERVERS[key], results={"sqlalchemy": theirs, "sessionscope": ours})
+        )
+        lines = text.splitlines()
+        assert lines[0] == f"== {WEB_SERVERS[key].title} =="
+        assert lines[1].split() == ["SQLAlchemy", "scoped_session", "sessionscope.scoped_session"]
+        for line, (metric, label) in zip(lines[2:], WEB_METRIC_LABELS.items(), strict=False):
+            assert line.startswith(f"  {label}"), line
+            assert line.split()[-2:] == [str(getattr(theirs, metric)), "0"], line
+        assert "sessionscope: NOT ALL ZERO" not in text
+
+
+def test_a_web_server_whose_packages_are_missing_is_skipped_with_a_note() -> None:
+    """The servers are optional extras: missing, the section says so instead of failing."""
+    server = dataclasses.replace(WEB_SERVERS["uvicorn"], needs=("no_such_server_package",))
+    reason = server.missing()
+    assert reason is not None and "no_such_server_package not installed" in reason
+    text = web_report.section(WebOutcome(server, skipped=reason))
+    assert text.splitlines() == [f"== {server.title} ==", f"  skipped: {reason}"]

@@ -10,7 +10,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] != "demo":
         print(
             "usage: python -m sessionscope demo [--url URL] [--units N] [--rows N] "
-            "[--models threads,gevent,asyncio] [--json]\n"
+            "[--models threads,gevent,asyncio,web]\n"
+            "                                   [--web-requests N] [--web-clients N] [--json]\n"
             "       python -m sessionscope demo --help",
             file=sys.stderr,
         )

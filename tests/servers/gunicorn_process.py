@@ -1,15 +1,15 @@
 """gunicorn in a subprocess, and load with one fixed list of requests per client.
 
 The uvicorn harness (:mod:`tests.servers.process`) starts its server on a free port and drives it;
-this module starts ``gunicorn`` the same way (its master process is the one started and stopped:
-it stops its workers) and adds :func:`drive_clients`, where each keep-alive client sends its own
-list (one tenant per client).
+this module starts ``gunicorn`` the same way, with the launcher of ``sessionscope.demo.servers``
+(shared with the demo's web section; the master process is the one started and stopped: it stops
+its workers), and adds :func:`drive_clients`, where each keep-alive client sends its own list (one
+tenant per client).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 
-from tests.servers.process import Result, Server, launched
+from sessionscope.demo.servers import Server, gunicorn_command, launched
+from tests.servers.process import REPO, Result
 
 
 @contextlib.contextmanager
@@ -32,27 +33,10 @@ def gunicorn(
     timeout: float = 30,
 ) -> Iterator[Server]:
     """``gunicorn options app`` on a free 127.0.0.1 port, ``env`` added, until the block ends."""
-
-    def command(port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--keep-alive",
-            "30",
-            "--graceful-timeout",
-            "5",
-            "--timeout",
-            "60",
-            "--log-level",
-            "warning",
-            *options,
-            app,
-        ]
-
-    with launched(app, command, env, log_path, attempts=attempts, timeout=timeout) as server:
+    command = gunicorn_command(app, options)
+    with launched(
+        app, command, env, log_path, attempts=attempts, timeout=timeout, cwd=REPO
+    ) as server:
         yield server
 
 

@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session as sa_scoped_session
 
 import sessionscope
+from sessionscope.demo.web_app import by_hand
 
 SLOW_SECONDS = 0.02
 
@@ -175,26 +176,6 @@ def wsgi_app(Session: Any, *, sessionscope_registry: bool) -> Callable[..., Iter
 
         return SessionScopeMiddleware(app, Session, commit=True)
     return by_hand(app, Session)
-
-
-def by_hand(app: Callable[..., Iterable[bytes]], Session: Any) -> Callable[..., Iterable[bytes]]:
-    """The usual hand-written wrapper around SQLAlchemy's registry: commit below 400, else roll
-    back, and ``remove()`` when the request is done."""
-
-    def wrapped(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        def commit_first(status: str, headers: Any, exc_info: Any = None) -> Any:
-            if int(status[:3]) < 400:
-                Session.commit()
-            else:
-                Session.rollback()
-            return start_response(status, headers, exc_info)
-
-        try:
-            return list(app(environ, commit_first))
-        finally:
-            Session.remove()
-
-    return wrapped
 
 
 # -- Flask ---------------------------------------------------------------------------------------

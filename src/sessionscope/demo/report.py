@@ -28,27 +28,34 @@ def header(plan: Plan, database_shown_as: str) -> str:
     )
 
 
-def model_section(model: Model, plan: Plan, results: dict[str, Metrics]) -> str:
-    """The table of one model, followed by what happened in each column."""
-    label_width = max(len(label) for label in METRIC_LABELS.values())
+def table(title: str, labels: dict[str, str], results: dict[str, Any]) -> list[str]:
+    """``== title ==`` and one row per label: the contenders side by side, one column each.
+
+    ``results`` maps a contender's key to an object with an attribute per key of ``labels``.
+    """
+    label_width = max(len(label) for label in labels.values())
     widths = [len(contender.title) for contender in CONTENDERS]
     head = " " * label_width + "".join(
         f"   {contender.title:>{width}}"
         for contender, width in zip(CONTENDERS, widths, strict=True)
     )
-    lines = [f"== {model.title} ==", "  " + head]
-    for key, label in METRIC_LABELS.items():
+    lines = [f"== {title} ==", "  " + head]
+    for key, label in labels.items():
         cells = "".join(
             f"   {getattr(results[contender.key], key):>{width}}"
             for contender, width in zip(CONTENDERS, widths, strict=True)
         )
         lines.append(f"  {label:<{label_width}}{cells}")
+    return lines
+
+
+def model_section(model: Model, plan: Plan, results: dict[str, Metrics]) -> str:
+    """The table of one model, followed by what happened in each column."""
+    lines = table(model.title, METRIC_LABELS, results)
     lines.append("")
+    lines.append(paragraph("SQLAlchemy: " + explain_sqlalchemy(model, plan, results["sqlalchemy"])))
     lines.append(
-        _paragraph("SQLAlchemy: " + explain_sqlalchemy(model, plan, results["sqlalchemy"]))
-    )
-    lines.append(
-        _paragraph("sessionscope: " + explain_sessionscope(model, plan, results["sessionscope"]))
+        paragraph("sessionscope: " + explain_sessionscope(model, plan, results["sessionscope"]))
     )
     return "\n".join(lines)
 
@@ -149,7 +156,7 @@ def plural(count: int, singular: str, plural_form: str | None = None) -> str:
     return f"{count} {singular if count == 1 else (plural_form or singular + 's')}"
 
 
-def _paragraph(text: str) -> str:
+def paragraph(text: str) -> str:
     return textwrap.fill(text, WIDTH, initial_indent="  ", subsequent_indent="  ")
 
 
@@ -159,8 +166,10 @@ def as_json(
     results: dict[str, dict[str, Metrics]],
     skipped: dict[str, str],
     ok: bool,
+    web: dict[str, Any] | None = None,
 ) -> str:
-    """Everything measured, for tests and scripts: ``--json``."""
+    """Everything measured, for tests and scripts: ``--json``. ``web`` is the web section's
+    (:func:`sessionscope.demo.web_report.as_json`), None when it was not chosen."""
     document: dict[str, Any] = {
         "database": database_shown_as,
         "units": plan.units,
@@ -172,6 +181,7 @@ def as_json(
             for model, by_contender in results.items()
         },
         "skipped": skipped,
+        "web": web,
         "sessionscope_all_zero": ok,
     }
     return json.dumps(document, indent=2)
