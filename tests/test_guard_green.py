@@ -191,8 +191,8 @@ OPERATIONS = {
     "close": "called Session.close()",
     "attribute_write": "wrote Parent.name on an object attached to it",
     "collection_append": "wrote Parent.children on an object attached to it",
-    "lazy_load_collection": "called Session.",  # a lazy load goes through Session.execute()
-    "lazy_load_many_to_one": "lazy-loaded a related object through this Session",
+    "lazy_load_collection": "lazy-loaded Parent.children through this Session",
+    "lazy_load_many_to_one": "lazy-loaded Child.parent through this Session",
     "expired_refresh": "called Session.",
 }
 

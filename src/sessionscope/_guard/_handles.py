@@ -294,14 +294,26 @@ def _transaction_namespace(base: type) -> dict[str, Any]:
 
 
 def _checked_fetch(method: F) -> F:
+    """A fetch stays inside the session while it runs, as a session call does: it reads the
+    cursor, and for the ORM it fills the identity map (whose own checks are then nested)."""
+
     @functools.wraps(method)
     def checked(self: Any, *args: Any, **kw: Any) -> Any:
         guard = self.__dict__[GUARD_ATTRIBUTE]
         # Plain data: all rows fetched already (soft-closed), or the session's unit of work
         # ended and closed it (what is left is buffered; an open cursor would be refused by
         # SQLAlchemy itself).
-        if not self._soft_closed and guard.state != ENDED:
-            guard.check_use("(result)")
+        if (
+            self._soft_closed
+            or guard.state == ENDED
+            or (guard.depth and getcurrent() is guard.entered)
+        ):
+            return method(self, *args, **kw)
+        if guard.admit("(result)"):
+            try:
+                return method(self, *args, **kw)
+            finally:
+                guard.leave()
         return method(self, *args, **kw)
 
     return checked  # type: ignore[return-value]

@@ -93,7 +93,9 @@ def install(
     guard.session_ref = weakref.ref(session)
     sync.info  # noqa: B018 - memoized now: the guarded class only checks its assignment
     sync.__dict__[GUARD_ATTRIBUTE] = guard
-    sync.__class__ = guarded_class(type(sync))
+    guarded = guarded_class(type(sync))
+    if type(sync) is not guarded:
+        sync.__class__ = guarded
     guard_session_state(sync, guard)
     _writes.register(sync.hash_key, guard)
     return session

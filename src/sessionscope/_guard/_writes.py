@@ -24,6 +24,7 @@ from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_RESULT
 from sqlalchemy.orm.mapper import _all_registries
 
 from .. import _fork
+from . import _lazy_loads
 from ._ownership import SessionGuard, _nobody
 
 _guard_of_session_id: dict[int, weakref.KeyedRef[int, SessionGuard]] = {}
@@ -64,6 +65,17 @@ _listened: weakref.WeakKeyDictionary[type, set[str]] = weakref.WeakKeyDictionary
 """Mapped class -> attribute names whose writes are checked already."""
 
 _NO_PARENT = (None, NO_VALUE, PASSIVE_NO_RESULT)
+
+
+def guard_of_state(state: Any) -> SessionGuard | None:
+    """The guard of the session an object's state is attached to; None if none or unguarded."""
+    session_id = state.session_id
+    if session_id is not None:
+        ref = _guard_of_session_id.get(session_id)
+        if ref is not None:
+            guard: SessionGuard | None = ref()
+            return guard
+    return None
 
 
 def _check(state: Any, key: str) -> None:
@@ -156,6 +168,7 @@ def _listen_to(mapper: Mapper[Any]) -> None:
         if key in done:
             continue
         done.add(key)
+        _lazy_loads.wrap_attribute_loader(attribute.impl, guard_of_state)
         for name, listener in _listeners_for(key, attribute.impl).items():
             # First in line, before SQLAlchemy's own backref and cascade listeners, so that a
             # refused write has changed nothing (no backref set, nothing cascaded into the
@@ -176,6 +189,7 @@ def _install() -> None:
             return
         event.listen(Mapper, "mapper_configured", _on_mapper_configured)
         _patch_set_committed_value()
+        _lazy_loads.install(guard_of_state)
         for registry in _all_registries():
             for mapper in registry.mappers:
                 if mapper.configured:

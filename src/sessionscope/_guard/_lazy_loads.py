@@ -1,0 +1,85 @@
+"""A lazy load of a relationship of an object attached to a guarded session: checked once, whole.
+
+A lazy load (``book.author``, ``author.books``) reaches the session from an attribute read, so
+without this it is checked piecemeal: its statement (``Session.execute``) or identity-map lookup,
+each fetch of its result, the identity-map entries of what it loads. Checked once around the
+loader instead, by the same rules as a session call, it is refused as a whole before anything
+reaches the session ("lazy-loaded Book.author"), and every step inside is the session's own
+(one comparison each), which is what keeps the guard cheap on ORM workloads.
+
+SQLAlchemy has no event for a lazy load. Its loader strategy's entry point,
+``LazyLoader._load_for_state`` (``_LazyLoader`` in 2.1; private, with the same signature in 2.0
+and 2.1), is reached two ways: as the attribute's loader callable, a bound method taken when the
+mapper was configured (wrapped per attribute, as the write listeners are added), and through
+per-query loader options, which look it up on the class (wrapped once). An object of an
+unguarded session costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from greenlet import getcurrent
+from sqlalchemy.orm import strategies
+
+LAZY_LOAD = "(lazy load)"
+"""The operation's prefix in refusals: ``"(lazy load)author"`` reads "lazy-loaded Book.author"."""
+
+GuardOfState = Callable[[Any], Any]
+
+_names = vars(strategies)
+_LAZY_LOADER: type = _names.get("_LazyLoader") or _names["LazyLoader"]  # (2.1, 2.0)
+_WRAPPED = "_sessionscope_lazy_load_checked"
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+def _checked_load(load: Callable[..., Any], key: str, guard_of_state: GuardOfState) -> Any:
+    """``load(state, passive, ...)`` checked as one call of the state's session."""
+
+    @functools.wraps(load)
+    def checked(state: Any, *args: Any, **kw: Any) -> Any:
+        guard = guard_of_state(state)
+        if guard is None or (guard.depth and getcurrent() is guard.entered):
+            return load(state, *args, **kw)  # unguarded, or inside a call of the session
+        if guard.admit(LAZY_LOAD + key, state.class_):
+            try:
+                return load(state, *args, **kw)
+            finally:
+                guard.leave()
+        return load(state, *args, **kw)  # "warn" / "off", or sessionscope's own cleanup
+
+    setattr(checked, _WRAPPED, True)
+    return checked
+
+
+def wrap_attribute_loader(impl: Any, guard_of_state: GuardOfState) -> None:
+    """Check the lazy loads of one mapped attribute (its ``AttributeImpl``), once."""
+    load = getattr(impl, "callable_", None)
+    if (
+        load is not None
+        and isinstance(getattr(load, "__self__", None), _LAZY_LOADER)
+        and not getattr(load, _WRAPPED, False)
+    ):
+        impl.callable_ = _checked_load(load, impl.key, guard_of_state)
+
+
+def install(guard_of_state: GuardOfState) -> None:
+    """Check lazy loads made through loader options (idempotent; the first guarded session)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        original = _LAZY_LOADER.__dict__["_load_for_state"]
+
+        def _load_for_state(self: Any, state: Any, *args: Any, **kw: Any) -> Any:
+            return _checked_load(functools.partial(original, self), self.key, guard_of_state)(
+                state, *args, **kw
+            )
+
+        _LAZY_LOADER._load_for_state = functools.wraps(original)(_load_for_state)  # type: ignore[attr-defined]
+        _installed = True
