@@ -347,3 +347,25 @@ def test_an_async_boundary_under_trio_closes_its_sync_sessions_in_a_worker_threa
 
     trio.run(main)
     assert len({id(s) for s in seen}) == 3
+
+
+def test_a_long_lived_unit_making_session_after_session_keeps_no_trace_of_closed_ones(
+    engine: Engine,
+) -> None:
+    """A consumer thread that never ends, making a session per message with Session() and
+    remove(): its unit of work must not keep a reference per session it ever made."""
+    Session = sessionscope.scoped_session(sessionmaker(engine))
+    lengths: list[int] = []
+
+    def consumer() -> None:
+        for _ in range(2_000):
+            Session().execute(select(1))
+            Session.remove()
+        work = sessionscope._work.current_work()
+        assert work is not None
+        lengths.append(len(work.owned or ()))
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    thread.join()
+    assert lengths and lengths[0] < 64, lengths

@@ -65,6 +65,10 @@ def register_end_hook(key: str, owner: Any) -> None:
     _end_hooks[key] = owner
 
 
+_MIN_PRUNE = 16
+"""A work's list of owned sessions is first pruned of dead references at this length."""
+
+
 class WorkUnit:
     """One unit of work: its implicit sessions, who opened it, whether it has ended.
 
@@ -82,6 +86,7 @@ class WorkUnit:
         "generation",
         "explicit",
         "owned",
+        "prune_owned_at",
         "parent",
         "lends",
         "via",
@@ -105,6 +110,7 @@ class WorkUnit:
         self.generation = _fork.generation
         self.explicit = explicit
         self.owned: list[weakref.ref[Any]] | None = None
+        self.prune_owned_at = _MIN_PRUNE
         self.parent = parent
         """The work this one runs inside (test harnesses nest them): its sessions may be used."""
         self.lends = lends
@@ -126,11 +132,20 @@ class WorkUnit:
         return who
 
     def owns(self, guard: Any) -> None:
-        """Remember a guarded session this work owns, to close it when the work ends."""
-        if self.owned is None:
+        """Remember a guarded session this work owns, to close it when the work ends.
+
+        A long-lived work (a thread's, making session after session with ``Session()`` and
+        ``remove()``) would keep a dead reference per session: once the list has doubled since
+        it was last pruned, the dead ones are dropped (amortised O(1) per session).
+        """
+        owned = self.owned
+        if owned is None:
             self.owned = [weakref.ref(guard)]
-        else:
-            self.owned.append(weakref.ref(guard))
+            return
+        owned.append(weakref.ref(guard))
+        if len(owned) >= self.prune_owned_at:
+            owned[:] = [ref for ref in owned if ref() is not None]
+            self.prune_owned_at = max(_MIN_PRUNE, 2 * len(owned))
 
     # -- the end -------------------------------------------------------------------------------
 
