@@ -40,7 +40,6 @@ from sqlalchemy.orm import SessionTransaction
 from ._guarded_class import (
     GUARD_ATTRIBUTE,
     GUARDED_METHODS,
-    _checked,
     checked_methods,
     checked_subclass,
     is_guarded_class,
@@ -120,17 +119,30 @@ WRITE_CHECKED_ATTRIBUTES = ("info", "autoflush", "expire_on_commit")
 
 
 def _checked_returning(name: str, method: F) -> F:
-    """A checked method whose result, a handle, is guarded with the session or connection."""
-    checked = _checked(name, method)
+    """A checked method whose result, a handle, is guarded with the session or connection.
+
+    (``_checked`` and the handing-out in one frame: ``execute()`` runs for every statement.)
+    """
 
     @functools.wraps(method)
     def returning(self: Any, *args: Any, **kw: Any) -> Any:
         guard = self.__dict__[GUARD_ATTRIBUTE]
-        nested = guard.depth and getcurrent() is guard.entered
-        result = checked(self, *args, **kw)
-        if not nested:  # the session's own statements (a flush's) never reach anyone else
-            guard_handle(result, guard)
-        return result
+        if guard.depth and getcurrent() is guard.entered:
+            # the session's own call (a flush's statements): its handles reach nobody else
+            guard.depth += 1
+            try:
+                return method(self, *args, **kw)
+            finally:
+                guard.depth -= 1
+        if guard.admit(name):
+            try:
+                handle = method(self, *args, **kw)
+            finally:
+                guard.leave()
+        else:
+            handle = method(self, *args, **kw)
+        guard_handle(handle, guard)
+        return handle
 
     return returning  # type: ignore[return-value]
 
