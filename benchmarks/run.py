@@ -4,11 +4,16 @@
     python benchmarks/run.py --quick    # a few seconds, noisier
     python benchmarks/run.py --json results.json
     python benchmarks/run.py -k guard --no-memory   # only the guard's cost
+    python benchmarks/run.py -k web --no-memory     # only requests/s under real servers
+    python benchmarks/run.py --web                  # everything, the web cases too (+3 min)
 
 Prints ns/op of each contender and the ratio sessionscope / SQLAlchemy (flagged above the issue's
 target: 1.5x for Session, 1.25x for AsyncSession), then the share-nothing guard's cost (raise
 against off, flagged above 1.10x on the ORM workload), then bytes per live unit of registry
-bookkeeping, then the same as markdown tables for the README. See benchmarks/README.md.
+bookkeeping, then the same as markdown tables for the README. The web cases (requests/s of one app
+with sessionscope's integration against a hand-written session, under uvicorn and gunicorn) take
+minutes and start servers: they run only with ``--web`` or when ``-k`` selects them (``-k web``).
+See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import greenlet
 import guard_overhead
@@ -32,6 +37,9 @@ from registry_lookup import LIVE_UNIT_COUNTS, Case, build_cases, run_case
 from unit_memory import ROWS, MemoryResult, measure_memory
 
 import sessionscope
+
+if TYPE_CHECKING:  # web_requests imports the test suite's server launcher: only when asked
+    from web_requests import WebResult
 
 MEMORY_UNITS = 10_000
 QUICK_MEMORY_UNITS = 2_000
@@ -77,6 +85,7 @@ def markdown(
     lookups: Sequence[tuple[Case, Comparison]],
     memory: Sequence[MemoryResult],
     guard: Sequence[GuardResult] = (),
+    web: Sequence[WebResult] = (),
 ) -> str:
     tables: list[list[str]] = []
     if lookups:
@@ -129,6 +138,10 @@ def markdown(
             for m in memory
         ]
         tables.append(rows)
+    if web:
+        import web_requests
+
+        tables.append(web_requests.markdown(web))
     return "\n\n".join("\n".join(rows) for rows in tables)
 
 
@@ -154,7 +167,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="TEXT",
         default="",
         help="only lookup cases whose operation or unit has TEXT, guard cases whose name has it"
-        " ('guard' selects them all)",
+        " ('guard' selects them all), web cases whose label has it ('web' selects them all)",
+    )
+    parser.add_argument(
+        "--web", action="store_true", help="also run every web case (requests/s, real servers)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     return parser.parse_args(argv)
@@ -162,6 +178,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run_lookups(cases: Sequence[Case], settings: Settings) -> list[tuple[Case, Comparison]]:
     """Measure each case, printing its line as it comes."""
+    if not cases:
+        return []
     print(
         f"{settings.rounds} interleaved rounds of samples >= {settings.sample_ns / 1e6:g} ms,"
         f" loop unrolled x{settings.unroll}; ns/op = median of rounds;"
@@ -190,6 +208,20 @@ def run_guard(cases: Sequence[GuardCase], settings: Settings) -> list[GuardResul
         done.append(result)
         print(guard_line(result), flush=True)
     return done
+
+
+def run_web(args: argparse.Namespace) -> list[WebResult]:
+    """The web cases ``--web`` or a ``-k`` with "web" selects (none by default), as they come.
+
+    ``-k`` matches "web <label>": ``-k web`` selects them all, ``-k "web gunicorn"`` two.
+    """
+    if not args.web and "web" not in args.k:
+        return []
+    import web_requests
+
+    settings = web_requests.SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    cases = web_requests.select_cases("" if args.web else args.k, settings.clients)
+    return web_requests.run(cases, settings) if cases else []
 
 
 def run_memory(units: int) -> list[MemoryResult]:
@@ -226,8 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lookups = run_lookups([c for c in cases if args.k in f"{c.op} {c.where}"], settings)
     guard_cases = [c for c in guard_overhead.CASES if args.k in c.label]
     guard = run_guard(guard_cases, settings) if guard_cases else []
+    web = run_web(args)
     memory = [] if args.no_memory else run_memory(memory_units)
-    table = markdown(lookups, memory, guard)
+    table = markdown(lookups, memory, guard, web)
     elapsed = time.perf_counter() - started
     print(f"\n{table}\n\n({elapsed:.0f} s)")
 
@@ -237,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "settings": asdict(settings),
             "lookups": [lookup_record(case, result) for case, result in lookups],
             "guard": [result.as_dict() for result in guard],
+            "web": [w.as_dict() for w in web],
             "memory": [m.as_dict() for m in memory],
             "markdown": table,
             "seconds": elapsed,

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import event
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import guard_overhead  # noqa: E402
 import registry_lookup  # noqa: E402
 import unit_memory  # noqa: E402
+import web_requests  # noqa: E402
 from _envs import ENVS  # noqa: E402
 from _timing import SMOKE  # noqa: E402
 
@@ -170,3 +172,35 @@ def test_run_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert [row["case"] for row in report["guard"]] == [c.label for c in guard_overhead.CASES]
     assert all(row["ratios"] and min(row["ns_median"].values()) > 0 for row in report["guard"])
     assert report["markdown"] in capsys.readouterr().out
+    assert report["web"] == []  # the web cases start servers: only when asked for
+
+
+def test_web_cases_serve_both_variants_and_stop_their_servers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-k web`` runs every web case (servers, checks, rounds); every server is stopped after."""
+    out = tmp_path / "bench.json"
+    assert load_run().main(["--smoke", "-k", "web", "--no-memory", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["lookups"] == [] and report["guard"] == [] and report["memory"] == []
+    assert [row["case"] for row in report["web"]] == [c.label for c in web_requests.CASES]
+    for row in report["web"]:
+        assert row["contenders"] == [web_requests.BY_HAND, web_requests.SESSIONSCOPE]
+        for rounds in (row["by_hand_rps_rounds"], row["sessionscope_rps_rounds"]):
+            assert len(rounds) == web_requests.SMOKE.rounds and min(rounds) > 0
+        # every 200 counted wrote its row (checked by the benchmark too), the checked ones at least
+        assert min(row["rows_written"].values()) > web_requests.CHECK_REQUESTS
+        for url in row["servers"]:
+            with pytest.raises(httpx.TransportError):
+                httpx.get(url + "/health", timeout=2)
+    assert report["markdown"] in capsys.readouterr().out
+
+
+def test_web_check_refuses_a_server_that_answers_for_another(tmp_path: Path) -> None:
+    """A server whose answers and rows are not the contender's own stops the benchmark."""
+    case = web_requests.CASES[-1]
+    with web_requests.database(tmp_path) as database:
+        with web_requests.serve(case, web_requests.BY_HAND, "other", database, tmp_path, 2) as s:
+            contender = web_requests.Contender(web_requests.BY_HAND, web_requests.BY_HAND, s)
+            with pytest.raises(RuntimeError, match="answered 200"):
+                web_requests.check(contender, database)

@@ -1,0 +1,595 @@
+"""Requests per second of one app with sessionscope's integration against a hand-written session.
+
+    python benchmarks/web_requests.py            # every case, about 3 minutes
+    python benchmarks/web_requests.py --quick    # under a minute, noisier
+    python benchmarks/web_requests.py --same     # the control: by-hand against by-hand
+    python benchmarks/web_requests.py -k gevent  # only the cases whose label has "gevent"
+
+Each case serves the same application in two real server processes, one per variant (see
+``web_wsgi_app.py`` and ``web_asgi_app.py``): ``sessionscope`` (the middleware, and FastAPI's
+dependency, over sessionscope's registry) and ``by-hand`` (a plain Session opened per request, used
+and closed in a ``finally``). Both servers run at once on free 127.0.0.1 ports; a load generator in
+this process drives one at a time with ``clients`` keep-alive connections, each sending its next
+request as soon as the previous answer is in, for a fixed duration. Rounds are interleaved
+(A B, B A, ...), and the ratio is the median of the per-round ratios sessionscope / by-hand of
+requests per second (higher is better for sessionscope; below 0.97 is flagged).
+
+Before timing, every server is checked: a few requests must answer with the item they read and the
+variant that served them, and write exactly one row each. At the end the rows each variant wrote
+must equal the 200 responses counted for it. The database is PostgreSQL (a schema of its own,
+dropped at the end) when it answers at ``BENCH_WEB_PG_URL`` (default
+``postgresql+psycopg://postgres@127.0.0.1:5432/test``), else a SQLite file in a temporary
+directory; the output says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _timing import Comparison
+from _web_work import BY_HAND, ITEMS, SESSIONSCOPE, Base, Hit, Item, item_name
+from sqlalchemy import create_engine, delete, func, insert, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+if str(REPO) not in sys.path:  # the servers' launcher lives in the test suite: reuse it
+    sys.path.append(str(REPO))
+
+from tests.servers.gunicorn_process import gunicorn  # noqa: E402
+from tests.servers.process import Server, running  # noqa: E402
+
+PG_URL = os.environ.get("BENCH_WEB_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+TARGET = 0.97
+"""The issue's target: sessionscope's requests/s at least 0.97x the hand-written variant's."""
+CHECK_REQUESTS = 10
+"""Requests per server checked one by one (body and rows written) before anything is timed."""
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """How hard to measure: ``rounds`` pairs of ``seconds``-long samples with ``clients``."""
+
+    seconds: float = 1.0
+    rounds: int = 20
+    warmup_seconds: float = 1.0
+    clients: int = 8
+
+
+FULL = WebSettings()
+QUICK = WebSettings(seconds=0.5, rounds=6, warmup_seconds=0.5)
+SMOKE = WebSettings(seconds=0.05, rounds=2, warmup_seconds=0.05, clients=2)
+SETTINGS = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
+
+
+@dataclass(frozen=True)
+class WebCase:
+    """A server and an application; ``server`` is ``uvicorn`` or ``gunicorn`` (with options)."""
+
+    label: str
+    server: str
+    app: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
+
+
+def gunicorn_options(worker: str, clients: int) -> tuple[str, ...]:
+    if worker == "gthread":  # one thread per client connection: none waits for a thread
+        return ("-k", "gthread", "-w", "1", "--threads", str(clients))
+    return ("-k", worker, "-w", "1", "--worker-connections", "100")
+
+
+def build_cases(clients: int) -> list[WebCase]:
+    asgi, wsgi = "web_asgi_app:create_app", "web_wsgi_app:create_app()"
+    return [
+        WebCase("uvicorn FastAPI def, Session", "uvicorn", asgi, {"BENCH_WEB_SESSION": "sync"}),
+        WebCase(
+            "uvicorn FastAPI async def, AsyncSession",
+            "uvicorn",
+            asgi,
+            {"BENCH_WEB_SESSION": "async"},
+        ),
+        WebCase(
+            "gunicorn gthread WSGI",
+            "gunicorn",
+            wsgi,
+            options=gunicorn_options("gthread", clients),
+        ),
+        WebCase(
+            "gunicorn gevent WSGI", "gunicorn", wsgi, options=gunicorn_options("gevent", clients)
+        ),
+    ]
+
+
+CASES = build_cases(FULL.clients)
+
+
+# -- the database --------------------------------------------------------------------------------
+
+
+class Database:
+    """The benchmark's tables, seeded with ``ITEMS`` items: a PostgreSQL schema or a SQLite file."""
+
+    def __init__(self, directory: Path, *, sqlite: bool = False) -> None:
+        self.schema: str | None = None
+        if not sqlite and postgres_answers():
+            self.schema = f"bench_web_{uuid.uuid4().hex[:10]}"
+            self.url = f"{PG_URL}?options=-csearch_path%3D{self.schema}"
+            self.kind = "PostgreSQL (psycopg)"
+            admin = create_engine(PG_URL, poolclass=NullPool)
+            with admin.begin() as conn:
+                conn.execute(text(f'create schema "{self.schema}"'))
+            admin.dispose()
+        else:
+            self.url = f"sqlite:///{directory / 'web.db'}"
+            self.kind = "SQLite file (PostgreSQL unreachable)"
+        self.engine: Engine = create_engine(self.url, poolclass=NullPool)
+        if self.url.startswith("sqlite"):
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("pragma journal_mode=wal")
+        Base.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(Item), [{"id": i, "name": item_name(i)} for i in range(1, ITEMS + 1)]
+            )
+
+    def hits(self, tag: str) -> int:
+        with self.engine.connect() as conn:
+            count = conn.scalar(select(func.count()).where(Hit.tag == tag))
+        return int(count or 0)
+
+    def drop(self) -> None:
+        self.engine.dispose()
+        if self.schema is not None:
+            admin = create_engine(PG_URL, poolclass=NullPool)
+            with admin.begin() as conn:
+                conn.execute(text(f'drop schema "{self.schema}" cascade'))
+            admin.dispose()
+
+
+def postgres_answers() -> bool:
+    try:
+        engine = create_engine(PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+    except Exception:  # noqa: BLE001 - anything means: not reachable
+        return False
+    return True
+
+
+# -- the load ------------------------------------------------------------------------------------
+
+
+class LoadError(RuntimeError):
+    """A response that was not a complete ``200``, or a connection the server closed."""
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    next_index: int
+    buffer: bytes = b""
+
+
+def load(port: int, seconds: float, clients: int, *, first: int = 0) -> tuple[int, float]:
+    """Drive the server on ``port`` for ``seconds``: (requests answered 200, elapsed seconds).
+
+    ``clients`` keep-alive connections, in one thread with a selector (so the generator costs
+    little CPU next to the server): each sends ``POST /work/{item}`` and, as soon as the answer is
+    complete, the next one, until ``seconds`` have passed; then the requests in flight finish.
+    The elapsed time runs from the first request sent to the last answer received.
+    """
+    requests = [
+        f"POST /work/{1 + n % ITEMS} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Content-Length: 0\r\n\r\n".encode()
+        for n in range(ITEMS)
+    ]
+    selector = selectors.DefaultSelector()
+    connections: list[_Connection] = []
+    try:
+        for n in range(clients):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            connections.append(_Connection(sock, first + n))
+            selector.register(sock, selectors.EVENT_READ, connections[-1])
+        done, active = 0, len(connections)
+        started = time.perf_counter()
+        stop_at = finished = started + seconds
+        for connection in connections:
+            connection.sock.sendall(requests[connection.next_index % ITEMS])
+        while active:
+            events = selector.select(timeout=30)
+            if not events:
+                raise LoadError(f"no answer from port {port} for 30 s")
+            for key, _ in events:
+                connection = key.data
+                data = connection.sock.recv(65536)
+                if not data:
+                    raise LoadError(f"port {port} closed a keep-alive connection")
+                connection.buffer += data
+                end = connection.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                head = connection.buffer[:end]
+                length = _CONTENT_LENGTH.search(head)
+                if length is None:
+                    raise LoadError(f"no Content-Length in {head!r}")
+                total = end + 4 + int(length.group(1))
+                if len(connection.buffer) < total:
+                    continue
+                if not head.startswith((b"HTTP/1.1 200 ", b"HTTP/1.0 200 ")):
+                    raise LoadError(f"port {port} answered {connection.buffer[:total]!r}")
+                if len(connection.buffer) > total:
+                    raise LoadError(f"port {port} sent more than one answer to one request")
+                connection.buffer = b""
+                done += 1
+                now = time.perf_counter()
+                if now < stop_at:
+                    connection.next_index += clients
+                    connection.sock.sendall(requests[connection.next_index % ITEMS])
+                else:
+                    selector.unregister(connection.sock)
+                    finished = now
+                    active -= 1
+        return done, finished - started
+    finally:
+        selector.close()
+        for connection in connections:
+            connection.sock.close()
+
+
+# -- one case ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    """One server: its variant, the tag of its rows and answers, and what it answered."""
+
+    variant: str
+    tag: str
+    server: Server
+    answered: int = 0
+    rps: list[float] = field(default_factory=list)
+    timed_requests: int = 0
+    timed_cpu: float = 0.0
+    """Requests of the timed rounds, and the CPU seconds the server's processes used in them."""
+
+    @property
+    def port(self) -> int:
+        return int(self.server.base_url.rsplit(":", 1)[1])
+
+    def drive(self, seconds: float, clients: int, *, timed: bool = True) -> float:
+        cpu = server_cpu(self.server.process.pid)
+        done, elapsed = load(self.port, seconds, clients, first=self.answered)
+        if timed:
+            self.timed_cpu += server_cpu(self.server.process.pid) - cpu
+            self.timed_requests += done
+        self.answered += done
+        return done / elapsed
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its children (a gunicorn
+    master and its worker): from /proc, in clock ticks; 0 where there is no /proc."""
+    ticks = 0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK") if ticks else 0.0
+
+
+@dataclass
+class WebResult:
+    case: WebCase
+    database: str
+    settings: WebSettings
+    rps: Comparison
+    """anchor: by-hand requests/s per round; candidate: sessionscope's."""
+    rows: dict[str, int]
+    """Rows each server wrote (by tag), all of them checked against the 200 responses counted."""
+    cpu_us: tuple[float, float] = (0.0, 0.0)
+    """CPU µs per request of each server's processes over the timed rounds (by-hand's first)."""
+    urls: tuple[str, ...] = ()
+    """Where the two servers listened (both are stopped when the result is returned)."""
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """The anchor's and the candidate's tags: by-hand and sessionscope, or the control's."""
+        anchor, candidate = self.rows
+        return anchor, candidate
+
+    @property
+    def ratio(self) -> float:
+        """Median of per-round ratios sessionscope / by-hand requests/s."""
+        return self.rps.ratio
+
+    @property
+    def ratio_best(self) -> float:
+        """Best round against best round (max/max: noise only ever costs requests)."""
+        return max(self.rps.candidate) / max(self.rps.anchor)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "case": self.case.label,
+            "database": self.database,
+            "clients": self.settings.clients,
+            "seconds_per_sample": self.settings.seconds,
+            "by_hand_rps_median": self.rps.anchor_median,
+            "sessionscope_rps_median": self.rps.candidate_median,
+            "ratio_median": self.ratio,
+            "ratio_best": self.ratio_best,
+            "by_hand_rps_rounds": self.rps.anchor,
+            "sessionscope_rps_rounds": self.rps.candidate,
+            "rows_written": self.rows,
+            "contenders": list(self.names),
+            "server_cpu_us_per_request": list(self.cpu_us),
+            "servers": list(self.urls),
+        }
+
+
+def check(contender: Contender, database: Database) -> None:
+    """A few requests one by one: the right body, one row written each (before any timing)."""
+    before = database.hits(contender.tag)
+    with httpx.Client(base_url=contender.server.base_url, timeout=30) as client:
+        for item in range(1, CHECK_REQUESTS + 1):
+            response = client.post(f"/work/{item}")
+            expected = {"variant": contender.tag, "item": item_name(item)}
+            if response.status_code != 200 or response.json() != expected:
+                raise RuntimeError(
+                    f"{contender.tag}: POST /work/{item} answered {response.status_code}"
+                    f" {response.text!r}, expected 200 {expected}"
+                    f"\nserver log:\n{contender.server.log()[-3000:]}"
+                )
+    contender.answered += CHECK_REQUESTS
+    written = database.hits(contender.tag) - before
+    if written != CHECK_REQUESTS:
+        raise RuntimeError(
+            f"{contender.tag}: {CHECK_REQUESTS} requests wrote {written} rows, not one each"
+        )
+
+
+@contextlib.contextmanager
+def serve(
+    case: WebCase, variant: str, tag: str, database: Database, logs: Path, pool: int
+) -> Iterator[Server]:
+    """The case's server for ``variant``, on a free port, stopped when the block ends."""
+    env = {
+        "BENCH_WEB_URL": database.url,
+        "BENCH_WEB_VARIANT": variant,
+        "BENCH_WEB_TAG": tag,
+        "BENCH_WEB_POOL": str(pool),
+        "PYTHONHASHSEED": "0",  # the two processes differ by their variant only
+        **case.env,
+    }
+    log = logs / f"{re.sub(r'[^a-z0-9]+', '-', case.label.lower())}-{tag}.log"
+    if case.server == "uvicorn":
+        with running(case.app, env, log, args=["--app-dir", str(BENCHMARKS)]) as server:
+            yield server
+    else:
+        options = ["--pythonpath", str(BENCHMARKS), *case.options]
+        with gunicorn(case.app, env, log, options) as server:
+            try:
+                yield server
+            finally:  # SIGQUIT: gunicorn's quick shutdown (the launcher's SIGTERM is graceful)
+                if server.process.poll() is None:
+                    server.process.send_signal(signal.SIGQUIT)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        server.process.wait(10)
+
+
+def enter_together(
+    stack: contextlib.ExitStack, managers: Sequence[contextlib.AbstractContextManager[Server]]
+) -> list[Server]:
+    """Enter ``managers`` at once, each in a thread (servers start in parallel); ``stack`` exits
+    those that started, also when another failed to."""
+    entered: list[Server | None] = [None] * len(managers)
+    errors: list[BaseException] = []
+
+    def enter(index: int) -> None:
+        try:
+            entered[index] = managers[index].__enter__()
+        except BaseException as error:  # noqa: BLE001 - raised below, in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=enter, args=(i,)) for i in range(len(managers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    servers = []
+    for manager, server in zip(managers, entered, strict=True):
+        if server is not None:
+            stack.push(manager.__exit__)
+            servers.append(server)
+    if errors:
+        raise errors[0]
+    return servers
+
+
+def run_case(
+    case: WebCase, settings: WebSettings, database: Database, logs: Path, *, same: bool = False
+) -> WebResult:
+    """Both servers of ``case`` up, checked, warmed up, then interleaved rounds; both stopped.
+
+    ``same``: the control, two ``by-hand`` servers (tagged ``by-hand`` and ``by-hand-2``) in place
+    of by-hand and sessionscope: what the method reports for two identical contenders.
+    """
+    pairs = [(BY_HAND, BY_HAND), (BY_HAND, f"{BY_HAND}-2") if same else (SESSIONSCOPE,) * 2]
+    with contextlib.ExitStack() as stack:
+        pool = settings.clients + 2
+        servers = enter_together(
+            stack, [serve(case, variant, tag, database, logs, pool) for variant, tag in pairs]
+        )
+        contenders = [
+            Contender(variant, tag, server)
+            for (variant, tag), server in zip(pairs, servers, strict=True)
+        ]
+        for contender in contenders:
+            check(contender, database)
+            contender.drive(settings.warmup_seconds, settings.clients, timed=False)
+        for i in range(settings.rounds):
+            for contender in contenders if i % 2 == 0 else reversed(contenders):
+                contender.rps.append(contender.drive(settings.seconds, settings.clients))
+        rows = {c.tag: database.hits(c.tag) for c in contenders}
+        for contender in contenders:
+            if rows[contender.tag] != contender.answered:
+                raise RuntimeError(
+                    f"{case.label}, {contender.tag}: {contender.answered} requests answered"
+                    f" 200 but {rows[contender.tag]} rows written"
+                )
+    hand, scoped = contenders
+    with database.engine.begin() as conn:  # the next case starts from the same table
+        conn.execute(delete(Hit))
+    cpu = [c.timed_cpu * 1e6 / max(c.timed_requests, 1) for c in contenders]
+    return WebResult(
+        case,
+        database.kind,
+        settings,
+        Comparison(hand.rps, scoped.rps),
+        rows,
+        cpu_us=(cpu[0], cpu[1]),
+        urls=tuple(c.server.base_url for c in contenders),
+    )
+
+
+@contextlib.contextmanager
+def database(directory: Path, *, sqlite: bool = False) -> Iterator[Database]:
+    """The benchmark's database (a SQLite file goes in ``directory``), dropped after the block."""
+    made = Database(directory, sqlite=sqlite)
+    try:
+        yield made
+    finally:
+        made.drop()
+
+
+def run_cases(
+    cases: Sequence[WebCase], settings: WebSettings, *, sqlite: bool = False, same: bool = False
+) -> Iterator[WebResult]:
+    """Each case's result as it comes, on one database made for the run and dropped after it."""
+    with tempfile.TemporaryDirectory(prefix="sessionscope-web-") as directory:
+        with database(Path(directory), sqlite=sqlite) as made:
+            for case in cases:
+                yield run_case(case, settings, made, Path(directory), same=same)
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def header(settings: WebSettings, database: str, names: tuple[str, str]) -> str:
+    load = " / ".join(f"{n:.1f}" for n in os.getloadavg())
+    return (
+        f"\nWeb requests/s: the same app with sessionscope's integration and with a hand-written"
+        f" session per request,\ntwo servers side by side; {settings.rounds} interleaved rounds of"
+        f" {settings.seconds:g} s with {settings.clients} keep-alive clients; database:"
+        f" {database}.\nratio = median of per-round ratios {names[1]} / {names[0]} (requests/s;"
+        f" below {TARGET} flagged). Load average now: {load} ({os.cpu_count()} CPUs).\n"
+    )
+
+
+def line(result: WebResult) -> str:
+    flag = f"  < {TARGET} target" if result.ratio < TARGET else ""
+    anchor, candidate = result.names
+    return (
+        f"{result.case.label:<40} {anchor} {result.rps.anchor_median:7,.0f} req/s"
+        f"  {candidate} {result.rps.candidate_median:7,.0f} req/s"
+        f"  ratio {result.ratio:.3f} (best/best {result.ratio_best:.3f})"
+        f"  server CPU/request {result.cpu_us[0]:,.0f} / {result.cpu_us[1]:,.0f} us{flag}"
+    )
+
+
+def markdown(results: Sequence[WebResult]) -> list[str]:
+    rows = [
+        "| Server, endpoint | Database | hand-written req/s | sessionscope req/s | Ratio"
+        " | server CPU µs/request, hand-written / sessionscope |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    rows += [
+        f"| {r.case.label} | {r.database.split(' (')[0]} | {r.rps.anchor_median:,.0f}"
+        f" | {r.rps.candidate_median:,.0f} | {r.ratio:.3f}"
+        f" | {r.cpu_us[0]:,.0f} / {r.cpu_us[1]:,.0f} |"
+        for r in results
+    ]
+    return rows
+
+
+def run(
+    cases: Sequence[WebCase],
+    settings: WebSettings,
+    *,
+    sqlite: bool = False,
+    same: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[WebResult]:
+    """Run ``cases``, printing the header and each case's line as it comes."""
+    results: list[WebResult] = []
+    for result in run_cases(cases, settings, sqlite=sqlite, same=same):
+        if not results:
+            echo(header(settings, result.database, result.names))
+        results.append(result)
+        echo(line(result))
+    return results
+
+
+def select_cases(text_: str, clients: int) -> list[WebCase]:
+    return [c for c in build_cases(clients) if text_.lower() in f"web {c.label}".lower()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer, shorter samples (noisier)")
+    size.add_argument("--smoke", action="store_true", help="tiny run: only checks the code works")
+    parser.add_argument("-k", metavar="TEXT", default="", help="only cases whose label has TEXT")
+    parser.add_argument("--sqlite", action="store_true", help="SQLite even if PostgreSQL answers")
+    parser.add_argument(
+        "--same",
+        action="store_true",
+        help="control: a second by-hand server in place of sessionscope's (the method's noise)",
+    )
+    args = parser.parse_args(argv)
+    settings = SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    started = time.perf_counter()
+    cases = select_cases(args.k, settings.clients)
+    results = run(cases, settings, sqlite=args.sqlite, same=args.same)
+    print("\n" + "\n".join(markdown(results)))
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+    ratios = [r.ratio for r in results]
+    if ratios:
+        print(f"median ratio over the cases: {statistics.median(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
