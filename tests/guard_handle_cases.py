@@ -424,13 +424,6 @@ def _result_handles() -> list[Handle]:
             list,
             all_rows=lambda rows: lambda: list(rows),
             owner_fetches=SEEDS - 1,
-            known_failure=(
-                "the guard checks a CursorResult's _fetchiter_impl() once, when an iteration"
-                " starts: an iterator the owner started (iter(result), next()) goes on fetching"
-                " from the owner's cursor in any unit (ORM results are not affected: without"
-                " yield_per their rows are buffered at the first row, with it each chunk is a"
-                " checked fetchmany)"
-            ),
         ),
     ]
 
@@ -467,11 +460,6 @@ def _object_handles() -> list[Handle]:
             "flagged a Row attached to it as modified",
             after=_state_unmarked,
             expected_after={"state.modified": False},
-            known_failure=(
-                "a refused flag_dirty() leaves inspect(obj).modified True: SQLAlchemy sets it"
-                " before it adds the state to the identity map's modified set, where the guard"
-                " checks"
-            ),
         ),
         on_row(
             "set_committed_value()",

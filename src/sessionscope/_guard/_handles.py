@@ -44,7 +44,7 @@ from ._guarded_class import (
     checked_subclass,
     is_guarded_class,
 )
-from ._ownership import ENDED
+from ._results import guard_filter, result_namespace
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,15 +97,6 @@ TRANSACTION_METHODS = ("commit", "rollback", "close", "prepare", "__exit__")
 TRANSACTION_RETURNING_HANDLES = ("connection",)
 TRANSACTION_HANDING_OUT = ("bound_connection",)  # (SQLAlchemy 2.1.7) acquires nothing
 TRANSACTION_HANDING_OUT_PROPERTIES = ("parent", "connections")  # (``connections``: 2.1.7)
-
-RESULT_FETCHES = (
-    "_fetchiter_impl",
-    "_fetchone_impl",
-    "_fetchmany_impl",
-    "_fetchall_impl",
-    "_raw_all_tuples",
-    "_raw_row_iterator",
-)
 
 STATE_PROPERTIES = ("new", "dirty", "deleted", "no_autoflush")
 """The session's in-flight collections (they change under the owner's flush, and iterating them
@@ -225,7 +216,14 @@ class _FlaggingChecked(set):  # type: ignore[type-arg]
     guard: Any
 
     def add(self, state: Any) -> None:
-        self.guard.check_write("(flag_dirty)", state.class_)
+        try:
+            self.guard.check_write("(flag_dirty)", state.class_)
+        except BaseException:
+            # SQLAlchemy set state.modified just before adding it here: a refused flag changes
+            # nothing (a state not in the set was not modified)
+            if state not in self:
+                state.modified = False
+            raise
         set.add(self, state)
 
 
@@ -305,40 +303,6 @@ def _transaction_namespace(base: type) -> dict[str, Any]:
     return namespace
 
 
-def _checked_fetch(method: F) -> F:
-    """A fetch stays inside the session while it runs, as a session call does: it reads the
-    cursor, and for the ORM it fills the identity map (whose own checks are then nested)."""
-
-    @functools.wraps(method)
-    def checked(self: Any, *args: Any, **kw: Any) -> Any:
-        guard = self.__dict__[GUARD_ATTRIBUTE]
-        # Plain data: all rows fetched already (soft-closed), or the session's unit of work
-        # ended and closed it (what is left is buffered; an open cursor would be refused by
-        # SQLAlchemy itself).
-        if (
-            self._soft_closed
-            or guard.state == ENDED
-            or (guard.depth and getcurrent() is guard.entered)
-        ):
-            return method(self, *args, **kw)
-        if guard.admit("(result)"):
-            try:
-                return method(self, *args, **kw)
-            finally:
-                guard.leave()
-        return method(self, *args, **kw)
-
-    return checked  # type: ignore[return-value]
-
-
-def _result_namespace(base: type) -> dict[str, Any]:
-    return {
-        name: _checked_fetch(getattr(base, name))
-        for name in RESULT_FETCHES
-        if callable(getattr(base, name, None))
-    }
-
-
 def _switch(handle: Any, guard: Any, namespace_for: Any, cache: str) -> None:
     cls = type(handle)
     if not is_guarded_class(cls):
@@ -355,10 +319,13 @@ def guard_handle(handle: Any, guard: Any) -> None:
     connections. Anything else (None, a value) is left alone.
     """
     if isinstance(handle, FilterResult):
-        handle = handle._real_result
-    if isinstance(handle, Result):
+        real = handle._real_result
+        if isinstance(real, Result) and GUARD_ATTRIBUTE not in real.__dict__:
+            _switch(real, guard, result_namespace, _RESULT_CLASSES)
+        guard_filter(handle)
+    elif isinstance(handle, Result):
         if GUARD_ATTRIBUTE not in handle.__dict__:
-            _switch(handle, guard, _result_namespace, _RESULT_CLASSES)
+            _switch(handle, guard, result_namespace, _RESULT_CLASSES)
     elif isinstance(handle, Connection):
         _switch(handle, guard, _connection_namespace, _CONNECTION_CLASSES)
     elif isinstance(handle, SessionTransaction):
