@@ -640,23 +640,7 @@ def test_two_jobs_of_one_unit_inside_its_connection_at_once_are_concurrent_use(
     assert side_rows(db) == {"seed": SEEDS, OWNER: 1, "first": 1}
 
 
-@pytest.mark.parametrize(
-    "fast",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="on the fast path the slot holds a thread's main greenlet, and a thread"
-                " that never called current_unit() has no ThreadUnit on it: both threads are"
-                " described as 'an OS thread (its main greenlet at 0x...)'",
-            ),
-        ),
-    ],
-    ids=["slow path", "fast path"],
-)
+@pytest.mark.parametrize("fast", [False, True], ids=["slow path", "fast path"])
 def test_concurrent_use_error_of_two_borrowing_threads_names_both_threads(
     fast: bool, db: Engine, Scoped: ScopedSession
 ) -> None:

@@ -19,6 +19,7 @@ that greenlet alive.
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal
@@ -382,9 +383,11 @@ class SessionGuard:
         self, unit: Unit | None, holder: Unit, operation: str, of_class: type | None
     ) -> bool:
         holder = _as_unit(holder)
+        if isinstance(unit, greenlet) and unit.parent is None:
+            unit = current_unit()  # the running thread, entered on the fast path: name it
         message = (
             f"{describe_unit(unit)} {self._did(operation, of_class)} while "
-            f"{describe_unit(holder)} was inside the same {self.label} (created at "
+            f"{_describe_inside(self, holder)} was inside the same {self.label} (created at "
             f"{describe_site(self.created_at)}). A "
             "session runs one operation of one unit at a time; the second call was stopped "
             "before it reached SQLAlchemy or the driver. Give each concurrent unit its own "
@@ -409,6 +412,32 @@ def _as_unit(holder: Any) -> Any:
         thread = thread_ref() if thread_ref is not None else None
         return thread if thread is not None else holder
     return holder
+
+
+def _describe_inside(guard: SessionGuard, holder: Any) -> str:
+    """Who is inside: a thread that entered on the fast path is held by its main greenlet, which
+    names no thread unless the thread asked for its unit before; find it by its stack, which is
+    inside one of this guard's checked calls (a refusal's path, so the scan costs nothing
+    elsewhere)."""
+    if isinstance(holder, greenlet) and holder.parent is None:
+        thread = _thread_inside(guard)
+        if thread is not None:
+            return f"thread {thread.name!r} (native id {thread.native_id})"
+    return describe_unit(holder)
+
+
+def _thread_inside(guard: SessionGuard) -> threading.Thread | None:
+    me = threading.get_ident()
+    threads = {thread.ident: thread for thread in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if ident == me or ident not in threads:
+            continue
+        walking: Any = frame
+        while walking is not None:
+            if walking.f_locals.get("guard") is guard:  # the checked wrappers' local
+                return threads[ident]
+            walking = walking.f_back
+    return None
 
 
 def _in_work(owner: WorkUnit) -> bool:
