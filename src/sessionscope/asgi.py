@@ -31,7 +31,10 @@ The order of events in one HTTP request:
    happened: errors, client disconnects, cancellation.
 
 Sync sessions (``scoped_session``) commit and close in a worker thread, a job of the request's unit
-of work, never on the event loop; AsyncSessions (``async_scoped_session``) are awaited.
+of work, never on the event loop; AsyncSessions (``async_scoped_session``) are awaited, their
+closes in a task that cancellation cannot stop. Either way a request cancelled meanwhile (Quart
+cancels its handler task, which sends the body, when the client disconnects) waits for the call to
+finish before it goes on: the session is never closed halfway, nor twice at once.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from sqlalchemy.orm import sessionmaker
 
 from ._arguments import expect_flags, refuse
 from ._async_scoping import async_scoped_session
+from ._async_session_end import start_close
 from ._scoping import scoped_session
 from ._work import unit_of_work
 
@@ -70,6 +74,9 @@ SCOPE_KEY = "sessionscope.registries"
 (``sessionscope.fastapi`` checks it to tell a missing middleware from a present one)."""
 
 _CALL = "SessionScopeMiddleware()"
+_CLEAN_CLOSE = (1000, 1001)
+"""WebSocket close codes that end a WebSocket cleanly (RFC 6455: normal closure, going away);
+with ``commit=True`` a WebSocket the application closes with any other code is rolled back."""
 _EXPECTED = "a sessionscope.scoped_session or sessionscope.async_scoped_session (the registry)"
 
 
@@ -97,7 +104,8 @@ class SessionScopeMiddleware:
      and close run in a worker thread) or ``sessionscope.async_scoped_session``.
     :param commit: ``True``: commit when the response starts with a status below 400 (before the
      start is sent: a failing commit becomes a 500); commit the background tasks' work (after the
-     body) and a WebSocket's when the application returns without error. ``False`` (default):
+     body) and a WebSocket's when the application returns without error (and did not close it
+     with an error code: anything but 1000 or 1001). ``False`` (default):
      never commit; the application commits what it means to keep, and the rest is rolled back when
      the response body ends (and again when the application returns).
 
@@ -157,7 +165,14 @@ class _Request:
     async def run(self, method: str) -> None:
         """Call ``session.<method>()``: awaited, or for a sync session in a worker thread."""
         if self.is_async:
-            await getattr(self.session, method)()
+            if method == "close":
+                # in a task of its own that cancellation cannot stop, waited for through
+                # cancellations: the body's last send may run in a task the framework cancels
+                # as soon as the client is gone (Quart's handler task), and a close cut short
+                # leaves the connection half closed (an overflow connection's close interrupted)
+                await _wait_through_cancellation(start_close(self.session))
+            else:
+                await getattr(self.session, method)()
         elif method == "close" and not self.session.in_transaction():
             self.session.close()  # nothing to roll back, no connection: no I/O, no thread hop
         else:
@@ -179,6 +194,10 @@ class _Request:
             kind = message["type"]
             if kind == "websocket.http.response.start":  # a WebSocket denied with a response
                 self.status = int(message["status"])
+            elif kind == "websocket.close" and message.get("code", 1000) not in _CLEAN_CLOSE:
+                # the framework answered a failure with an error close code (Litestar closes
+                # with 4500 when a handler raises, and returns without an exception)
+                self.status = 500
             elif kind == "http.response.start":
                 self.status = int(message["status"])
                 if commit and self.status < 400:
@@ -214,7 +233,11 @@ async def _off_loop(call: Callable[[], object]) -> None:
     """
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()
-    job = loop.run_in_executor(None, context.run, call)
+    await _wait_through_cancellation(loop.run_in_executor(None, context.run, call))
+
+
+async def _wait_through_cancellation(job: asyncio.Future[Any]) -> None:
+    """Wait for ``job``; cancelled meanwhile, wait on until it is done, then re-raise."""
     try:
         await asyncio.shield(job)
     except asyncio.CancelledError:
