@@ -14,12 +14,13 @@ The applications are configured by environment variables:
     BENCH_WEB_SESSION   ASGI only: ``sync`` (``def`` endpoint, Session) or ``async``
                         (``async def`` endpoint, AsyncSession)
     BENCH_WEB_POOL      the engine's pool size
+    BENCH_WEB_GUARD     the sessionscope registry's ``guard`` (default ``raise``, its default)
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,6 +29,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 SESSIONSCOPE = "sessionscope"
 BY_HAND = "by-hand"
 VARIANTS = (SESSIONSCOPE, BY_HAND)
+Guard = Literal["raise", "warn", "off"]
+GUARDS = ("raise", "warn", "off")
 ITEMS = 100
 """Rows of ``web_items``; requests read item ``1 + n % ITEMS``."""
 
@@ -66,6 +69,10 @@ class Config:
         self.tag = os.environ.get("BENCH_WEB_TAG", self.variant)
         self.session = os.environ.get("BENCH_WEB_SESSION", "sync")
         self.pool = int(os.environ.get("BENCH_WEB_POOL", "10"))
+        guard = os.environ.get("BENCH_WEB_GUARD", "raise")
+        if guard not in GUARDS:
+            raise ValueError(f"BENCH_WEB_GUARD={guard!r}: not one of {GUARDS}")
+        self.guard: Guard = guard  # type: ignore[assignment]
 
     def engine_options(self) -> dict[str, Any]:
         if self.url.startswith("sqlite"):

@@ -54,7 +54,9 @@ def create_app() -> Any:
             import sessionscope
             import sessionscope.fastapi
 
-            AsyncScoped = sessionscope.async_scoped_session(async_sessionmaker(engine))
+            AsyncScoped = sessionscope.async_scoped_session(
+                async_sessionmaker(engine), guard=config.guard
+            )
             async_dependency = sessionscope.fastapi.session(AsyncScoped)
 
         @api.post("/work/{item_id}")
@@ -85,7 +87,7 @@ def create_app() -> Any:
         import sessionscope
         import sessionscope.fastapi
 
-        Scoped = sessionscope.scoped_session(sessionmaker(sync_engine))
+        Scoped = sessionscope.scoped_session(sessionmaker(sync_engine), guard=config.guard)
         dependency = sessionscope.fastapi.session(Scoped)
 
     @api.post("/work/{item_id}")

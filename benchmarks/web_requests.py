@@ -321,6 +321,8 @@ class WebResult:
     """Rows each server wrote (by tag), all of them checked against the 200 responses counted."""
     cpu_us: tuple[float, float] = (0.0, 0.0)
     """CPU µs per request of each server's processes over the timed rounds (by-hand's first)."""
+    guard: str = "raise"
+    """The sessionscope registry's guard."""
     urls: tuple[str, ...] = ()
     """Where the two servers listened (both are stopped when the result is returned)."""
 
@@ -354,6 +356,7 @@ class WebResult:
             "sessionscope_rps_rounds": self.rps.candidate,
             "rows_written": self.rows,
             "contenders": list(self.names),
+            "guard": self.guard,
             "server_cpu_us_per_request": list(self.cpu_us),
             "servers": list(self.urls),
         }
@@ -382,13 +385,21 @@ def check(contender: Contender, database: Database) -> None:
 
 @contextlib.contextmanager
 def serve(
-    case: WebCase, variant: str, tag: str, database: Database, logs: Path, pool: int
+    case: WebCase,
+    variant: str,
+    tag: str,
+    database: Database,
+    logs: Path,
+    pool: int,
+    *,
+    guard: str = "raise",
 ) -> Iterator[Server]:
     """The case's server for ``variant``, on a free port, stopped when the block ends."""
     env = {
         "BENCH_WEB_URL": database.url,
         "BENCH_WEB_VARIANT": variant,
         "BENCH_WEB_TAG": tag,
+        "BENCH_WEB_GUARD": guard,
         "BENCH_WEB_POOL": str(pool),
         "PYTHONHASHSEED": "0",  # the two processes differ by their variant only
         **case.env,
@@ -439,18 +450,26 @@ def enter_together(
 
 
 def run_case(
-    case: WebCase, settings: WebSettings, database: Database, logs: Path, *, same: bool = False
+    case: WebCase,
+    settings: WebSettings,
+    database: Database,
+    logs: Path,
+    *,
+    same: bool = False,
+    guard: str = "raise",
 ) -> WebResult:
     """Both servers of ``case`` up, checked, warmed up, then interleaved rounds; both stopped.
 
     ``same``: the control, two ``by-hand`` servers (tagged ``by-hand`` and ``by-hand-2``) in place
     of by-hand and sessionscope: what the method reports for two identical contenders.
+    ``guard``: the sessionscope registry's (``off`` shows the guard's share).
     """
     pairs = [(BY_HAND, BY_HAND), (BY_HAND, f"{BY_HAND}-2") if same else (SESSIONSCOPE,) * 2]
     with contextlib.ExitStack() as stack:
         pool = settings.clients + 2
         servers = enter_together(
-            stack, [serve(case, variant, tag, database, logs, pool) for variant, tag in pairs]
+            stack,
+            [serve(case, v, tag, database, logs, pool, guard=guard) for v, tag in pairs],
         )
         contenders = [
             Contender(variant, tag, server)
@@ -480,6 +499,7 @@ def run_case(
         Comparison(hand.rps, scoped.rps),
         rows,
         cpu_us=(cpu[0], cpu[1]),
+        guard=guard,
         urls=tuple(c.server.base_url for c in contenders),
     )
 
@@ -495,13 +515,18 @@ def database(directory: Path, *, sqlite: bool = False) -> Iterator[Database]:
 
 
 def run_cases(
-    cases: Sequence[WebCase], settings: WebSettings, *, sqlite: bool = False, same: bool = False
+    cases: Sequence[WebCase],
+    settings: WebSettings,
+    *,
+    sqlite: bool = False,
+    same: bool = False,
+    guard: str = "raise",
 ) -> Iterator[WebResult]:
     """Each case's result as it comes, on one database made for the run and dropped after it."""
     with tempfile.TemporaryDirectory(prefix="sessionscope-web-") as directory:
         with database(Path(directory), sqlite=sqlite) as made:
             for case in cases:
-                yield run_case(case, settings, made, Path(directory), same=same)
+                yield run_case(case, settings, made, Path(directory), same=same, guard=guard)
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -550,13 +575,15 @@ def run(
     *,
     sqlite: bool = False,
     same: bool = False,
+    guard: str = "raise",
     echo: Callable[[str], None] = print,
 ) -> list[WebResult]:
     """Run ``cases``, printing the header and each case's line as it comes."""
     results: list[WebResult] = []
-    for result in run_cases(cases, settings, sqlite=sqlite, same=same):
+    for result in run_cases(cases, settings, sqlite=sqlite, same=same, guard=guard):
         if not results:
-            echo(header(settings, result.database, result.names))
+            note = "" if guard == "raise" else f"The sessionscope registry has guard={guard!r}.\n"
+            echo(header(settings, result.database, result.names) + note)
         results.append(result)
         echo(line(result))
     return results
@@ -578,11 +605,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="control: a second by-hand server in place of sessionscope's (the method's noise)",
     )
+    parser.add_argument(
+        "--guard",
+        choices=("raise", "warn", "off"),
+        default="raise",
+        help="the sessionscope registry's guard (default: raise, its default): its share",
+    )
     args = parser.parse_args(argv)
     settings = SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"]
     started = time.perf_counter()
     cases = select_cases(args.k, settings.clients)
-    results = run(cases, settings, sqlite=args.sqlite, same=args.same)
+    results = run(cases, settings, sqlite=args.sqlite, same=args.same, guard=args.guard)
     print("\n" + "\n".join(markdown(results)))
     print(f"\n({time.perf_counter() - started:.0f} s)")
     ratios = [r.ratio for r in results]

@@ -56,7 +56,7 @@ def create_app() -> WsgiApp:
     import sessionscope
     from sessionscope.wsgi import SessionScopeMiddleware
 
-    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    Scoped = sessionscope.scoped_session(sessionmaker(engine), guard=config.guard)
 
     def scoped(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path: str = environ["PATH_INFO"]
