@@ -70,12 +70,9 @@ def _checked(name: str, method: F) -> F:
         guard: SessionGuard = self._sessionscope_guard
         if guard.depth and getcurrent() is guard.entered:
             # a call SQLAlchemy makes inside a call of the unit inside (autoflush, close ->
-            # expunge_all): that unit, since nothing else runs in its greenlet meanwhile
-            guard.depth += 1
-            try:
-                return method(self, *args, **kw)
-            finally:
-                guard.depth -= 1
+            # expunge_all): that unit, since nothing else runs in its greenlet meanwhile; the
+            # outer call holds the slot until after this one returns
+            return method(self, *args, **kw)
         if guard.admit(name):
             try:
                 return method(self, *args, **kw)

@@ -120,11 +120,7 @@ def _checked_returning(name: str, method: F) -> F:
         guard = self.__dict__[GUARD_ATTRIBUTE]
         if guard.depth and getcurrent() is guard.entered:
             # the session's own call (a flush's statements): its handles reach nobody else
-            guard.depth += 1
-            try:
-                return method(self, *args, **kw)
-            finally:
-                guard.depth -= 1
+            return method(self, *args, **kw)
         if guard.admit(name):
             try:
                 handle = method(self, *args, **kw)
