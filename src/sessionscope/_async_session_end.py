@@ -46,10 +46,28 @@ async def _close(session: Any, *, then_seal: bool) -> None:
                 seal(session.sync_session)
 
 
-def start_close(session: Any, *, then_seal: bool = False) -> asyncio.Task[None]:
-    """Begin closing ``session`` on the running loop, in a task that cancellation can't stop."""
-    coroutine: Coroutine[Any, Any, None] = _close(session, then_seal=then_seal)
+def start_close(session: Any, *, then_seal: bool = False) -> asyncio.Future[None]:
+    """Begin closing ``session`` on the running loop, in a task that cancellation can't stop.
+
+    An AsyncSession in no transaction holds no connection: closing it does no I/O and nothing
+    can cut it short, so it is closed here and then (a done future), without the task and the
+    greenlet an awaited close costs (about a tenth of a small request's CPU under uvicorn).
+    """
     loop = asyncio.get_running_loop()
+    if not session.sync_session.in_transaction():
+        done: asyncio.Future[None] = loop.create_future()
+        try:
+            with cleanup():
+                session.sync_session.close()
+        except Exception as error:  # noqa: BLE001 - reported through the future, as a task's
+            done.set_exception(error)
+        else:
+            done.set_result(None)
+        finally:
+            if then_seal:
+                seal(session.sync_session)
+        return done
+    coroutine: Coroutine[Any, Any, None] = _close(session, then_seal=then_seal)
     task: asyncio.Task[None] = _CloseTask(coroutine, loop=loop)
     _closing.add(task)
     task.add_done_callback(_closing.discard)
@@ -91,7 +109,7 @@ def finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
     loop.__dict__[_HOOKED] = True
 
 
-def _report_failure(task: asyncio.Task[None]) -> None:
+def _report_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error(
             "sessionscope: closing an AsyncSession at the end of its task failed",
