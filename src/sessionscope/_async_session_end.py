@@ -19,7 +19,7 @@ from typing import Any
 
 from ._guard._install import guard_of
 from ._guard._lineage import cleanup
-from ._session_end import seal
+from ._session_end import is_sealed, seal
 from ._units._asyncio import _get_running_loop
 
 log = logging.getLogger("sessionscope")
@@ -57,8 +57,9 @@ def start_close(session: Any, *, then_seal: bool = False) -> asyncio.Future[None
     if not session.sync_session.in_transaction():
         done: asyncio.Future[None] = loop.create_future()
         try:
-            with cleanup():
-                session.sync_session.close()
+            if not is_sealed(session.sync_session):  # (sealed: closed for good already)
+                with cleanup():
+                    session.sync_session.close()
         except Exception as error:  # noqa: BLE001 - reported through the future, as a task's
             done.set_exception(error)
         else:

@@ -35,7 +35,13 @@ def close_at_unit_end(session: Any) -> None:
 
 
 def close_quietly_or_invalidate(session: Any) -> None:
-    """Close ``session``; if closing fails (a dead connection), invalidate it, then re-raise."""
+    """Close ``session``; if closing fails (a dead connection), invalidate it, then re-raise.
+
+    A sealed session was closed already (its scope ended) and refuses any use since: closing it
+    again would only cost a guarded call.
+    """
+    if is_sealed(session):
+        return
     with cleanup():  # sessionscope's own cleanup may close a session from any unit
         try:
             session.close()
@@ -55,3 +61,14 @@ def seal(session: Any) -> None:
     """
     if _CLOSED is not None and hasattr(session, "_close_state"):
         session._close_state = _CLOSED
+
+
+def is_sealed(session: Any) -> bool:
+    """Whether a Session (or an AsyncSession's ``sync_session``) was closed for good."""
+    return _CLOSED is not None and getattr(session, "_close_state", None) is _CLOSED
+
+
+def needs_io_to_close(session: Any) -> bool:
+    """Whether closing a sync ``session`` can reach the database: only in a transaction (a
+    session in none holds no connection; closing it only clears its identity map)."""
+    return not is_sealed(session) and bool(session.in_transaction())

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._async_session_end import _closing, closers_on_its_loop
 from ._guard._lineage import cleanup
-from ._session_end import close_quietly_or_invalidate
+from ._session_end import close_quietly_or_invalidate, needs_io_to_close
 from ._units._asyncio import _get_running_loop
 from ._work import WorkUnit, _end_hooks
 
@@ -73,7 +73,9 @@ def _sessions_of(work: WorkUnit) -> list[Any]:
 
 
 def _holds_sync_sessions(work: WorkUnit) -> bool:
-    return any(not isinstance(s, AsyncSession) for s in _sessions_of(work))
+    """Whether ending ``work`` has a sync session to close that can block (one in a transaction):
+    only then is a worker thread worth its hop (per request, under ASGI)."""
+    return any(not isinstance(s, AsyncSession) and needs_io_to_close(s) for s in _sessions_of(work))
 
 
 def _holds_async_sessions(work: WorkUnit) -> bool:
