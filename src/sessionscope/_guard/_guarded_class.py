@@ -125,6 +125,9 @@ def checked_methods(base: type, names: tuple[str, ...], prefix: str = "") -> dic
 
 def guarded_class(base: type[S]) -> type[S]:
     """The guarded subclass of a Session class ``base`` (made once per class)."""
+    cached: type[S] | None = base.__dict__.get(_CACHE_ATTRIBUTE)
+    if cached is not None:  # every session but the first: no import machinery per session
+        return cached
     from ._handles import session_namespace  # the handles module builds on this one
 
     return checked_subclass(base, session_namespace, _CACHE_ATTRIBUTE)

@@ -159,9 +159,7 @@ class SessionGuard:
         if session is None:
             self.disown(ENDED)
             return
-        from .._work_end import closers_for  # (the closers import the guard package)
-
-        close, close_later = closers_for(session)
+        close, close_later = _closers_for(session)
         self.end(close, close_later)
 
     # -- the entry check -----------------------------------------------------------------------
@@ -403,6 +401,16 @@ class SessionGuard:
             raise error
         warn_at_application(str(error), ShareNothingWarning)
         return False
+
+
+def _closers_for(session: Any) -> tuple[Callable[[], object], Callable[[], object]]:
+    """``_work_end.closers_for``, imported on first use (that module imports the guard package),
+    then kept: a function-level import runs the import machinery on every call."""
+    global _closers_for
+    from .._work_end import closers_for
+
+    _closers_for = closers_for
+    return closers_for(session)
 
 
 def _as_unit(holder: Any) -> Any:
