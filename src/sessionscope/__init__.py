@@ -8,7 +8,8 @@ for AsyncSession, one per task.
 
 Their sessions are guarded: used from another unit (or by two units at once) they raise
 ``CrossUnitError`` (``ConcurrentUseError``). ``guard()`` guards any session or sessionmaker;
-``copy_to()``, ``hand_off()``/``adopt()`` and ``SharedSession`` are the ways to cross units.
+``copy_to()``, ``hand_off()``/``adopt()`` and ``SharedSession`` are the ways to cross units;
+``ship()``/``receive()`` move clean objects as JSON-safe data (to another process, too).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from ._copy import copy_to
 from ._guard import SharedSession, adopt, guard, hand_off
 from ._scope import AsyncSessionScope, SessionScope
 from ._scoping import scoped_session
+from ._shipping import receive, ship
 from ._units import ThreadUnit, Unit, current_unit, describe_unit
 from ._work import UnitOfWork, unit_of_work
 from .exc import (
     ConcurrentUseError,
     CrossUnitError,
+    NotShippableError,
     ScopeEndedError,
     ShareNothingError,
     ShareNothingWarning,
+    ShippedVersionError,
 )
 
 __version__ = "0.1.0"
@@ -34,10 +38,12 @@ __all__ = [
     "AsyncSessionScope",
     "ConcurrentUseError",
     "CrossUnitError",
+    "NotShippableError",
     "ScopeEndedError",
     "SessionScope",
     "ShareNothingError",
     "ShareNothingWarning",
+    "ShippedVersionError",
     "SharedSession",
     "ThreadUnit",
     "Unit",
@@ -49,6 +55,8 @@ __all__ = [
     "describe_unit",
     "guard",
     "hand_off",
+    "receive",
     "scoped_session",
+    "ship",
     "unit_of_work",
 ]

@@ -8,6 +8,7 @@ SQLAlchemy's misuse errors catches these too. Each message ends with a pointer i
 from __future__ import annotations
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm.exc import StaleDataError
 
 DOCS = "docs/errors.md"
 
@@ -42,3 +43,19 @@ class ShareNothingWarning(sa_exc.SAWarning):
 
 class ScopeEndedError(sa_exc.ResourceClosedError):
     """The session of a ``Session.scope()`` block was asked for after the block ended."""
+
+
+class NotShippableError(sa_exc.InvalidRequestError):
+    """``ship()`` was given an object whose state is not its row's: pending, deleted or dirty.
+
+    The receiver trusts shipped state as what the database holds, so only clean persistent
+    objects (and values with an exact JSON form) can be shipped.
+    """
+
+
+class ShippedVersionError(StaleDataError, sa_exc.InvalidRequestError):
+    """``receive(check_version=True)``: a shipped object's row changed (or went) after shipping.
+
+    A :class:`sqlalchemy.orm.exc.StaleDataError`, as a version conflict at flush is (and an
+    ``InvalidRequestError``, as every sessionscope error).
+    """
