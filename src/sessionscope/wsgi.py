@@ -63,20 +63,25 @@ def current_request_scope() -> RequestScope | None:
     return None if ref is None else ref()
 
 
-def expect_registry(call: str, value: object) -> None:
+def expect_registry(
+    call: str, value: object, *, synchronous: str = "WSGI is", reusers: str = "servers"
+) -> None:
     """Refuse anything but a sync ``sessionscope.scoped_session`` as the ``session`` argument.
 
     The request's scope is opened on the registry the application calls; a session, a
     sessionmaker or SQLAlchemy's own ``scoped_session`` would give the application's
     ``Session()`` another session than the one this integration commits and closes.
+    ``synchronous`` and ``reusers`` name the caller's world in the fix (``sessionscope.celery``).
     """
     if isinstance(value, scoped_session):
         return
     if isinstance(value, async_scoped_session):
-        fix = "WSGI is synchronous: pass a sessionscope.scoped_session(sessionmaker(engine))."
+        fix = (
+            f"{synchronous} synchronous: pass a sessionscope.scoped_session(sessionmaker(engine))."
+        )
     elif hasattr(value, "registry") and hasattr(value, "session_factory"):
         fix = (
-            "SQLAlchemy's scoped_session keys sessions by thread, which servers reuse: use "
+            f"SQLAlchemy's scoped_session keys sessions by thread, which {reusers} reuse: use "
             "`from sessionscope import scoped_session` for the registry."
         )
     else:

@@ -1,0 +1,437 @@
+"""``sessionscope.celery.install()`` under real ``celery worker`` subprocesses, on PostgreSQL.
+
+``tests/servers/celery_app.py`` runs in a ``celery worker`` per pool (prefork, threads, solo,
+gevent, eventlet) against RabbitMQ or Redis on 127.0.0.1 (results in Redis). The test sends a few
+hundred tasks, interleaved: inserts, failures after a flush, loads by id and tasks that retry
+once after flushing; then it checks the DATA in a PostgreSQL schema of its own:
+
+- every insert's row exactly once; no row of a failed task or of a retried attempt;
+- every load returned the row asked for, also when the worker's main process queried the
+  database before its pool forked (prefork: the children must not share its connection);
+- no task started inside another's transaction or with another's pending objects;
+- no ``idle in transaction`` backend of the worker afterwards (by ``application_name``).
+
+SQLAlchemy's own ``scoped_session`` in the same application (tasks committing themselves, no
+``remove()``) fails the checks: a failed task's flushed row is committed by the next task on the
+thread. Eager mode and ``apply()`` run in-process.
+
+Unmarked: prefork and threads on RabbitMQ (100 tasks each), SQLAlchemy's failure, eager/apply.
+``slow``: every pool on both brokers, 400 tasks each. Outside CI an unreachable broker skips; with
+CI=true it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import scoped_session as sa_scoped_session
+from sqlalchemy.orm import sessionmaker
+
+import sessionscope
+from sessionscope.celery import install
+from tests.conftest import PG_URL, require_server
+from tests.servers.celery_app import Row, make_app, metadata, rows
+from tests.servers.process import REPO
+
+pytestmark = pytest.mark.timeout(240)
+
+AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+REDIS = "redis://127.0.0.1:6379/0"
+RESULTS = "redis://127.0.0.1:6379/1"
+BROKERS = {"rabbitmq": AMQP, "redis": REDIS}
+SEEDS = 50
+
+
+def reachable(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def require_brokers(*ports: int) -> None:
+    for port in ports:
+        if not reachable(port):
+            require_server(f"no broker or result store on 127.0.0.1:{port}")
+
+
+@dataclass
+class CeleryDatabase:
+    """A schema of the test's own with ``celery_rows`` seeded, and the URL a worker uses."""
+
+    schema: str
+    app_name: str
+    url: str
+    seed_ids: dict[int, str] = field(default_factory=dict)
+
+    def stored_keys(self) -> list[str]:
+        engine = create_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(select(rows.c.key)).scalars())
+        finally:
+            engine.dispose()
+
+    def idle_in_transaction(self) -> int:
+        engine = create_engine(PG_URL)
+        try:
+            with engine.connect() as conn:
+                return int(
+                    conn.execute(
+                        text(
+                            "select count(*) from pg_stat_activity where application_name = :name"
+                            " and state like 'idle in transaction%'"
+                        ),
+                        {"name": self.app_name},
+                    ).scalar_one()
+                )
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture
+def database(pg_schema: str) -> Iterator[CeleryDatabase]:
+    app_name = f"ss-celery-{uuid.uuid4().hex[:8]}"
+    url = f"{PG_URL}?options=-csearch_path%3D{pg_schema}&application_name={app_name}"
+    engine = create_engine(url)
+    metadata.drop_all(engine)
+    metadata.create_all(engine)
+    db = CeleryDatabase(pg_schema, app_name, url)
+    with engine.begin() as conn:
+        for n in range(SEEDS):
+            key = f"seed-{n}"
+            db.seed_ids[
+                conn.execute(insert(rows).values(key=key).returning(rows.c.id)).scalar_one()
+            ] = key
+    engine.dispose()
+    yield db
+
+
+@contextlib.contextmanager
+def celery_worker(
+    pool: str, broker: str, queue: str, db: CeleryDatabase, log_path: Path, *, mode: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``celery worker`` subprocess (its own process group) until the block ends."""
+    concurrency = {"prefork": 2, "threads": 4, "solo": 1}.get(pool, 20)
+    env = {
+        **os.environ,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "SS_CELERY_BROKER": broker,
+        "SS_CELERY_BACKEND": RESULTS,
+        "SS_CELERY_QUEUE": queue,
+        "SS_CELERY_DB": db.url,
+        "SS_CELERY_MODE": mode,
+        "SS_CELERY_PARENT_QUERY": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tests.servers.celery_app",
+        "worker",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--queues",
+        queue,
+        "--loglevel",
+        "warning",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--hostname",
+        f"{queue}@localhost",
+    ]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield process
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown, then kill: the worker's own process group (it and its pool's children).
+
+    The tasks are done by then; the ``threads`` pool's warm shutdown alone takes 10 s, hence the
+    short wait before the kill.
+    """
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(3)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.wait(10)
+
+
+def plan(count: int, seed_ids: dict[int, str]) -> list[tuple[str, Any]]:
+    """``count`` tasks, the four kinds interleaved: (task name, argument)."""
+    ids = sorted(seed_ids)
+    kinds = ("t.insert", "t.fail", "t.load", "t.retry_once")
+    tasks: list[tuple[str, Any]] = []
+    for n in range(count):
+        kind = kinds[n % 4]
+        argument: Any = ids[n % len(ids)] if kind == "t.load" else f"{kind[2]}-{n}"
+        tasks.append((kind, argument))
+    return tasks
+
+
+@dataclass
+class Outcome:
+    name: str
+    argument: Any
+    state: str
+    value: Any
+
+
+def run_tasks(
+    broker: str,
+    queue: str,
+    tasks: list[tuple[str, Any]],
+    worker: subprocess.Popen[bytes],
+    log: Path,
+) -> list[Outcome]:
+    client = Celery("sessionscope_client", broker=broker, backend=RESULTS)
+    try:
+        sent = [
+            (name, argument, client.send_task(name, [argument], queue=queue))
+            for name, argument in tasks
+        ]
+        deadline = time.monotonic() + 150
+        outcomes: list[Outcome] = []
+        for name, argument, result in sent:
+            while not result.ready():
+                if worker.poll() is not None:
+                    pytest.fail(
+                        f"the worker exited ({worker.returncode}):\n{log.read_text()[-4000:]}"
+                    )
+                if time.monotonic() > deadline:
+                    pytest.fail(f"tasks still running at the deadline:\n{log.read_text()[-4000:]}")
+                time.sleep(0.02)
+            value = result.get(propagate=False)
+            outcomes.append(Outcome(name, argument, result.state, value))
+            result.forget()
+        return outcomes
+    finally:
+        client.close()
+
+
+def problems(db: CeleryDatabase, outcomes: list[Outcome]) -> list[str]:
+    """Everything that went wrong, as sentences (empty when the data is right)."""
+    found: list[str] = []
+    keys = db.stored_keys()
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    for outcome in outcomes:
+        where = f"{outcome.name}({outcome.argument!r})"
+        if outcome.name == "t.fail":
+            if outcome.state != "FAILURE" or not isinstance(outcome.value, ValueError):
+                found.append(f"{where}: {outcome.state} {outcome.value!r}, expected its ValueError")
+            if counts.get(outcome.argument):
+                found.append(f"{where}: the failed task's row was committed")
+            continue
+        if outcome.state != "SUCCESS":
+            found.append(f"{where}: {outcome.state} {outcome.value!r}")
+            continue
+        value = outcome.value
+        if value["pending"] or value["inherited_txid"] is not None:
+            found.append(f"{where} started inside another task's work: {value}")
+        if outcome.name == "t.insert" and counts.get(outcome.argument) != 1:
+            found.append(f"{where}: {counts.get(outcome.argument, 0)} rows, expected 1")
+        if outcome.name == "t.retry_once":
+            if counts.get(f"{outcome.argument}@0"):
+                found.append(f"{where}: the retried attempt's row was committed")
+            if counts.get(f"{outcome.argument}@1") != 1:
+                found.append(f"{where}: {counts.get(f'{outcome.argument}@1', 0)} rows of its retry")
+        if outcome.name == "t.load" and value["key"] != db.seed_ids[outcome.argument]:
+            found.append(
+                f"{where} returned {value['key']!r}, not {db.seed_ids[outcome.argument]!r}"
+            )
+    idle = db.idle_in_transaction()
+    if idle:
+        found.append(f"{idle} backends of the worker idle in transaction")
+    return found
+
+
+def check_pool(pool: str, broker_name: str, count: int, db: CeleryDatabase, tmp_path: Path) -> None:
+    broker = BROKERS[broker_name]
+    require_brokers(5672 if broker_name == "rabbitmq" else 6379, 6379)
+    queue = f"ss-{pool}-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "worker.log"
+    with celery_worker(pool, broker, queue, db, log, mode="sessionscope") as worker:
+        outcomes = run_tasks(broker, queue, plan(count, db.seed_ids), worker, log)
+        found = problems(db, outcomes)  # while the worker runs: its backends are still there
+    assert len(outcomes) == count
+    assert found == []
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_each_task_commits_exactly_its_rows_and_leaves_nothing_behind(
+    pool: str, database: CeleryDatabase, tmp_path: Path
+) -> None:
+    check_pool(pool, "rabbitmq", 100, database, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker_name", ["rabbitmq", "redis"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo", "gevent", "eventlet"])
+def test_every_pool_and_broker_under_400_tasks(
+    pool: str, broker_name: str, database: CeleryDatabase, tmp_path: Path
+) -> None:
+    check_pool(pool, broker_name, 400, database, tmp_path)
+
+
+def test_sqlalchemy_scoped_session_in_the_same_app_fails_the_checks(
+    database: CeleryDatabase, tmp_path: Path
+) -> None:
+    """Without ``install()``: a failed task's flushed row stays in the thread's session, and the
+    next task on that thread commits it with its own."""
+    require_brokers(5672, 6379)
+    queue = f"ss-plain-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "worker.log"
+    with celery_worker("threads", AMQP, queue, database, log, mode="plain") as worker:
+        outcomes = run_tasks(AMQP, queue, plan(100, database.seed_ids), worker, log)
+        found = problems(database, outcomes)
+    assert any("the failed task's row was committed" in problem for problem in found), found
+
+
+# -- in-process: eager mode and apply() ------------------------------------------------------
+
+
+@pytest.fixture
+def eager_app(database: CeleryDatabase) -> Iterator[tuple[Celery, Any]]:
+    app, registry = make_app("memory://", "cache+memory://", "eager", database.url, "sessionscope")
+    app.conf.task_always_eager = True
+    yield app, registry
+    registry.remove()
+
+
+def test_eager_and_apply_run_each_task_in_its_own_scope(
+    eager_app: tuple[Celery, Any], database: CeleryDatabase
+) -> None:
+    app, _ = eager_app
+    tasks = app.tasks
+    assert tasks["t.insert"].delay("e-insert").get() == {"pending": 0, "inherited_txid": None}
+    assert tasks["t.insert"].apply(("a-insert",)).get()["inherited_txid"] is None
+    failed = tasks["t.fail"].delay("e-fail")
+    assert failed.failed() and isinstance(failed.result, ValueError)
+    assert tasks["t.fail"].apply(("a-fail",)).failed()
+    retried = tasks["t.retry_once"].apply(("e-retry",))
+    assert retried.successful(), retried.result
+    seed_id, seed_key = next(iter(database.seed_ids.items()))
+    assert tasks["t.load"].apply((seed_id,)).get()["key"] == seed_key
+    keys = set(database.stored_keys())
+    assert {"e-insert", "a-insert", "e-retry@1"} <= keys
+    assert not {"e-fail", "a-fail", "e-retry@0"} & keys
+    assert database.idle_in_transaction() == 0
+
+
+def test_an_eager_task_does_not_touch_the_callers_scope(
+    eager_app: tuple[Celery, Any], database: CeleryDatabase
+) -> None:
+    app, registry = eager_app
+    with registry.scope(commit=False) as outer:
+        outer.add(Row("caller"))
+        outer.flush()
+        app.tasks["t.insert"].delay("inside-caller").get()
+        assert outer.in_transaction() and not outer.new
+    keys = set(database.stored_keys())
+    assert "inside-caller" in keys and "caller" not in keys
+
+
+def test_a_task_called_as_a_function_uses_the_callers_session(
+    eager_app: tuple[Celery, Any], database: CeleryDatabase
+) -> None:
+    app, registry = eager_app
+    with registry.scope(commit=False) as outer:
+        app.tasks["t.insert"]("direct")
+        assert [row.key for row in outer.new] == [] and outer.in_transaction()
+        assert outer.execute(select(rows.c.key).where(rows.c.key == "direct")).all()
+    assert "direct" not in database.stored_keys()
+
+
+@pytest.fixture
+def bare_app(database: CeleryDatabase) -> Iterator[tuple[Celery, Any]]:
+    """An eager app with no tasks and no install() yet, and a registry on the test's schema."""
+    app = Celery("sessionscope_bare", broker="memory://", backend="cache+memory://")
+    app.conf.task_always_eager = True
+    engine = create_engine(database.url)
+    yield app, sessionscope.scoped_session(sessionmaker(engine))
+    engine.dispose()
+
+
+def test_commit_false_rolls_back_what_the_task_did_not_commit(
+    bare_app: tuple[Celery, Any], database: CeleryDatabase
+) -> None:
+    app, Session = bare_app
+
+    @app.task(name="t.flush_only", shared=False)
+    def flush_only(key: str) -> None:
+        Session().add(Row(key))
+        Session().flush()
+
+    @app.task(name="t.commits", shared=False)
+    def commits(key: str) -> None:
+        Session().add(Row(key))
+        Session().commit()
+
+    install(app, Session)
+    flush_only.delay("flushed")
+    commits.delay("committed")
+    keys = database.stored_keys()
+    assert "committed" in keys and "flushed" not in keys
+
+
+def test_tasks_registered_before_install_are_covered(
+    bare_app: tuple[Celery, Any], database: CeleryDatabase
+) -> None:
+    app, Session = bare_app
+
+    @app.task(name="t.early", shared=False)
+    def early(key: str) -> None:
+        Session().add(Row(key))
+        raise ValueError(key)
+
+    app.finalize()
+    assert app.tasks["t.early"] is not None
+    install(app, Session, commit=True)
+    with Session.scope(commit=False) as outer:
+        early.delay("early")
+        assert not outer.new
+    assert "early" not in database.stored_keys()
+
+
+def test_install_refuses_what_is_not_an_app_or_a_registry() -> None:
+    app = Celery("sessionscope_refuse", broker="memory://")
+    with pytest.raises(TypeError, match="celery_app"):
+        install(object(), sessionscope.scoped_session(sessionmaker()))
+    with pytest.raises(sa_exc.ArgumentError, match="scoped_session"):
+        install(app, sa_scoped_session(sessionmaker()))
+    with pytest.raises(TypeError, match="commit"):
+        install(app, sessionscope.scoped_session(sessionmaker()), commit="yes")
