@@ -204,3 +204,25 @@ def test_web_check_refuses_a_server_that_answers_for_another(tmp_path: Path) -> 
             contender = web_requests.Contender(web_requests.BY_HAND, web_requests.BY_HAND, s)
             with pytest.raises(RuntimeError, match="answered 200"):
                 web_requests.check(contender, database)
+
+
+def test_ship_receive_benchmark_yields_figures_for_each_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ship_receive.py --smoke`` on PostgreSQL: each case checked (statements, objects), timed."""
+    from tests.conftest import postgres_available, require_server
+
+    reason = postgres_available()
+    if reason:
+        require_server(reason)
+    import ship_receive
+
+    out = tmp_path / "ship.json"
+    assert ship_receive.main(["--smoke", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["case"] for row in report["results"]] == [c.label for c in ship_receive.CASES]
+    for row in report["results"]:
+        assert row["statements"][ship_receive.SHIP] == 0  # received without a SELECT
+        assert row["statements"][ship_receive.SHIP_CHECKED] == 1  # the batched version check
+        assert min(row["ns_per_object"].values()) > 0 and min(row["ratio_to_requery"].values()) > 0
+    assert report["markdown"] in capsys.readouterr().out

@@ -233,6 +233,9 @@ def test_a_version_conflict_is_refused_naming_both_versions(db: Engine) -> None:
         assert len(statements) == 1 and len(target.identity_map) == 0  # nothing attached
         stale = receive(target, shipped)  # without the check: trusted as shipped
         assert stale.version == 1
+        stale.name = "lost update"
+        with pytest.raises(StaleDataError):  # ... and caught at flush, by its shipped version
+            target.flush()
     with Session(db) as writer, writer.begin():
         writer.execute(update(Versioned).values(id=5))
     with Session(db) as target, pytest.raises(ShippedVersionError, match="now deleted"):

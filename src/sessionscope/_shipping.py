@@ -33,7 +33,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Mapper, Session, make_transient_to_detached, scoped_session
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.exc import UnmappedInstanceError
 from sqlalchemy.orm.state import InstanceState
 
@@ -44,6 +44,7 @@ FORMAT = 1
 """The payload's format version: ``receive`` refuses any other."""
 
 _TAG = "$t"
+_PLAIN = frozenset({str, int, bool, type(None)})
 _TARGETS = (Session, AsyncSession, scoped_session, async_scoped_session)
 
 
@@ -61,7 +62,9 @@ def encode(value: Any) -> Any:
     holding ``{"$t": ...}`` cannot be mistaken for a tag) becomes ``{"$t": tag, "v": ...}``.
     Raises :class:`TypeError` for a value with no exact form.
     """
-    if value is None or isinstance(value, bool | str):
+    if type(value) in _PLAIN:  # the usual case first: exact types, so no IntEnum or str subclass
+        return value
+    if isinstance(value, bool | str):
         return value
     if isinstance(value, enum.Enum):  # before int: an IntEnum must come back as its member
         return {_TAG: "enum", "cls": _name_of(type(value)), "v": value.name}
@@ -102,10 +105,8 @@ def encode(value: Any) -> Any:
 
 def decode(value: Any) -> Any:
     """The value :func:`encode` was given."""
-    if isinstance(value, list):
-        return [decode(v) for v in value]
-    if not isinstance(value, dict):
-        return value
+    if type(value) is not dict:
+        return [decode(v) for v in value] if type(value) is list else value
     tag, raw = value[_TAG], value["v"]
     if tag == "dict":
         return {k: decode(v) for k, v in raw.items()}
@@ -173,7 +174,7 @@ def ship(objects: Any) -> dict[str, Any]:
         _refuse_unmapped("ship()", "objects", objects)
     table: list[dict[str, Any]] = []
     index: dict[int, int] = {}
-    root_refs = [_ship_one(inspect(obj), table, index) for obj in roots]
+    root_refs = [_ship_one(instance_state(obj), table, index) for obj in roots]
     return {"format": FORMAT, "many": not single, "roots": root_refs, "objects": table}
 
 
@@ -188,40 +189,61 @@ def _refuse_unmapped(call: str, name: str, value: Any) -> NoReturn:
     )
 
 
+class _Plan:
+    """What ``ship``/``receive`` read of one mapper, worked out once (mappers are configured)."""
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        self.mapper = mapper
+        self.name = _name_of(mapper.class_)
+        self.columns = tuple(p.key for p in mapper.column_attrs)
+        self.relationships = tuple((r.key, r.uselist) for r in mapper.relationships)
+        self.primary_key = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
+        version = mapper.version_id_col
+        self.version = None if version is None else mapper.get_property_by_column(version).key
+
+
+_plans: dict[Mapper[Any], _Plan] = {}
+
+
+def _plan(mapper: Mapper[Any]) -> _Plan:
+    plan = _plans.get(mapper)
+    if plan is None:
+        plan = _plans[mapper] = _Plan(mapper)
+    return plan
+
+
 def _ship_one(state: InstanceState[Any], table: list[dict[str, Any]], index: dict[int, int]) -> int:
     """Add ``state`` (and what it references) to ``table`` once; return its position."""
     seen = index.get(id(state))
     if seen is not None:
         return seen
     _check_shippable(state)
-    mapper = state.mapper
+    plan = _plan(state.mapper)
     data = state.dict
     assert state.key is not None
+    columns = {key: _encoded(state, key, data[key]) for key in plan.columns if key in data}
+    relationships: dict[str, Any] = {}
     entry: dict[str, Any] = {
-        "mapper": _name_of(mapper.class_),
+        "mapper": plan.name,
         "identity": [_encoded(state, "identity", v) for v in state.key[1]],
-        "columns": {
-            p.key: _encoded(state, p.key, data[p.key]) for p in mapper.column_attrs if p.key in data
-        },
-        "relationships": {},
+        "columns": columns,
+        "relationships": relationships,
     }
-    if mapper.version_id_col is not None:
-        version_key = mapper.get_property_by_column(mapper.version_id_col).key
-        if version_key in data:
-            entry["version"] = entry["columns"][version_key]
-    index[id(state)] = len(table)
+    if plan.version is not None and plan.version in columns:
+        entry["version"] = columns[plan.version]
+    position = index[id(state)] = len(table)
     table.append(entry)
-    for rel in mapper.relationships:
-        if rel.key not in data:
+    for key, uselist in plan.relationships:
+        if key not in data:
             continue
-        value = data[rel.key]
+        value = data[key]
         if value is None:
-            entry["relationships"][rel.key] = None
-        elif rel.uselist:
-            entry["relationships"][rel.key] = [_ship_one(inspect(v), table, index) for v in value]
+            relationships[key] = None
+        elif uselist:
+            relationships[key] = [_ship_one(instance_state(v), table, index) for v in value]
         else:
-            entry["relationships"][rel.key] = _ship_one(inspect(value), table, index)
-    return index[id(state)]
+            relationships[key] = _ship_one(instance_state(value), table, index)
+    return position
 
 
 def _check_shippable(state: InstanceState[Any]) -> None:
@@ -356,36 +378,40 @@ def _receive(session: Any, shipped: dict[str, Any], check_version: bool) -> Any:
     ]
     if check_version:
         _check_versions(session, mappers, entries, keys)
+    identity_map = session.identity_map
     objects: list[Any] = []
     fresh: list[bool] = []
     for mapper, entry, key in zip(mappers, entries, keys, strict=True):
-        existing = session.identity_map.get(key)
+        existing = identity_map.get(key)
         if existing is not None:
             objects.append(existing)
             fresh.append(False)
-            _fill_unloaded(inspect(existing), entry)
+            _fill_unloaded(instance_state(existing), entry)
             continue
         obj = mapper.class_manager.new_instance()
-        data = inspect(obj).dict
+        data = obj.__dict__
         for name, value in entry["columns"].items():
             data[name] = decode(value)
-        for column, value in zip(mapper.primary_key, key[1], strict=True):
-            data.setdefault(mapper.get_property_by_column(column).key, value)
+        for name, value in zip(_plan(mapper).primary_key, key[1], strict=True):
+            data.setdefault(name, value)
         make_transient_to_detached(obj)  # history reset as if loaded; the rest expired
         objects.append(obj)
         fresh.append(True)
     for obj, entry, new in zip(objects, entries, fresh, strict=True):
-        data = inspect(obj).dict
+        if not entry["relationships"]:
+            continue
+        data = obj.__dict__
         for name, ref in entry["relationships"].items():
             if not new and name in data:
                 continue  # the session's copy wins
-            if isinstance(ref, list):
+            if type(ref) is list:
                 set_committed_value(obj, name, [objects[i] for i in ref])
             else:
                 set_committed_value(obj, name, None if ref is None else objects[ref])
+    add = session.add
     for obj, new in zip(objects, fresh, strict=True):
         if new:
-            session.add(obj)  # detached with an identity: persistent, no SQL
+            add(obj)  # detached with an identity: persistent, no SQL
     roots = [objects[i] for i in shipped["roots"]]
     return roots if shipped.get("many", True) else roots[0]
 
@@ -440,7 +466,11 @@ def _check_versions(
     for mapper, shipped in wanted.items():
         pk, version_col = mapper.primary_key, mapper.version_id_col
         assert version_col is not None
-        stmt = select(*pk, version_col).where(tuple_(*pk).in_(list(shipped)))
+        if len(pk) == 1:  # a plain IN: cached and compiled more simply than a tuple IN
+            where = pk[0].in_([ident[0] for ident in shipped])
+        else:
+            where = tuple_(*pk).in_(list(shipped))
+        stmt = select(*pk, version_col).where(where)
         current = {tuple(row[:-1]): row[-1] for row in session.execute(stmt)}
         for ident, version in shipped.items():
             now = current.get(tuple(ident), _GONE)
