@@ -188,14 +188,16 @@ def test_a_single_object_comes_back_as_one_and_a_many_to_one_follows(db: Engine)
         assert statements == []
         assert [b.title for b in copy.author.books] == ["c"]  # lazy loads now
         assert len(statements) == 1
+        assert receive(target, ship([])) == []
 
 
 def test_unloaded_attributes_arrive_expired_and_load_on_access(db: Engine) -> None:
     with Session(db) as source:
         author = source.get(Author, 1)  # bio is deferred, books not loaded
-        shipped = ship(author)
+        statements = count_selects(db)
+        shipped = ship(author)  # reads only what is loaded: no SQL, no lazy load
+        assert statements == [] and set(inspect(author).unloaded) == {"bio", "books"}
     assert "bio" not in shipped["objects"][0]["columns"]
-    statements = count_selects(db)
     with Session(db) as target:
         copy = receive(target, shipped)
         assert {"bio"} <= inspect(copy).expired_attributes and statements == []
@@ -319,6 +321,10 @@ def test_refusals(db: Engine) -> None:
         good = ship(session.get(Author, 1))
         with pytest.raises(sa_exc.ArgumentError, match="receive-payload"):
             receive(session, {"format": 99})
+        broken = json.loads(json.dumps(good))
+        broken["objects"][0]["relationships"] = {"books": [7]}  # refers to no shipped object
+        with pytest.raises(sa_exc.ArgumentError, match=r"IndexError.*receive-payload"):
+            receive(session, broken)
         with pytest.raises(sa_exc.ArgumentError, match="a registry|Session"):
             receive(sessionmaker(db), good)  # type: ignore[call-overload]
         with pytest.raises(TypeError, match="check_version"):

@@ -370,6 +370,23 @@ def _check_payload(shipped: Any) -> None:
 def _receive(session: Any, shipped: dict[str, Any], check_version: bool) -> Any:
     if isinstance(session, scoped_session):
         session = session()
+    try:
+        return _attach(session, shipped, check_version)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        # A payload that is not ship()'s (edited, truncated, from elsewhere): say so, not "KeyError"
+        refuse(
+            sa_exc.ArgumentError,
+            "receive()",
+            "shipped",
+            shipped,
+            f"what sessionscope.ship() returned (format {FORMAT})",
+            f"Its content does not decode ({type(exc).__name__}: {exc}); pass ship()'s result, "
+            "or json.loads() of its JSON, unchanged.",
+            "receive-payload",
+        )
+
+
+def _attach(session: Session, shipped: dict[str, Any], check_version: bool) -> Any:
     entries: list[dict[str, Any]] = shipped["objects"]
     mappers = [_mapper_named(e.get("mapper")) for e in entries]
     keys = [
