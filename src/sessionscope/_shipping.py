@@ -25,7 +25,9 @@ import decimal
 import enum
 import importlib
 import math
+import sys
 import uuid
+import zoneinfo
 from collections.abc import Awaitable, Iterable
 from typing import Any, NoReturn, overload
 
@@ -115,8 +117,6 @@ def decode(value: Any) -> Any:
     if tag == "datetime":
         when = dt.datetime.fromisoformat(raw)
         if "tz" in value:
-            import zoneinfo
-
             when = when.astimezone(zoneinfo.ZoneInfo(value["tz"]))
         return when
     if tag == "enum":
@@ -137,8 +137,6 @@ _DECODERS: dict[str, Any] = {
 
 def _enum_class(name: str) -> type[enum.Enum]:
     """An Enum class named in a payload: only one its module already defines (never imported)."""
-    import sys
-
     module_name, _, qualname = name.partition(":")
     found: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
