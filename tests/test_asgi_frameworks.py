@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -116,6 +117,12 @@ def converse(base_url: str, req: str) -> list[Any]:
     return replies
 
 
+def needs(framework: str) -> None:
+    """Quart is installed on Python 3.11+ only (see the test extras in pyproject.toml)."""
+    if framework == "quart" and sys.version_info < (3, 11):
+        pytest.importorskip("quart", reason="Quart is tested on Python 3.11+ (pyproject.toml)")
+
+
 def run_load(
     database: Database,
     tmp_path: Path,
@@ -193,6 +200,7 @@ def test_framework_under_load(
     database: Database, tmp_path: Path, framework: str, commit: bool
 ) -> None:
     """2 rounds of 120 requests from 20 keep-alive clients, 4 WebSockets a round alongside."""
+    needs(framework)
     run_load(database, tmp_path, framework, commit=commit)
 
 
@@ -204,6 +212,7 @@ def test_framework_under_larger_load(
     database: Database, tmp_path: Path, framework: str, commit: bool, loop: str
 ) -> None:
     """5 rounds of 400 requests from 30 clients, 10 WebSockets a round, on both loops."""
+    needs(framework)
     large = Load(rounds=5, per_round=400, clients=30, sockets=10)
     run_load(database, tmp_path, framework, commit=commit, loop=loop, load=large)
 
