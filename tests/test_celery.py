@@ -15,9 +15,12 @@ SQLAlchemy's own ``scoped_session`` in the same application (tasks committing th
 ``remove()``) fails the checks: a failed task's flushed row is committed by the next task on the
 thread. Eager mode and ``apply()`` run in-process.
 
-Unmarked: prefork and threads on RabbitMQ (100 tasks each), SQLAlchemy's failure, eager/apply.
-``slow``: every pool on both brokers, 400 tasks each. Outside CI an unreachable broker skips; with
-CI=true it fails.
+Under prefork, with the main process having queried before forking, it also shares that
+connection among the children (``ResourceClosedError``, duplicate prepared statements).
+
+Unmarked: prefork and threads on RabbitMQ (100 tasks each), SQLAlchemy's failure under threads,
+eager/apply. ``slow``: every pool on both brokers, 400 tasks each; SQLAlchemy's under prefork.
+Outside CI an unreachable broker skips; with CI=true it fails.
 """
 
 from __future__ import annotations
@@ -215,24 +218,32 @@ def run_tasks(
     tasks: list[tuple[str, Any]],
     worker: subprocess.Popen[bytes],
     log: Path,
+    *,
+    deadline: float = 150,
+    late_fails: bool = True,
 ) -> list[Outcome]:
+    """Send ``tasks`` and wait for each result. Past ``deadline`` seconds the test fails, or
+    (``late_fails=False``) the tasks not done are reported in the state ``LATE``."""
     client = Celery("sessionscope_client", broker=broker, backend=RESULTS)
     try:
         sent = [
             (name, argument, client.send_task(name, [argument], queue=queue))
             for name, argument in tasks
         ]
-        deadline = time.monotonic() + 150
+        stop_at = time.monotonic() + deadline
         outcomes: list[Outcome] = []
         for name, argument, result in sent:
-            while not result.ready():
+            while not result.ready() and (late_fails or time.monotonic() < stop_at):
                 if worker.poll() is not None:
                     pytest.fail(
                         f"the worker exited ({worker.returncode}):\n{log.read_text()[-4000:]}"
                     )
-                if time.monotonic() > deadline:
+                if time.monotonic() > stop_at:
                     pytest.fail(f"tasks still running at the deadline:\n{log.read_text()[-4000:]}")
                 time.sleep(0.02)
+            if not result.ready():
+                outcomes.append(Outcome(name, argument, "LATE", None))
+                continue
             value = result.get(propagate=False)
             outcomes.append(Outcome(name, argument, result.state, value))
             result.forget()
@@ -319,6 +330,24 @@ def test_sqlalchemy_scoped_session_in_the_same_app_fails_the_checks(
         outcomes = run_tasks(AMQP, queue, plan(100, database.seed_ids), worker, log)
         found = problems(database, outcomes)
     assert any("the failed task's row was committed" in problem for problem in found), found
+
+
+@pytest.mark.slow
+def test_sqlalchemy_scoped_session_under_prefork_shares_the_parents_connection(
+    database: CeleryDatabase, tmp_path: Path
+) -> None:
+    """The worker's main process queried before forking: without sessionscope's pools disposal
+    the children speak on its pooled connection (duplicate prepared statements, other tasks'
+    replies, tasks that never finish)."""
+    require_brokers(5672, 6379)
+    queue = f"ss-plain-prefork-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "worker.log"
+    with celery_worker("prefork", AMQP, queue, database, log, mode="plain") as worker:
+        tasks = plan(200, database.seed_ids)
+        outcomes = run_tasks(AMQP, queue, tasks, worker, log, deadline=30, late_fails=False)
+        found = problems(database, outcomes)
+    shared = ("ResourceClosedError", "DuplicatePreparedStatement", "ProtocolViolation", "returned")
+    assert any(sign in problem for problem in found for sign in shared), found
 
 
 # -- in-process: eager mode and apply() ------------------------------------------------------
