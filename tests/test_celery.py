@@ -437,6 +437,24 @@ def test_commit_false_rolls_back_what_the_task_did_not_commit(
     assert "committed" in keys and "flushed" not in keys
 
 
+def test_a_commit_that_fails_is_the_tasks_failure(
+    bare_app: tuple[Celery, Any], database: CeleryDatabase
+) -> None:
+    """The commit runs before Celery records the outcome: a row too long for its column, added
+    but not flushed by the body, fails at the commit, and the task is a FAILURE."""
+    app, Session = bare_app
+
+    @app.task(name="t.too_long", shared=False)
+    def too_long(key: str) -> str:
+        Session().add(Row(key * 100))
+        return "returned"
+
+    install(app, Session, commit=True)
+    result = too_long.apply(("x",))
+    assert result.failed() and isinstance(result.result, sa_exc.DataError), result.result
+    assert database.idle_in_transaction() == 0
+
+
 def test_tasks_registered_before_install_are_covered(
     bare_app: tuple[Celery, Any], database: CeleryDatabase
 ) -> None:
