@@ -30,9 +30,9 @@ import threading
 from typing import Any
 
 from ._arguments import expect_flags, refuse
+from ._expect_registry import expect_registry
 from ._scoping import scoped_session
 from ._work import unit_of_work
-from .wsgi import expect_registry
 
 __all__ = ["install"]
 

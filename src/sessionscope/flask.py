@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import exc as sa_exc
 
 from ._arguments import expect_flags, refuse
-from .wsgi import RequestScope, SessionScopeMiddleware, current_request_scope, expect_registry
+from ._expect_registry import expect_registry
+from .wsgi import RequestScope, SessionScopeMiddleware, current_request_scope
 
 if TYPE_CHECKING:
     from flask import Flask

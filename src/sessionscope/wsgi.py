@@ -30,10 +30,8 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import exc as sa_exc
-
 from ._arguments import expect_flags, refuse
-from ._async_scoping import async_scoped_session
+from ._expect_registry import expect_registry
 from ._scoping import scoped_session
 from ._work import unit_of_work
 
@@ -61,32 +59,6 @@ def current_request_scope() -> RequestScope | None:
     """The request (or Flask app context) scope the running code is in, if any."""
     ref = _current.get()
     return None if ref is None else ref()
-
-
-def expect_registry(
-    call: str, value: object, *, synchronous: str = "WSGI is", reusers: str = "servers"
-) -> None:
-    """Refuse anything but a sync ``sessionscope.scoped_session`` as the ``session`` argument.
-
-    The request's scope is opened on the registry the application calls; a session, a
-    sessionmaker or SQLAlchemy's own ``scoped_session`` would give the application's
-    ``Session()`` another session than the one this integration commits and closes.
-    ``synchronous`` and ``reusers`` name the caller's world in the fix (``sessionscope.celery``).
-    """
-    if isinstance(value, scoped_session):
-        return
-    if isinstance(value, async_scoped_session):
-        fix = (
-            f"{synchronous} synchronous: pass a sessionscope.scoped_session(sessionmaker(engine))."
-        )
-    elif hasattr(value, "registry") and hasattr(value, "session_factory"):
-        fix = (
-            f"SQLAlchemy's scoped_session keys sessions by thread, which {reusers} reuse: use "
-            "`from sessionscope import scoped_session` for the registry."
-        )
-    else:
-        fix = "Pass the registry your code calls: `Session = scoped_session(sessionmaker(engine))`."
-    refuse(sa_exc.ArgumentError, call, "session", value, "a sessionscope.scoped_session", fix)
 
 
 class RequestScope:
