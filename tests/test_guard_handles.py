@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqlalchemy.pool import NullPool, QueuePool
 
 import sessionscope
@@ -917,3 +917,25 @@ def test_child_tasks_made_after_the_async_session_use_its_connection_and_results
         "checked out": 0,
     }
     assert rows == {"seed": SEEDS, OWNER: 1, "child": 3}
+
+
+@pytest.mark.skipif(
+    not hasattr(SessionTransaction, "connections"), reason="SQLAlchemy 2.1.7 added connections"
+)
+def test_a_connection_only_the_flush_used_is_guarded_when_a_transaction_hands_it_out(
+    db: Engine, Scoped: ScopedSession
+) -> None:
+    """The session never handed this connection out (only its flush used it): reached through
+    ``get_transaction().connections``, it is guarded as it is handed out, and another thread
+    cannot commit the owner's flushed row through it."""
+    session = Scoped()
+    session.add(Row(owner="flushed", n=1))
+    session.flush()  # the connection is begun and used by the session itself, nobody took it
+    (connection,) = session.get_transaction().connections  # type: ignore[union-attr]
+    outcomes: list[Outcome] = []
+    thread = threading.Thread(target=lambda: outcomes.append(attempt(connection.commit)))
+    thread.start()
+    thread.join()
+    assert type(outcomes[0].error) is sessionscope.CrossUnitError, outcomes
+    session.rollback()
+    assert side_rows(db).get("flushed", 0) == 0  # the owner's rollback won: nothing committed

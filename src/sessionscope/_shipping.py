@@ -354,15 +354,19 @@ def _check_payload(shipped: Any) -> None:
         and isinstance(shipped.get("roots"), list)
     )
     if not ok:
-        refuse(
-            sa_exc.ArgumentError,
-            "receive()",
-            "shipped",
-            shipped,
-            f"what sessionscope.ship() returned (format {FORMAT})",
-            "Pass ship()'s result, or json.loads() of its JSON.",
-            "receive-payload",
-        )
+        _refuse_payload(shipped, "Pass ship()'s result, or json.loads() of its JSON.")
+
+
+def _refuse_payload(shipped: Any, fix: str) -> NoReturn:
+    refuse(
+        sa_exc.ArgumentError,
+        "receive()",
+        "shipped",
+        shipped,
+        f"what sessionscope.ship() returned (format {FORMAT})",
+        fix,
+        "receive-payload",
+    )
 
 
 def _receive(session: Any, shipped: dict[str, Any], check_version: bool) -> Any:
@@ -372,15 +376,10 @@ def _receive(session: Any, shipped: dict[str, Any], check_version: bool) -> Any:
         return _attach(session, shipped, check_version)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         # A payload that is not ship()'s (edited, truncated, from elsewhere): say so, not "KeyError"
-        refuse(
-            sa_exc.ArgumentError,
-            "receive()",
-            "shipped",
+        _refuse_payload(
             shipped,
-            f"what sessionscope.ship() returned (format {FORMAT})",
             f"Its content does not decode ({type(exc).__name__}: {exc}); pass ship()'s result, "
             "or json.loads() of its JSON, unchanged.",
-            "receive-payload",
         )
 
 

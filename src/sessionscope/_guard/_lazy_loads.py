@@ -38,20 +38,27 @@ _installed = False
 _install_lock = threading.Lock()
 
 
+def _load_checked(
+    guard_of_state: GuardOfState, key: str, load: Callable[..., Any], state: Any, args: Any, kw: Any
+) -> Any:
+    """``load(state, *args, **kw)`` checked as one call of the state's session."""
+    guard = guard_of_state(state)
+    if guard is None or (guard.depth and getcurrent() is guard.entered):
+        return load(state, *args, **kw)  # unguarded, or inside a call of the session
+    if guard.admit(LAZY_LOAD + key, state.class_):
+        try:
+            return load(state, *args, **kw)
+        finally:
+            guard.leave()
+    return load(state, *args, **kw)  # "warn" / "off", or sessionscope's own cleanup
+
+
 def _checked_load(load: Callable[..., Any], key: str, guard_of_state: GuardOfState) -> Any:
-    """``load(state, passive, ...)`` checked as one call of the state's session."""
+    """An attribute's loader callable (a bound ``_load_for_state``), checked."""
 
     @functools.wraps(load)
     def checked(state: Any, *args: Any, **kw: Any) -> Any:
-        guard = guard_of_state(state)
-        if guard is None or (guard.depth and getcurrent() is guard.entered):
-            return load(state, *args, **kw)  # unguarded, or inside a call of the session
-        if guard.admit(LAZY_LOAD + key, state.class_):
-            try:
-                return load(state, *args, **kw)
-            finally:
-                guard.leave()
-        return load(state, *args, **kw)  # "warn" / "off", or sessionscope's own cleanup
+        return _load_checked(guard_of_state, key, load, state, args, kw)
 
     setattr(checked, _WRAPPED, True)
     return checked
@@ -77,9 +84,8 @@ def install(guard_of_state: GuardOfState) -> None:
         original = _LAZY_LOADER.__dict__["_load_for_state"]
 
         def _load_for_state(self: Any, state: Any, *args: Any, **kw: Any) -> Any:
-            return _checked_load(functools.partial(original, self), self.key, guard_of_state)(
-                state, *args, **kw
-            )
+            load = functools.partial(original, self)  # (a per-query option's lazy load)
+            return _load_checked(guard_of_state, self.key, load, state, args, kw)
 
         _LAZY_LOADER._load_for_state = functools.wraps(original)(_load_for_state)  # type: ignore[attr-defined]
         _installed = True
