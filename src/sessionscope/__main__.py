@@ -1,5 +1,6 @@
 """``python -m sessionscope <command>``: ``demo`` (the races sessionscope prevents), ``check`` (a
-static check of an application's sources), ``audit`` (run a program with its sessions guarded). Each command's module is imported only when asked for."""
+static check of an application's sources), ``audit`` (run a program with its sessions guarded).
+Each command's module is imported only when asked for."""
 
 from __future__ import annotations
 

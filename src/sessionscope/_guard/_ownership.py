@@ -58,6 +58,11 @@ _MARK_THE_REQUEST = (
 _CLOSING = frozenset({"close", "invalidate", "reset"})
 """What any unit may do to a session whose owner is gone: closing is how users recover."""
 
+violation_sink: Callable[[SessionGuard, str, ShareNothingError | None], None] | None = None
+"""The runtime audit's recorder (``sessionscope._audit``), None unless an audit runs: called with
+the guard, the kind and the error instead of warning (it raises in "raise" mode), and with
+``"left-open"`` and no error when an owner's unit ends. Only refusals and ends test it."""
+
 
 class _Is:
     """A callable returning one object, as a weak reference returns its referent."""
@@ -160,6 +165,8 @@ class SessionGuard:
             self.disown(ENDED)
             return
         close, close_later = _closers_for(session)
+        if violation_sink is not None:
+            violation_sink(self, "left-open", None)
         self.end(close, close_later)
 
     # -- the entry check -----------------------------------------------------------------------
@@ -329,7 +336,8 @@ class SessionGuard:
                 f'belong to one concurrent unit at a time ("share nothing"). {fix} '
                 + background("guard-cross-unit")
             )
-        self._violation(CrossUnitError(message))
+        kind = "forked" if forked else "cross-unit" if of_class is None else "object"
+        self._violation(CrossUnitError(message), kind)
 
     def _ownership_and_fix(self, unit: Unit, who: str) -> tuple[str, str]:
         if self.state == HANDED_OFF:
@@ -394,9 +402,12 @@ class SessionGuard:
             "to_thread calls) share its unit of work: give each job `with Session.scope(new=True)"
             " as session:`. " + background("guard-concurrent")
         )
-        return self._violation(ConcurrentUseError(message))
+        return self._violation(ConcurrentUseError(message), "concurrent")
 
-    def _violation(self, error: ShareNothingError) -> bool:
+    def _violation(self, error: ShareNothingError, kind: str) -> bool:
+        if violation_sink is not None:  # an audit records it, and raises in "raise" mode
+            violation_sink(self, kind, error)
+            return False
         if self.mode == "raise":
             raise error
         warn_at_application(str(error), ShareNothingWarning)
