@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from typing import Any
 
 from .._guard._site import describe_site
@@ -107,13 +108,17 @@ def as_text(found: list[Finding], processes: int) -> str:
     ]
     for number, f in enumerate(found, 1):
         times = "once" if f["count"] == 1 else f"{f['count']} times"
-        lines.append(f"{number}. {f['title']} ({f['kind']}), {times}")
-        lines.append(f"   {f['session']} created at  {_where(f['created_at'])}")
+        lines.append(f"{number}. {f['title']} [{f['kind']}], {times}")
+        lines.append(f"   session:    {f['session']} created at {_where(f['created_at'])}")
         if f["crossed_at"] is not None:
-            lines.append(f"   crossed at          {_where(f['crossed_at'])}")
-        lines.append(f"   owner:    {f['owner']}")
+            lines.append(f"   crossed at: {_where(f['crossed_at'])}")
+        lines.append(f"   owner:      {f['owner']}")
         if f["offender"] is not None:
-            lines.append(f"   offender: {f['offender']}")
-        lines.append(f"   fix: {f['fix']}")
+            lines.append(f"   offender:   {f['offender']}")
+        lines.extend(
+            textwrap.wrap(
+                f["fix"], width=100, initial_indent="   fix:        ", subsequent_indent=" " * 15
+            )
+        )
         lines.append("")
     return "\n".join(lines)
