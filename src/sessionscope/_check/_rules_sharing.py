@@ -46,7 +46,8 @@ def check_module_sessions(module: SourceModule, nodes: Nodes) -> Iterator[Findin
     started: dict[str, str] = {}  # function name -> how it is started
     started_lambdas: dict[int, str] = {}
     for _, spawn in spawns(module, nodes):
-        how = f"runs as a {spawn.unit} ({_label(spawn.call)}, line {spawn.call.lineno})"
+        article = "an" if spawn.unit[0] in "aeiou" else "a"
+        how = f"runs as {article} {spawn.unit} ({_label(spawn.call)}, line {spawn.call.lineno})"
         if isinstance(spawn.target, ast.Name):
             started.setdefault(spawn.target.id, how)
         elif isinstance(spawn.target, ast.Lambda):
