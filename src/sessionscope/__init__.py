@@ -9,13 +9,15 @@ for AsyncSession, one per task.
 Their sessions are guarded: used from another unit (or by two units at once) they raise
 ``CrossUnitError`` (``ConcurrentUseError``). ``guard()`` guards any session or sessionmaker;
 ``copy_to()``, ``hand_off()``/``adopt()`` and ``SharedSession`` are the ways to cross units;
-``ship()``/``receive()`` move clean objects as JSON-safe data (to another process, too).
+``ship()``/``receive()`` move clean objects as JSON-safe data (to another process, too);
+``fan_out()`` runs a function over many items, each in a unit and session of its own.
 """
 
 from __future__ import annotations
 
 from ._async_scoping import async_scoped_session
 from ._copy import copy_to
+from ._fan_out import fan_out
 from ._guard import SharedSession, adopt, guard, hand_off
 from ._scope import AsyncSessionScope, SessionScope
 from ._scoping import scoped_session
@@ -53,6 +55,7 @@ __all__ = [
     "copy_to",
     "current_unit",
     "describe_unit",
+    "fan_out",
     "guard",
     "hand_off",
     "receive",

@@ -303,16 +303,22 @@ def receive(
     session: AsyncSession | async_scoped_session[Any],
     shipped: dict[str, Any],
     check_version: bool = False,
+    populate_existing: bool = False,
 ) -> Awaitable[Any]: ...
 
 
 @overload
 def receive(
-    session: Session | scoped_session[Any], shipped: dict[str, Any], check_version: bool = False
+    session: Session | scoped_session[Any],
+    shipped: dict[str, Any],
+    check_version: bool = False,
+    populate_existing: bool = False,
 ) -> Any: ...
 
 
-def receive(session: Any, shipped: Any, check_version: bool = False) -> Any:
+def receive(
+    session: Any, shipped: Any, check_version: bool = False, populate_existing: bool = False
+) -> Any:
     """Objects from :func:`ship`'s data, attached to ``session`` as persistent, without a SELECT.
 
     Shipped columns and relationships are set as if loaded; columns not shipped arrive expired
@@ -325,6 +331,10 @@ def receive(session: Any, shipped: Any, check_version: bool = False) -> Any:
     :param shipped: what :func:`ship` returned (after a JSON round trip or not).
     :param check_version: with objects whose mapper has a ``version_id_col``, one SELECT per
      mapper of the shipped rows' versions; :class:`ShippedVersionError` if one changed.
+    :param populate_existing: for identities the session already has, the shipped state
+     replaces what the session's copy loaded (as SQLAlchemy's ``populate_existing``), except for
+     attributes the session's copy changed and has not flushed: those changes stay. Use it to
+     take back objects that another unit changed and committed (``fan_out`` does).
     :return: one object, or a list in the order shipped.
     """
     if not isinstance(session, _TARGETS):
@@ -338,12 +348,14 @@ def receive(session: Any, shipped: Any, check_version: bool = False) -> Any:
         )
     if check_version is not True and check_version is not False:
         refuse(TypeError, "receive()", "check_version", check_version, "True or False")
+    if populate_existing is not True and populate_existing is not False:
+        refuse(TypeError, "receive()", "populate_existing", populate_existing, "True or False")
     _check_payload(shipped)
     if isinstance(session, async_scoped_session):
         session = session()  # the current task's session
     if isinstance(session, AsyncSession):
-        return session.run_sync(_receive, shipped, check_version)
-    return _receive(session, shipped, check_version)
+        return session.run_sync(_receive, shipped, check_version, populate_existing)
+    return _receive(session, shipped, check_version, populate_existing)
 
 
 def _check_payload(shipped: Any) -> None:
@@ -369,11 +381,13 @@ def _refuse_payload(shipped: Any, fix: str) -> NoReturn:
     )
 
 
-def _receive(session: Any, shipped: dict[str, Any], check_version: bool) -> Any:
+def _receive(
+    session: Any, shipped: dict[str, Any], check_version: bool, populate_existing: bool = False
+) -> Any:
     if isinstance(session, scoped_session):
         session = session()
     try:
-        return _attach(session, shipped, check_version)
+        return _attach(session, shipped, check_version, populate_existing)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         # A payload that is not ship()'s (edited, truncated, from elsewhere): say so, not "KeyError"
         _refuse_payload(
@@ -383,7 +397,9 @@ def _receive(session: Any, shipped: dict[str, Any], check_version: bool) -> Any:
         )
 
 
-def _attach(session: Session, shipped: dict[str, Any], check_version: bool) -> Any:
+def _attach(
+    session: Session, shipped: dict[str, Any], check_version: bool, populate_existing: bool
+) -> Any:
     entries: list[dict[str, Any]] = shipped["objects"]
     mappers = [_mapper_named(e.get("mapper")) for e in entries]
     keys = [
@@ -400,7 +416,7 @@ def _attach(session: Session, shipped: dict[str, Any], check_version: bool) -> A
         if existing is not None:
             objects.append(existing)
             fresh.append(False)
-            _fill_unloaded(instance_state(existing), entry)
+            _fill_existing(instance_state(existing), entry, populate_existing)
             continue
         obj = mapper.class_manager.new_instance()
         data = obj.__dict__
@@ -415,8 +431,9 @@ def _attach(session: Session, shipped: dict[str, Any], check_version: bool) -> A
         if not entry["relationships"]:
             continue
         data = obj.__dict__
+        kept = () if new else _kept(instance_state(obj), populate_existing)
         for name, ref in entry["relationships"].items():
-            if not new and name in data:
+            if name in kept:
                 continue  # the session's copy wins
             if type(ref) is list:
                 set_committed_value(obj, name, [objects[i] for i in ref])
@@ -430,13 +447,35 @@ def _attach(session: Session, shipped: dict[str, Any], check_version: bool) -> A
     return roots if shipped.get("many", True) else roots[0]
 
 
-def _fill_unloaded(state: InstanceState[Any], entry: dict[str, Any]) -> None:
-    """The session's copy wins: only attributes it has not loaded take the shipped values."""
+def _kept(state: InstanceState[Any], populate_existing: bool) -> Any:
+    """The attributes of the session's copy that shipped values do not replace.
+
+    By default every loaded one (the session's copy wins, as a query without
+    ``populate_existing``); with ``populate_existing``, only those with changes not yet flushed
+    (the shipped state becomes what was loaded; the application's own change stays on top).
+    """
     if state.deleted or state.was_deleted:
-        return
+        return _EVERYTHING
+    if populate_existing:
+        return state.committed_state.keys() & state.dict.keys()
+    return state.dict.keys()
+
+
+class _Everything:
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+_EVERYTHING = _Everything()
+
+
+def _fill_existing(state: InstanceState[Any], entry: dict[str, Any], populate: bool) -> None:
+    """Shipped column values onto the session's copy of an identity, as far as :func:`_kept`
+    lets them."""
+    kept = _kept(state, populate)
     obj = state.obj()
     for name, value in entry["columns"].items():
-        if name not in state.dict:
+        if name not in kept:
             set_committed_value(obj, name, decode(value))
 
 
