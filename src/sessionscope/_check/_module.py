@@ -25,9 +25,11 @@ class SourceModule:
     tree: ast.Module
     aliases: dict[str, str] = field(default_factory=dict)  # local name -> qualified name
     defined: set[str] = field(default_factory=set)  # names bound at module level
+    nodes: list[ast.AST] = field(default_factory=list)  # every node, walked once for all rules
 
     def __post_init__(self) -> None:
-        for node in ast.walk(self.tree):
+        self.nodes = list(ast.walk(self.tree))
+        for node in self.nodes:
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.asname:
@@ -72,7 +74,7 @@ class SourceModule:
 
     def uses_module(self, prefix: str) -> ast.stmt | None:
         """The first import of ``prefix`` (or of a submodule of it), if any."""
-        for node in ast.walk(self.tree):
+        for node in self.nodes:
             if isinstance(node, ast.Import) and any(
                 _within(alias.name, prefix) for alias in node.names
             ):

@@ -65,7 +65,7 @@ def _mapped_classes(modules: list[SourceModule]) -> set[str]:
     mapped: set[str] = set()
     classes: list[tuple[SourceModule, ast.ClassDef]] = []
     for module in modules:
-        for node in ast.walk(module.tree):
+        for node in module.nodes:
             if isinstance(node, ast.ClassDef):
                 classes.append((module, node))
             elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
@@ -162,7 +162,7 @@ def _flask_sqlalchemy_names(modules: list[SourceModule]) -> set[str]:
     """Names bound to ``SQLAlchemy(...)`` (Flask-SQLAlchemy) anywhere: ``db`` in ``db.Model``."""
     found: set[str] = set()
     for module in modules:
-        for node in ast.walk(module.tree):
+        for node in module.nodes:
             if (
                 isinstance(node, ast.Assign)
                 and isinstance(node.value, ast.Call)

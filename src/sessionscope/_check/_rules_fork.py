@@ -109,7 +109,7 @@ def _engine_argument(call: ast.Call, engines: set[str]) -> str | None:
 def _fork_in(module: SourceModule) -> str | None:
     other_start = False
     fork: str | None = None
-    for node in ast.walk(module.tree):
+    for node in module.nodes:
         if not isinstance(node, ast.Call):
             continue
         qualname = module.qualname(node.func)
@@ -141,7 +141,7 @@ def _preload(project: Project) -> str | None:
 def _disposed(module: SourceModule) -> set[str]:
     return {
         node.func.value.id
-        for node in ast.walk(module.tree)
+        for node in module.nodes
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
         and node.func.attr == "dispose"
@@ -157,7 +157,7 @@ def _hooked(project: Project) -> bool:
     """Whether some fork hook in the project disposes an engine (any: conservative)."""
     for module in project.modules:
         hooks: set[str] = set(_HOOK_FUNCTIONS)
-        for node in ast.walk(module.tree):
+        for node in module.nodes:
             if isinstance(node, ast.Call):
                 qualname = module.qualname(node.func) or ""
                 registering = qualname == "os.register_at_fork" or qualname.endswith(
@@ -169,7 +169,7 @@ def _hooked(project: Project) -> bool:
                             hooks.add(value.id)
                         elif _calls_dispose(value):
                             return True
-        for node in ast.walk(module.tree):
+        for node in module.nodes:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 decorated = any(
                     "worker_process_init" in ast.unparse(d) for d in node.decorator_list

@@ -31,7 +31,7 @@ from ._project import Project
 
 def check_scoping(project: Project, module: SourceModule) -> Iterator[Finding]:
     removed = project.memo("removed", lambda: _removed_names(project))
-    for node in ast.walk(module.tree):
+    for node in module.nodes:
         if not isinstance(node, ast.Call):
             continue
         qualname = module.qualname(node.func)
@@ -112,7 +112,7 @@ def _module_concurrency(module: SourceModule, before: int | None) -> str | None:
         imported = module.uses_module(library)
         if imported is not None:
             return f"uses {library} (line {imported.lineno})"
-    for node in ast.walk(module.tree):
+    for node in module.nodes:
         if isinstance(node, ast.AsyncFunctionDef):
             return f"runs asyncio tasks (async def {node.name}, line {node.lineno})"
     return None
@@ -120,7 +120,7 @@ def _module_concurrency(module: SourceModule, before: int | None) -> str | None:
 
 def _assigned_name(module: SourceModule, call: ast.Call) -> tuple[str | None, str] | None:
     """(qualified name if bound at module level, plain name) of what ``call`` is assigned to."""
-    for stmt in ast.walk(module.tree):
+    for stmt in module.nodes:
         if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is call:
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
             for target in targets:
@@ -134,7 +134,7 @@ def _assigned_name(module: SourceModule, call: ast.Call) -> tuple[str | None, st
 
 def _referenced(module: SourceModule) -> set[str]:
     found: set[str] = set()
-    for node in ast.walk(module.tree):
+    for node in module.nodes:
         if isinstance(node, (ast.Name, ast.Attribute)):
             qualname = module.qualname(node)
             if qualname is not None:
@@ -148,7 +148,7 @@ def _removed_names(project: Project) -> set[str]:
     """Plain and qualified names of everything ``.remove()`` is called on, project-wide."""
     removed: set[str] = set()
     for module in project.modules:
-        for node in ast.walk(module.tree):
+        for node in module.nodes:
             if (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
