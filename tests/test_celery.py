@@ -26,6 +26,7 @@ Outside CI an unreachable broker skips; with CI=true it fails.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import signal
 import socket
@@ -482,3 +483,138 @@ def test_install_refuses_what_is_not_an_app_or_a_registry() -> None:
         install(app, sa_scoped_session(sessionmaker()))
     with pytest.raises(TypeError, match="commit"):
         install(app, sessionscope.scoped_session(sessionmaker()), commit="yes")
+
+
+# -- ORM objects through the broker: the sessionscope serializer, fan_out --------------------
+
+
+@contextlib.contextmanager
+def shipping_worker(
+    db: CeleryDatabase, tmp_path: Path, pool: str = "threads"
+) -> Iterator[tuple[Celery, Any]]:
+    """A worker, and an in-process client app with its registry (the caller's side)."""
+    require_brokers(5672, 6379)
+    queue = f"ss-ship-{pool}-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "worker.log"
+    with celery_worker(pool, AMQP, queue, db, log, mode="sessionscope"):
+        app, registry = make_app(AMQP, RESULTS, queue, db.url, "sessionscope")
+        try:
+            yield app, registry
+        finally:
+            registry.remove()
+            app.close()
+
+
+def seeded_rows(registry: Any) -> list[Row]:
+    return list(registry.scalars(select(Row).where(Row.key.like("seed-%")).order_by(Row.id)))
+
+
+def test_orm_objects_go_through_delay_and_come_back_as_results(
+    database: CeleryDatabase, tmp_path: Path
+) -> None:
+    with shipping_worker(database, tmp_path) as (app, registry):
+        rows_sent = seeded_rows(registry)
+        results = [app.tasks["t.ship_touch"].delay(row) for row in rows_sent]
+        returned = [result.get(timeout=60) for result in results]
+        caller = registry()
+        # received into the caller's session: its own copies, taking the committed state
+        assert returned == rows_sent and all(row in caller for row in returned)
+        assert all(row.key.endswith("+") and not row.key.endswith("++") for row in rows_sent)
+        keys = sorted(database.stored_keys())
+        assert keys == sorted(f"seed-{n}+" for n in range(SEEDS))
+        registry.remove()  # the caller's own transaction (it loaded the rows)
+        assert database.idle_in_transaction() == 0  # the worker's: none
+
+
+@pytest.mark.parametrize("count", [200, pytest.param(1000, marks=pytest.mark.slow)])
+def test_fan_out_through_a_celery_worker_merges_back(
+    count: int, database: CeleryDatabase, tmp_path: Path
+) -> None:
+    engine = create_engine(database.url)
+    with engine.begin() as conn:
+        conn.execute(insert(rows), [{"key": f"item-{n}"} for n in range(count)])
+    engine.dispose()
+    with shipping_worker(database, tmp_path) as (app, registry):
+        task = app.tasks["t.ship_touch"]
+        items = list(registry.scalars(select(Row).where(Row.key.like("item-%")).order_by(Row.id)))
+        returned = sessionscope.fan_out(task, items, via=task, limit=50)
+        assert returned == items and all(row.key.endswith("+") for row in items)
+        registry.remove()
+        assert database.idle_in_transaction() == 0
+    keys = database.stored_keys()
+    assert sorted(k for k in keys if k.startswith("item-")) == sorted(
+        f"item-{n}+" for n in range(count)
+    )
+    assert database.idle_in_transaction() == 0
+
+
+def test_fan_out_through_celery_stops_at_the_first_failure(
+    database: CeleryDatabase, tmp_path: Path
+) -> None:
+    engine = create_engine(database.url)
+    with engine.begin() as conn:
+        conn.execute(insert(rows), [{"key": "fail-item"}])
+        conn.execute(insert(rows), [{"key": f"late-{n}"} for n in range(300)])
+    engine.dispose()
+    with shipping_worker(database, tmp_path, pool="solo") as (app, registry):
+        task = app.tasks["t.ship_touch"]
+        items = list(registry.scalars(select(Row).where(Row.key.like("%-%")).order_by(Row.id)))
+        items = [row for row in items if not row.key.startswith("seed-")]
+        with pytest.raises(ValueError, match="fail-item\\+ failed after flushing"):
+            sessionscope.fan_out(task, items, via=task, limit=2)
+        registry.remove()
+        assert database.idle_in_transaction() == 0
+    keys = database.stored_keys()
+    assert "fail-item" in keys and "fail-item+" not in keys  # its flushed change never landed
+    done = [k for k in keys if k.startswith("late-") and k.endswith("+")]
+    assert len(done) < 10  # the rest were never sent, or revoked before they started
+    assert database.idle_in_transaction() == 0
+
+
+def test_eager_tasks_copy_orm_arguments_and_results_the_same_way(
+    eager_app: tuple[Celery, Any], database: CeleryDatabase
+) -> None:
+    app, registry = eager_app
+    row = seeded_rows(registry)[0]
+    returned = app.tasks["t.ship_touch"].apply((row,)).get()
+    assert returned is row and row.key == "seed-0+" and row in registry()
+    assert "seed-0+" in database.stored_keys()
+
+
+def test_an_uncommitted_orm_result_is_the_tasks_failure(
+    bare_app: tuple[Celery, Any], database: CeleryDatabase
+) -> None:
+    app, Session = bare_app
+
+    @app.task(name="t.flushed_row", shared=False)
+    def flushed_row(key: str) -> Row:
+        row = Row(key)
+        Session().add(row)
+        Session().flush()
+        return row
+
+    install(app, Session)  # commit=False: the task's flushed row is rolled back
+    result = flushed_row.apply(("never",))
+    assert result.failed() and isinstance(result.result, sessionscope.NotShippableError)
+    assert "never" not in database.stored_keys()
+
+
+def test_the_serializer_leaves_plain_json_as_kombu_writes_it() -> None:
+    from kombu import serialization
+
+    app = Celery("sessionscope_serializer", broker="memory://")
+    install(app, sessionscope.scoped_session(sessionmaker()))
+    assert app.conf.task_serializer == "sessionscope"
+    assert "json" in app.conf.accept_content
+    value = {"a": [1, 2.5, None, "x"], "when": datetime.datetime(2024, 1, 2, 3, 4, 5)}
+    _, _, ours = serialization.dumps(value, serializer="sessionscope")
+    _, _, kombus = serialization.dumps(value, serializer="json")
+    assert ours == kombus
+    content_type = "application/x-sessionscope+json"
+    assert serialization.loads(ours, content_type, "utf-8") == value
+
+
+def test_install_without_the_serializer_leaves_the_apps_serializers() -> None:
+    app = Celery("sessionscope_no_serializer", broker="memory://")
+    install(app, sessionscope.scoped_session(sessionmaker()), serializer=False)
+    assert app.conf.task_serializer == "json" and app.conf.result_serializer == "json"

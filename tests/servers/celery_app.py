@@ -12,6 +12,8 @@ in-process by the eager and ``apply()`` tests. Variables (all set by ``tests/tes
 - ``SS_CELERY_PARENT_QUERY=1``: the worker's main process queries the database at import, so a
   pooled connection exists before the pool forks its children.
 
+``t.ship_touch`` takes and returns an ORM ``Row`` (the ``sessionscope`` serializer ships it).
+
 Every task first reports whether it starts inside a transaction that already wrote
 (``txid_current_if_assigned()``) or with objects pending in its session: another task's leftovers.
 """
@@ -123,6 +125,18 @@ def make_app(
         if plain:
             session.commit()
         return found
+
+    @app.task(name="t.ship_touch", shared=False)
+    def ship_touch(row: Row) -> Row:
+        """Receives a shipped row (its own session's), renames it, returns it (shipped back)."""
+        session = Session()
+        if row not in session or len(session.identity_map) != 1:
+            raise RuntimeError("the shipped row did not arrive alone in the task's own session")
+        row.key += "+"
+        if row.key.startswith("fail"):
+            session.flush()
+            raise ValueError(f"{row.key} failed after flushing")
+        return row
 
     if not plain:
         install(app, Session, commit=True)
