@@ -12,6 +12,7 @@ Exit status: 0 clean, 1 findings, 2 usage error (bad option, unreadable path, sy
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -22,6 +23,7 @@ from ._project import Project
 from ._rules_fork import check_fork
 from ._rules_scoping import check_scoping
 from ._rules_sharing import check_hand_offs, check_module_sessions
+from ._spawns import spawn_of
 from ._values import walk_scopes
 
 __all__ = ["CODES", "Finding", "Problem", "check_paths", "check_sources", "main"]
@@ -44,21 +46,26 @@ def check_sources(
     project = Project(modules)
     findings: list[Finding] = []
     for module in modules:
-        silenced = _noqa.suppressions(sources[module.path])
-        findings.extend(
-            finding
-            for finding in _module_findings(project, module)
-            if not _noqa.silenced(silenced, finding.line, finding.code)
-        )
+        found = list(_module_findings(project, module))
+        if found:  # tokenizing for comments is slow: only where there is something to silence
+            silenced = _noqa.suppressions(sources[module.path])
+            findings.extend(f for f in found if not _noqa.silenced(silenced, f.line, f.code))
     return sorted(set(findings)), problems
 
 
 def _module_findings(project: Project, module: SourceModule) -> Iterable[Finding]:
-    nodes = list(walk_scopes(module, project.scopes[module.path]))
     yield from check_scoping(project, module)
-    yield from check_module_sessions(module, nodes)
-    yield from check_hand_offs(module, nodes)
     yield from check_fork(project, module)
+    # SS103 and SS104 are about async defs and calls starting units: following every function's
+    # bindings (the costly part) is only worth it in modules that have some
+    if any(
+        isinstance(node, ast.AsyncFunctionDef)
+        or (isinstance(node, ast.Call) and spawn_of(node, module) is not None)
+        for node in module.nodes
+    ):
+        nodes = list(walk_scopes(module, project.scopes[module.path]))
+        yield from check_module_sessions(module, nodes)
+        yield from check_hand_offs(module, nodes)
 
 
 def check_paths(paths: list[str]) -> tuple[list[Finding], list[Problem]]:

@@ -85,8 +85,10 @@ def check_module_sessions(module: SourceModule, nodes: Nodes) -> Iterator[Findin
 
 
 def check_hand_offs(module: SourceModule, nodes: Nodes) -> Iterator[Finding]:
+    # `await asyncio.create_task(work(session))`: the caller waits, nothing runs concurrently
+    awaited = {id(node.value) for node in module.nodes if isinstance(node, ast.Await)}
     for scope, spawn in spawns(module, nodes):
-        if not crosses_units(spawn):
+        if not crosses_units(spawn) or (spawn.unit == "task" and id(spawn.call) in awaited):
             continue
         handed = list(spawn.handed)
         target = spawn.target

@@ -329,25 +329,23 @@ def function_scope(function: Function, parent: Scope) -> Scope:
 
 
 def walk_scopes(module: SourceModule, root: Scope) -> Iterator[tuple[Scope, ast.AST]]:
-    """Every node of the module with the scope its names are looked up in."""
-    yield from _walk(module.tree, root)
-
-
-def _walk(node: ast.AST, scope: Scope) -> Iterator[tuple[Scope, ast.AST]]:
-    for child in ast.iter_child_nodes(node):
-        yield scope, child
-        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            inner = function_scope(child, scope)
-            for outer_part in (
-                *getattr(child, "decorator_list", ()),
-                *child.args.defaults,
-                *(d for d in child.args.kw_defaults if d is not None),
-            ):
-                yield scope, outer_part
-                yield from _walk(outer_part, scope)
-            body = child.body if isinstance(child.body, list) else [child.body]
-            for stmt in body:
-                yield inner, stmt
-                yield from _walk(stmt, inner)
+    """Every node of the module with the scope its names are looked up in (the parts of a function
+    evaluated where it is defined, decorators and defaults, belong to the enclosing scope)."""
+    stack: list[tuple[Scope, ast.AST]] = [(root, module.tree)]
+    while stack:
+        scope, node = stack.pop()
+        if node is not module.tree:
+            yield scope, node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            inner = function_scope(node, scope)
+            body = node.body if isinstance(node.body, list) else [node.body]
+            stack.extend((inner, stmt) for stmt in reversed(body))
+            outer = [
+                *getattr(node, "decorator_list", ()),
+                *node.args.defaults,
+                *(default for default in node.args.kw_defaults if default is not None),
+            ]
+            stack.extend((scope, part) for part in reversed(outer))
         else:
-            yield from _walk(child, scope)
+            children = list(ast.iter_child_nodes(node))
+            stack.extend((scope, child) for child in reversed(children))
