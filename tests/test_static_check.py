@@ -124,6 +124,42 @@ def test_a_registry_used_under_gevent_elsewhere_is_reported_where_it_is_created(
     assert "app.py, which uses it, uses gevent" in findings[0].message
 
 
+def test_mapped_classes_are_recognised_in_their_usual_spellings() -> None:
+    models = (
+        "from typing import Optional\n"
+        "from flask_sqlalchemy import SQLAlchemy\n"
+        "from sqlalchemy.orm import declarative_base\n"
+        "from elsewhere import Base as Foreign, Plain\n"
+        "db = SQLAlchemy()\n"
+        "Base = declarative_base()\n"
+        "class A(db.Model): pass\n"
+        "class B(Base):\n    __tablename__ = 'b'\n"
+        "class Base2(Foreign): __abstract__ = True\n"
+        "class C(Base2): pass\n"
+        "class D(Plain): pass\n"
+    )
+    app = (
+        "import threading\n"
+        "from models import A, B, C, D, Optional\n"
+        "def go(a: A, b: 'B', c: Optional[C], d: D | None, e: 'A | None') -> None:\n"
+        "    threading.Thread(target=print, args=(a, b, c, d, e, D(), B()))\n"
+    )
+    findings, problems = check_sources({"models.py": models, "app.py": app})
+    assert problems == []
+    handed = [app.splitlines()[3][f.col - 1] for f in findings]
+    assert [f.code for f in findings] == ["SS104"] * 5 and handed == ["a", "b", "c", "e", "B"]
+
+
+def test_a_module_level_session_imported_from_another_module_is_one_session() -> None:
+    findings, _ = check_sources(
+        {
+            "db.py": "from sqlalchemy.orm import Session\nsession = Session()\n",
+            "views.py": "from db import session\nasync def view():\n    session.commit()\n",
+        }
+    )
+    assert [(f.path, f.line, f.code) for f in findings] == [("views.py", 3, "SS103")]
+
+
 def test_remove_called_from_another_module_counts() -> None:
     registry = (
         "from asyncio import current_task\n"

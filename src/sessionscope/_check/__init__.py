@@ -43,6 +43,8 @@ def check_sources(
             problems.append(
                 Problem(path, error.lineno or 1, error.offset or 1, f"syntax error: {error.msg}")
             )
+        except (ValueError, RecursionError, MemoryError) as error:  # null bytes, deep nesting
+            problems.append(Problem(path, 1, 1, f"cannot parse: {error}"))
     project = Project(modules)
     findings: list[Finding] = []
     for module in modules:

@@ -144,12 +144,12 @@ def _class_kind(
             and isinstance(base.value, ast.Name)
             and base.value.id in flask_dbs
         )
-        foreign_base = (
+        foreign_base = (  # `from app.models import Base` when app/models.py is not scanned
             isinstance(base, ast.Name)
-            and base.id == "Base"
-            and qualname is not None
-            and qualname.rsplit(".", 1)[0] not in project_modules
             and base.id in module.aliases
+            and qualname is not None
+            and qualname.rsplit(".", 1)[-1] == "Base"
+            and qualname.rsplit(".", 1)[0] not in project_modules
         )
         if qualname in bases or flask_model or foreign_base:
             declarative = True
