@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick    # a few seconds, noisier
     python benchmarks/run.py --json results.json
     python benchmarks/run.py -k guard --no-memory   # only the guard's cost
+    python benchmarks/run.py -k audit --no-memory   # only the runtime audit's cost
     python benchmarks/run.py -k web --no-memory     # only requests/s under real servers
     python benchmarks/run.py --web                  # everything, the web cases too (+3 min)
 
@@ -28,6 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import audit_overhead
 import greenlet
 import guard_overhead
 import sqlalchemy
@@ -258,9 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     lookups = run_lookups([c for c in cases if args.k in f"{c.op} {c.where}"], settings)
     guard_cases = [c for c in guard_overhead.CASES if args.k in c.label]
     guard = run_guard(guard_cases, settings) if guard_cases else []
+    audit = None
+    if args.k in audit_overhead.LABEL:  # the audit's cost: two worker processes (-k audit)
+        print("\nRuntime audit: the same program as is and under `sessionscope audit`\n")
+        audit = audit_overhead.run(settings)
+        print(audit.line(), flush=True)
     web = run_web(args)
     memory = [] if args.no_memory else run_memory(memory_units)
     table = markdown(lookups, memory, guard, web)
+    if audit is not None:
+        table += "\n\n" + audit.markdown()
     elapsed = time.perf_counter() - started
     print(f"\n{table}\n\n({elapsed:.0f} s)")
 
@@ -270,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "settings": asdict(settings),
             "lookups": [lookup_record(case, result) for case, result in lookups],
             "guard": [result.as_dict() for result in guard],
+            "audit": [] if audit is None else [audit.as_dict()],
             "web": [w.as_dict() for w in web],
             "memory": [m.as_dict() for m in memory],
             "markdown": table,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from sessionscope.demo.servers import gunicorn_command, launched, stop
+from sessionscope.demo.servers import gunicorn_command, launched, stop, uvicorn_command
 from tests.servers.process import REPO
 
 APPS = Path(__file__).parent / "audit_apps"
@@ -224,4 +225,40 @@ def test_gunicorn_gevent_worker_requests(tmp_path: Path, variant: str) -> None:
     assert kinds["cross-unit"]["count"] == 3  # one per request
     assert kinds["cross-unit"]["offender"].startswith("greenlet")
     assert kinds["left-open"]["count"] == 3
+    assert_text_matches(report, document)
+
+
+@pytest.mark.parametrize("variant", ["planted", "clean"])
+def test_fastapi_sync_dependency_under_uvicorn(tmp_path: Path, variant: str) -> None:
+    """The tutorial's sync dependency and endpoint (separate thread-pool jobs of one request) are
+    not a crossing; a session kept from one request for the next is (and the first request left
+    it in its transaction)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    json_path = tmp_path / "audit.json"
+    uvicorn = uvicorn_command("tests.audit_apps.fastapi_app:create_app", [])
+    env = {"AUDIT_APP_VARIANT": variant, "AUDIT_APP_DB": sqlite_url(tmp_path)}
+    log = tmp_path / "server.log"
+    with launched(
+        "uvicorn under audit",
+        lambda port: [*audit_command(json_path), *uvicorn(port)],
+        env,
+        log,
+        cwd=REPO,
+    ) as server:
+        for _ in range(4):
+            assert server.get("/items") == {"value": 1}
+        status = stop(server)
+    document = json.loads(json_path.read_text())
+    report = log.read_text()
+    # uvicorn ends itself with the SIGTERM it was stopped by: the program's own status, passed on
+    assert status == 128 + signal.SIGTERM == document["exit_status"], report
+    if variant == "clean":
+        assert document["findings"] == [], report
+        return
+    assert found(document) == planted("fastapi_app.py")
+    kinds = {f["kind"]: f for f in document["findings"]}
+    assert kinds["cross-unit"]["count"] == 3  # every request after the first
+    assert kinds["cross-unit"]["offender"].startswith("thread")
+    assert kinds["left-open"]["owner"].startswith("asyncio task")  # the first request's
     assert_text_matches(report, document)

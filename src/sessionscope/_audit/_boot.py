@@ -8,6 +8,10 @@ subclass, a FastAPI dependency. The guard's existing checks then fire; its one h
 (``_guard._ownership.violation_sink``) hands each violation to :func:`_record`, which writes it
 down (``_records``) and, in ``"raise"`` mode, raises the guard's error in the program.
 
+Thread-pool jobs a task hands out (``anyio.to_thread``, ``asyncio.to_thread``: FastAPI's sync
+dependencies and endpoints) join the task's unit of work, as sessionscope's integrations arrange
+(``_thread_pools``).
+
 An AsyncSession makes its ``sync_session`` inside its own ``__init__``: that inner Session is
 left to the AsyncSession's wrapper (a context variable says so), so the guard is labelled
 ``AsyncSession`` and closes it on its loop when its unit ends, as ``guard()`` would.
@@ -34,6 +38,7 @@ from .._units import current_unit, describe_unit
 from ..exc import ShareNothingError
 from ._records import Record, Recorder
 from ._sites import application_site
+from ._thread_pools import mark_thread_pool_jobs
 
 MODE_VARIABLE = "SESSIONSCOPE_AUDIT"
 DIRECTORY_VARIABLE = "SESSIONSCOPE_AUDIT_DIR"
@@ -51,6 +56,7 @@ def start(mode: Mode, directory: str | None = None) -> Recorder:
     if recorder is None:
         recorder = Recorder(directory)
         _wrap_constructors()
+        mark_thread_pool_jobs()
     _ownership.violation_sink = _record
     return recorder
 

@@ -18,23 +18,24 @@ from greenlet import getcurrent
 
 from .._guard._site import Site, _is_library, _is_stdlib
 
+_APPLICATION, _ELSEWHERE, _LIBRARY = 0, 1, 2
+_verdicts: dict[str, int] = {}
+"""filename -> whether it is the application's, elsewhere (stdlib, installed) or sessionscope's or
+SQLAlchemy's: every session made pays this walk, so each filename is judged once."""
 
-def _is_installed(filename: str) -> bool:
-    return "-packages" in filename or filename.startswith("<frozen")
 
-
-def _frames(frame: FrameType | None) -> list[FrameType]:
-    """The running stack from ``frame`` out, then the stacks of the greenlets driving this one."""
-    frames: list[FrameType] = []
-    current = getcurrent()
-    while True:
-        while frame is not None:
-            frames.append(frame)
-            frame = frame.f_back
-        current = current.parent
-        if current is None:
-            return frames
-        frame = current.gr_frame
+def _verdict(filename: str) -> int:
+    try:
+        return _verdicts[filename]
+    except KeyError:
+        if _is_library(filename):
+            verdict = _LIBRARY
+        elif _is_stdlib(filename) or "-packages" in filename or filename.startswith("<frozen"):
+            verdict = _ELSEWHERE
+        else:
+            verdict = _APPLICATION
+        _verdicts[filename] = verdict
+        return verdict
 
 
 def _site(frame: FrameType) -> Site:
@@ -45,16 +46,21 @@ def application_site(depth: int = 1) -> Site | None:
     """(file, line, function) of the innermost application frame above the caller's ``depth``.
 
     The first frame that is neither sessionscope's, SQLAlchemy's, the standard library's nor an
-    installed package's; failing that, the first that is not sessionscope's or SQLAlchemy's.
+    installed package's; failing that, the first that is not sessionscope's or SQLAlchemy's. The
+    stack is the running one, then those of the greenlets driving this one.
     """
-    frames = _frames(sys._getframe(depth + 1))
+    frame: FrameType | None = sys._getframe(depth + 1)
+    current = getcurrent()
     fallback = None
-    for frame in frames:
-        filename = frame.f_code.co_filename
-        if _is_library(filename):
-            continue
-        if not (_is_stdlib(filename) or _is_installed(filename)):
-            return _site(frame)
-        if fallback is None:
-            fallback = frame
-    return None if fallback is None else _site(fallback)
+    while True:
+        while frame is not None:
+            verdict = _verdict(frame.f_code.co_filename)
+            if verdict == _APPLICATION:
+                return _site(frame)
+            if verdict == _ELSEWHERE and fallback is None:
+                fallback = frame
+            frame = frame.f_back
+        current = current.parent
+        if current is None:
+            return None if fallback is None else _site(fallback)
+        frame = current.gr_frame
