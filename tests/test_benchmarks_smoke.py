@@ -226,3 +226,23 @@ def test_ship_receive_benchmark_yields_figures_for_each_case(
         assert row["statements"][ship_receive.SHIP_CHECKED] == 1  # the batched version check
         assert min(row["ns_per_object"].values()) > 0 and min(row["ratio_to_requery"].values()) > 0
     assert report["markdown"] in capsys.readouterr().out
+
+
+def test_fan_out_benchmark_yields_figures_for_each_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fan_out.py --smoke`` on PostgreSQL: both contenders checked (every item), timed."""
+    from tests.conftest import postgres_available, require_server
+
+    reason = postgres_available()
+    if reason:
+        require_server(reason)
+    import fan_out
+
+    out = tmp_path / "fan_out.json"
+    assert fan_out.main(["--smoke", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["case"] for row in report["results"]] == ["ids", "objects"]
+    for row in report["results"]:
+        assert min(row["ns_per_item"].values()) > 0 and row["ratio"] > 0
+    assert report["markdown"] in capsys.readouterr().out
