@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 from ._findings import Finding
 from ._module import SourceModule
-from ._spawns import Spawn, crosses_units, spawn_of
+from ._spawns import Spawn, spawn_of
 from ._values import SHARED_STATE, Kind, Scope
 
 Nodes = list[tuple[Scope, ast.AST]]
@@ -88,7 +88,7 @@ def check_hand_offs(module: SourceModule, nodes: Nodes) -> Iterator[Finding]:
     # `await asyncio.create_task(work(session))`: the caller waits, nothing runs concurrently
     awaited = {id(node.value) for node in module.nodes if isinstance(node, ast.Await)}
     for scope, spawn in spawns(module, nodes):
-        if not crosses_units(spawn) or (spawn.unit == "task" and id(spawn.call) in awaited):
+        if not spawn.concurrent or (spawn.unit == "task" and id(spawn.call) in awaited):
             continue
         handed = list(spawn.handed)
         target = spawn.target
@@ -101,23 +101,23 @@ def check_hand_offs(module: SourceModule, nodes: Nodes) -> Iterator[Finding]:
 
 
 def _hand_off(module: SourceModule, spawn: Spawn, value: ast.expr, kind: Kind | None) -> Finding:
-    label = _label(spawn.call)
+    elsewhere = spawn.unit in ("Celery task", "process")  # another process: pickled, not shared
     if kind == "session":
         what = "a Session"
         fix = (
             f"let the {spawn.unit} open its own session (sessionscope.scoped_session, or "
-            "Session.scope() inside it) and pass it ids, or objects through "
-            "sessionscope.copy_to()/ship()"
+            "Session.scope() inside it) and hand it ids"
+            + ("" if elsewhere else ", or objects through sessionscope.copy_to()")
         )
     else:
         what = "ORM objects" if kind == "orm_list" else "an ORM object"
         fix = (
-            f"pass primary keys (or sessionscope.ship(obj), received with receive()) and load "
-            f"them in the {spawn.unit}'s own session, or copy them there with "
-            "sessionscope.copy_to(its_session, obj)"
+            "pass primary keys (or sessionscope.ship(obj), received with receive()) and load "
+            f"them in the {spawn.unit}'s own session"
+            + ("" if elsewhere else ", or copy them there with sessionscope.copy_to(session, obj)")
         )
-    if spawn.unit == "Celery task":
-        problem = "is serialized (pickled) for the worker, detached from any session"
+    if elsewhere:
+        problem = "gets a pickled copy, detached from any session (or none at all)"
     else:
         problem = (
             "runs concurrently with this one: both would use one Session, its connection and "
@@ -128,7 +128,8 @@ def _hand_off(module: SourceModule, spawn: Spawn, value: ast.expr, kind: Kind | 
         value.lineno,
         value.col_offset + 1,
         "SS104",
-        f"{what} ({ast.unparse(value)}) handed to another {spawn.unit} by {label}, which {problem}",
+        f"{what} ({ast.unparse(value)}) handed to another {spawn.unit} by "
+        f"{_label(spawn.call)}, which {problem}",
         fix,
     )
 

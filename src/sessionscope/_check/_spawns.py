@@ -59,6 +59,7 @@ class Spawn:
     unit: str  # "thread", "greenlet", "task", "executor job", "Celery task", "process"
     target: ast.expr | None
     handed: list[ast.expr] = field(default_factory=list)
+    concurrent: bool = True  # False: the caller waits, in the same unit of work (to_thread)
 
 
 def spawn_of(call: ast.Call, module: SourceModule) -> Spawn | None:
@@ -73,7 +74,7 @@ def spawn_of(call: ast.Call, module: SourceModule) -> Spawn | None:
             target = args[index]
         handed = _elements(keywords.get("args")) + _values(keywords.get("kwargs"))
         return Spawn(call, _THREADS[qualname], target, handed)
-    if qualname in _GREENLETS or (method in ("spawn", "spawn_n") and qualname not in _IN_CONTEXT):
+    if qualname in _GREENLETS or method in ("spawn", "spawn_n"):
         index = _GREENLETS.get(qualname, 0)
         if len(args) <= index:
             return None
@@ -87,7 +88,7 @@ def spawn_of(call: ast.Call, module: SourceModule) -> Spawn | None:
     if method == "start_soon" and args:
         return Spawn(call, "task", args[0], list(args[1:]))
     if qualname in _IN_CONTEXT and args:
-        return Spawn(call, "thread in the caller's context", args[0], [])
+        return Spawn(call, "thread", args[0], [], concurrent=False)
     if method == "submit" and args:
         return Spawn(call, "executor job", args[0], [*args[1:], *extra])
     if method == "run_in_executor" and len(args) >= 2:
@@ -102,11 +103,6 @@ def spawn_of(call: ast.Call, module: SourceModule) -> Spawn | None:
         second = args[1] if len(args) > 1 else keywords.get("args")  # multiprocessing Pool
         return Spawn(call, "executor job", args[0], _elements(second))
     return None
-
-
-def crosses_units(spawn: Spawn) -> bool:
-    """Whether values handed over end up in a unit that runs concurrently with the caller."""
-    return spawn.unit != "thread in the caller's context"
 
 
 def _elements(node: ast.expr | None) -> list[ast.expr]:

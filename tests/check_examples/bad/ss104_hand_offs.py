@@ -1,6 +1,7 @@
 """Sessions and ORM objects handed to other threads, greenlets, tasks, jobs and Celery tasks."""
 
 import asyncio
+import multiprocessing
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +29,7 @@ def threads() -> None:
     threading.Thread(target=send_mail, args=(user,)).start()  # expect: SS104
     threading.Thread(target=audit, kwargs={"session": session, "order": None})  # expect: SS104
     threading.Thread(target=session.commit).start()  # expect: SS104
+    multiprocessing.Process(target=send_mail, args=[user]).start()  # expect: SS104
 
 
 def greenlets() -> None:
