@@ -35,7 +35,7 @@ def _walk(directory: str) -> Iterator[str]:
         dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRECTORIES and not d.startswith("."))
         for name in sorted(names):
             if name.endswith(".py"):
-                yield os.path.join(root, name)
+                yield os.path.normpath(os.path.join(root, name))  # `.` gives app.py
 
 
 def read(path: str) -> str:
