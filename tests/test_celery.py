@@ -299,8 +299,40 @@ def check_pool(pool: str, broker_name: str, count: int, db: CeleryDatabase, tmp_
     with celery_worker(pool, broker, queue, db, log, mode="sessionscope") as worker:
         outcomes = run_tasks(broker, queue, plan(count, db.seed_ids), worker, log)
         found = problems(db, outcomes)  # while the worker runs: its backends are still there
+        found += shipping_problems(broker, queue, count // 4, db)
     assert len(outcomes) == count
     assert found == []
+
+
+def shipping_problems(broker: str, queue: str, count: int, db: CeleryDatabase) -> list[str]:
+    """``count`` ORM rows through ``.delay()`` and back (every 10th planted to fail after
+    flushing); what went wrong, as sentences."""
+    engine = create_engine(db.url)
+    keys = [f"fail-ship-{n}" if n % 10 == 3 else f"ship-{n}" for n in range(count)]
+    with engine.begin() as conn:
+        conn.execute(insert(rows), [{"key": key} for key in keys])
+    engine.dispose()
+    app, registry = make_app(broker, RESULTS, queue, db.url, "sessionscope")
+    found: list[str] = []
+    try:
+        sent = list(registry.scalars(select(Row).where(Row.key.in_(keys)).order_by(Row.id)))
+        results = [app.tasks["t.ship_touch"].delay(row) for row in sent]
+        for row, result in zip(sent, results, strict=True):
+            value = result.get(timeout=120, propagate=False)
+            if row.key.startswith("fail"):
+                if not isinstance(value, ValueError):
+                    found.append(f"ship_touch({row.key}) returned {value!r}, not its ValueError")
+            elif value is not row or row.key != f"{row.key.rstrip('+')}+":
+                found.append(f"ship_touch({row.key}) came back as {value!r}")
+        registry.remove()
+    finally:
+        app.close()
+    stored = set(db.stored_keys())
+    for key in keys:
+        expected = key if key.startswith("fail") else f"{key}+"
+        if expected not in stored or ({key, f"{key}+"} - {expected}) & stored:
+            found.append(f"shipped row {key}: stored {sorted({key, f'{key}+'} & stored)}")
+    return found
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])

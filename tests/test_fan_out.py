@@ -175,7 +175,7 @@ def test_plain_items_need_no_session_and_each_item_is_a_unit_of_its_own() -> Non
 def test_each_item_gets_a_fresh_implicit_session_even_on_a_reused_pool_thread(
     engine: Engine,
 ) -> None:
-    """Three pool threads, 60 items: no item finds another's session, pending rows or transaction."""
+    """Three pool threads, 60 items: no item finds another's session, pending rows, transaction."""
     seed(engine, 1)
     Session = sessionscope.scoped_session(sessionmaker(engine))
     found: list[tuple[int, int, bool]] = []

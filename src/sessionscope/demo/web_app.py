@@ -160,7 +160,7 @@ def _configured() -> tuple[Engine, Any, bool]:
     if kind == SESSIONSCOPE:
         return engine, sessionscope.scoped_session(sessionmaker(engine)), True
     if kind == SQLALCHEMY:
-        return engine, sa_scoped_session(sessionmaker(engine)), False
+        return engine, sa_scoped_session(sessionmaker(engine)), False  # noqa: SS101 (on purpose)
     raise ValueError(f"{REGISTRY_VARIABLE}={kind!r}: expected {SESSIONSCOPE} or {SQLALCHEMY}")
 
 
