@@ -7,7 +7,8 @@ processes answering the same requests, interleaved round by round as ``guard_ove
 listener cases are:
 
 - ``plain``: ``python audit_overhead.py --worker`` (SQLAlchemy's own thread-local
-  ``scoped_session`` over a ``sessionmaker``: the program as its authors wrote it);
+  ``scoped_session`` over a ``sessionmaker``: the program as its authors wrote it), started with
+  the audit's modules imported first and the audit not started (see :data:`SAME_IMPORTS`);
 - ``audited``: ``python -m sessionscope audit --mode raise -- python audit_overhead.py --worker``,
   the same program booted by the audit's real ``sitecustomize``.
 
@@ -51,15 +52,30 @@ WORKLOAD = next(case for case in CASES if case.is_workload and not case.listener
 """The guard benchmark's ORM workload case; here its registry is SQLAlchemy's in both workers."""
 
 
+SAME_IMPORTS = (
+    "import runpy, sys, os; import sessionscope._audit._boot; script = sys.argv[1]; "
+    "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(script)); "
+    "runpy.run_path(script, run_name='__main__')"
+)
+"""How the plain worker starts: it imports what the audit's ``sitecustomize`` imports, first, as
+the audited worker does, and does not start the audit. Two processes that import differently differ
+in memory layout, which alone moves this workload by a few percent (benchmarks/README.md); this
+way the two workers differ by the audit being on, not by what was imported when."""
+
+
 class AuditWorker(Worker):
     """A worker process, started as is or under ``python -m sessionscope audit``."""
 
     def __init__(self, variant: str) -> None:
         self.variant = variant
-        worker = [sys.executable, str(Path(__file__).resolve()), "--worker"]
-        audit = [sys.executable, "-m", "sessionscope", "audit", "--mode", "raise", "--"]
+        script = str(Path(__file__).resolve())
+        if variant == AUDITED:
+            command = [sys.executable, "-m", "sessionscope", "audit", "--mode", "raise", "--"]
+            command += [sys.executable, script, "--worker"]
+        else:  # the same modules imported first, in the same order, the audit not started
+            command = [sys.executable, "-c", SAME_IMPORTS, script, "--worker"]
         self.process = subprocess.Popen(
-            audit + worker if variant == AUDITED else worker,
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,  # the audit's report: one violation, the check's own
