@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -261,4 +262,56 @@ def test_fastapi_sync_dependency_under_uvicorn(tmp_path: Path, variant: str) -> 
     assert kinds["cross-unit"]["count"] == 3  # every request after the first
     assert kinds["cross-unit"]["offender"].startswith("thread")
     assert kinds["left-open"]["owner"].startswith("asyncio task")  # the first request's
+    assert_text_matches(report, document)
+
+
+@pytest.mark.parametrize("variant", ["planted", "clean"])
+def test_celery_prefork_worker(tmp_path: Path, variant: str) -> None:
+    """The worker's main process makes a session at import, its pool forks the children that run
+    the tasks: planted, the tasks use that session (found in the children, which leave with
+    ``os._exit()``); clean, each task makes its own."""
+    celery = pytest.importorskip("celery")
+    from tests.test_celery import RESULTS, require_brokers
+
+    require_brokers(6379)
+    queue = f"audit-{uuid.uuid4().hex[:8]}"
+    broker = "redis://127.0.0.1:6379/0"
+    env = {
+        **os.environ,
+        "AUDIT_APP_VARIANT": variant,
+        "AUDIT_APP_DB": sqlite_url(tmp_path),
+        "AUDIT_APP_BROKER": broker,
+        "AUDIT_APP_BACKEND": RESULTS,
+        "AUDIT_APP_QUEUE": queue,
+    }
+    json_path = tmp_path / "audit.json"
+    worker = [
+        *audit_command(json_path),
+        *[sys.executable, "-m", "celery", "-A", "tests.audit_apps.celery_app", "worker"],
+        *["--pool", "prefork", "--concurrency", "2", "--queues", queue, "--loglevel", "warning"],
+        *["--without-gossip", "--without-mingle", "--without-heartbeat"],
+        *["--hostname", f"{queue}@localhost"],
+    ]
+    log = tmp_path / "worker.log"
+    client = celery.Celery("audit_client", broker=broker, backend=RESULTS)
+    with log.open("wb") as out:
+        process = subprocess.Popen(worker, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        results = [client.send_task("audit.answer", queue=queue) for _ in range(6)]
+        assert [r.get(timeout=60) for r in results] == [42] * 6
+    finally:
+        process.send_signal(signal.SIGTERM)  # the audit passes it on: a warm shutdown
+        status = process.wait(60)
+        client.close()
+    document = json.loads(json_path.read_text())
+    report = log.read_text()
+    assert status == (1 if variant == "planted" else 0), report
+    if variant == "clean":
+        assert document["findings"] == [], report
+        return
+    assert found(document) == planted("celery_app.py")
+    (finding,) = document["findings"]
+    assert finding["count"] == 6  # every task, in whichever child ran it
+    main_pid = int(re.fullmatch(r"a unit of the parent process \(pid (\d+)\)", finding["owner"])[1])
+    assert main_pid not in finding["pids"]
     assert_text_matches(report, document)
