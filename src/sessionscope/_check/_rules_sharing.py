@@ -116,6 +116,13 @@ def _hand_off(module: SourceModule, spawn: Spawn, value: ast.expr, kind: Kind | 
             f"them in the {spawn.unit}'s own session"
             + ("" if elsewhere else ", or copy them there with sessionscope.copy_to(session, obj)")
         )
+        if spawn.unit == "Celery task":
+            fix += "; sessionscope.celery.install() ships ORM arguments for you"
+    if spawn.unit in ("thread", "greenlet", "executor job", "task", "Celery task"):
+        fix += (
+            "; for one call per item, sessionscope.fan_out(fn, items, session=Session) runs each "
+            "in a unit and session of its own and ships ORM objects both ways"
+        )
     if elsewhere:
         problem = "gets a pickled copy, detached from any session (or none at all)"
     else:
