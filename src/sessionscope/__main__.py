@@ -1,5 +1,6 @@
 """``python -m sessionscope <command>``: ``demo`` (the races sessionscope prevents), ``check`` (a
-static check of an application's sources), ``audit`` (run a program with its sessions guarded).
+static check of an application's sources), ``audit`` (run a program with its sessions guarded);
+``--version``.
 Each command's module is imported only when asked for."""
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--version"]:
+        from . import __version__
+
+        print(f"sessionscope {__version__}")
+        return 0
     if not args or args[0] not in COMMANDS:
         print(
             "usage: python -m sessionscope demo [--url URL] [--units N] [--rows N] "
@@ -26,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
             "       python -m sessionscope check PATH... [--format text|json] "
             "[--select CODES] [--ignore CODES]\n"
             "       python -m sessionscope audit [--mode warn|raise] [--json FILE] [--exit-zero] "
-            "-- COMMAND [ARGS...]",
+            "-- COMMAND [ARGS...]\n"
+            "       python -m sessionscope --version",
             file=sys.stderr,
         )
         return 2
