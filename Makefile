@@ -1,22 +1,56 @@
 # `make test` and `make demo` set themselves up from nothing: a virtual environment in .venv,
 # the package installed into it with the extras they need, then the run.
 #
-# `make test` runs lint, types and the suite on the newest supported stack (this Python,
-# SQLAlchemy 2.1), then again on the oldest (Python 3.10, SQLAlchemy 2.0) in .venv-compat, when a
-# Python 3.10 is on the machine. It leaves out tests marked `slow` (the larger server and worker
-# matrices); `make test-all` runs everything, slow ones included.
+# `make test` is the tested matrix. Every stack leaves out tests marked `slow` (the larger server
+# and worker matrices); `make test-all` runs everything, slow ones included, on every stack.
+#
+#   stack                         venv            what runs
+#   this Python (3.11), SA 2.1    .venv           lint (ruff, mypy), `make docs`, the whole suite
+#   Python 3.10, SQLAlchemy 2.0   .venv-compat    the whole suite (the oldest supported stack)
+#   Python 3.12, SQLAlchemy 2.1   .venv-py3.12    the suite but the modules in MATRIX_SLICE
+#   Python 3.13, SQLAlchemy 2.1   .venv-py3.13    the suite but the modules in MATRIX_SLICE
+#
+# 3.12 and 3.13 run a slice to keep `make test` within budget on 2 cores: every test that runs in
+# the test process (units, registries, scopes, the guard, shipping, fan-out, the integrations under
+# test clients, the docs' examples), but not the modules that start servers, workers or whole
+# programs in subprocesses (gunicorn, uvicorn, Celery workers, the demo, the audit command, the
+# benchmarks' smoke runs): those exercise the servers more than the Python, and run on 3.10 and
+# 3.11. `make test-all` runs the whole suite on 3.12 and 3.13 too.
+#
+# Each Python is found on the PATH (pythonX.Y) or under pyenv. One that is missing is SKIPPED with a
+# loud banner; under CI=true a missing one fails `make test` (CI machines must have all four).
+# Every extra has wheels for 3.10-3.13 (gevent, eventlet, uvloop, asyncpg, psycopg[binary], ...):
+# all four stacks install the same `test` extra.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+CKSUM  := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(CKSUM)
 
-# the real interpreter, not a pyenv shim that exists but refuses to run
-PYTHON_COMPAT ?= $(firstword $(shell python3.10 -c 'import sys; print(sys.executable)' 2>/dev/null) \
-                             $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10))
+# Python X.Y: the real interpreter, not a pyenv shim that exists but refuses to run
+find_python = $(firstword $(shell python$(1) -c 'import sys; print(sys.executable)' 2>/dev/null) \
+                          $(wildcard $(HOME)/.pyenv/versions/$(1).*/bin/python$(1)))
+PYTHON_COMPAT ?= $(call find_python,3.10)
+PYTHON_3.12   ?= $(call find_python,3.12)
+PYTHON_3.13   ?= $(call find_python,3.13)
 COMPAT_VENV   := .venv-compat
-COMPAT_STAMP  := $(COMPAT_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+COMPAT_STAMP  := $(COMPAT_VENV)/.installed-$(CKSUM)
+MATRIX        := 3.12 3.13
 
-.PHONY: test test-all test-newest test-compat demo bench lint venv clean
+# what 3.12 and 3.13 leave out (see above); `make test-all` empties it
+MATRIX_SLICE ?= $(addprefix --ignore=tests/,test_wsgi_gunicorn.py test_asgi_uvicorn.py \
+                  test_fastapi_uvicorn.py test_asgi_frameworks.py test_green_frameworks.py \
+                  test_celery.py test_demo.py test_audit.py test_pytest_audit.py \
+                  test_benchmarks_smoke.py test_package.py)
+
+# a stack whose Python is missing: a loud skip here, a failure under CI
+skipped = echo; echo "********************************************************************"; \
+          echo "** $@ SKIPPED: no Python $(1) on this machine ($(2) untested)"; \
+          echo "********************************************************************"; echo; \
+          if [ "$$CI" = true ]; then echo "CI=true: every Python of the matrix is required"; exit 1; fi
+
+.PHONY: test test-all test-newest test-compat $(addprefix test-py,$(MATRIX)) docs dist demo bench \
+        lint venv clean
 
 # `make test` selects the representative slice; `make test-all` overrides the selection
 MARKERS ?= not slow
@@ -33,12 +67,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-test: test-newest test-compat
+test: test-newest test-compat $(addprefix test-py,$(MATRIX))
 
 test-all:
-	$(MAKE) test MARKERS=""
+	$(MAKE) test MARKERS="" MATRIX_SLICE=""
 
-test-newest: lint
+test-newest: lint docs
 	$(BIN)/python -m pytest -q -m "$(MARKERS)" $(PYTEST_ARGS)
 
 $(COMPAT_STAMP): pyproject.toml
@@ -49,12 +83,37 @@ $(COMPAT_STAMP): pyproject.toml
 
 ifeq ($(PYTHON_COMPAT),)
 test-compat:
-	@echo "test-compat SKIPPED: no Python 3.10 on this machine (Python 3.10 + SQLAlchemy 2.0 untested)"
+	@$(call skipped,3.10,Python 3.10 + SQLAlchemy 2.0)
 else
 test-compat: $(COMPAT_STAMP)
 	@echo "== again on the oldest supported stack: Python 3.10, SQLAlchemy 2.0 =="
 	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "$(MARKERS)" $(PYTEST_ARGS)
 endif
+
+# Python 3.12 and 3.13 with the newest SQLAlchemy, the suite but MATRIX_SLICE
+.venv-py%/.installed-$(CKSUM): pyproject.toml
+	$(PYTHON_$*) -m venv .venv-py$*
+	.venv-py$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-py$*/bin/python -m pip install --quiet -e '.[test]'
+	rm -f .venv-py$*/.installed-* && touch $@
+
+$(addprefix test-py,$(MATRIX)): test-py%:
+	@if [ -z "$(PYTHON_$*)" ]; then $(call skipped,$*,Python $* + SQLAlchemy 2.1); else \
+	  $(MAKE) --no-print-directory .venv-py$*/.installed-$(CKSUM) && \
+	  echo "== on Python $*, SQLAlchemy 2.1 ($(if $(MATRIX_SLICE),the suite but the server and worker modules,the whole suite)) ==" && \
+	  .venv-py$*/bin/python -m pytest -q -p no:cacheprovider -m "$(MARKERS)" $(MATRIX_SLICE) \
+	    $(PYTEST_ARGS); fi
+
+# the documentation site: docs/*.md (MyST) into docs/_build/html; warnings, broken references
+# and links between pages (-n) are errors. From scratch (-E) every time, about 20 s.
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -E -n -W --keep-going -q -b html docs docs/_build/html
+
+# the sdist and the wheel, into dist/, checked as PyPI would (tests/test_package.py installs one)
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
 
 demo: $(STAMP)
 	$(BIN)/python -m sessionscope demo $(DEMO_ARGS)
@@ -68,4 +127,5 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(addprefix .venv-py,$(MATRIX)) .pytest_cache .ruff_cache \
+	  .mypy_cache docs/_build dist build
