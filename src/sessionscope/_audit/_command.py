@@ -92,6 +92,7 @@ def main(argv: list[str]) -> int:
         command = command[1:]
     if not command:
         parser().error("give the program to run after --, e.g. -- python app.py")
+    command = _this_python(command)
     workdir = tempfile.mkdtemp(prefix="sessionscope-audit-")
     try:
         records = os.path.join(workdir, "records")
@@ -112,6 +113,21 @@ def main(argv: list[str]) -> int:
     if status != 0:
         return status
     return 1 if found and not options.exit_zero else 0
+
+
+_PYTHONS = {"python", "python3", f"python3.{sys.version_info.minor}"}
+
+
+def _this_python(command: list[str]) -> list[str]:
+    """``python`` means the interpreter running the audit (the one sessionscope is installed in).
+
+    ``python -m sessionscope audit -- python app.py`` from a virtual environment that is not
+    activated would otherwise run whatever ``python`` is first on PATH, where sessionscope (and
+    often the application's dependencies) are missing. Any other command runs as given.
+    """
+    if command[0] in _PYTHONS:
+        return [sys.executable, *command[1:]]
+    return command
 
 
 def _environment(workdir: str, records: str, mode: str) -> dict[str, str]:
