@@ -246,3 +246,27 @@ def test_fan_out_benchmark_yields_figures_for_each_case(
     for row in report["results"]:
         assert min(row["ns_per_item"].values()) > 0 and row["ratio"] > 0
     assert report["markdown"] in capsys.readouterr().out
+
+
+def test_per_request_benchmark_yields_figures_for_each_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``per_request.py --smoke``: every contender checked (same statements, guard on), timed;
+    PostgreSQL only when a server answers."""
+    import per_request
+
+    out = tmp_path / "per_request.json"
+    assert per_request.main(["--smoke", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    cases = [row["case"] for row in report["results"]]
+    assert cases[0] == "SQLite file"
+    assert set(cases) <= set(per_request.DATABASES)
+    for row in report["results"]:
+        assert set(row["ns_per_request"]) == {
+            per_request.BY_HAND,
+            per_request.SCOPE,
+            per_request.SCOPE_OFF,
+        }
+        assert min(row["ns_per_request"].values()) > 0
+        assert all(ratio["ratio_median"] > 0 for ratio in row["ratios"].values())
+    assert report["markdown"] in capsys.readouterr().out

@@ -70,10 +70,34 @@ def _binds_of(kw: Mapping[str, Any]) -> list[object]:
     return found
 
 
+_last_bind: weakref.ref[Any] | None = None
+"""The ``bind`` of the last session remembered that had no per-mapper binds (weakly)."""
+
+
 def remember_session(session: Session) -> None:
     """Remember the engines a new session is bound to (called for every session sessionscope
-    guards or makes; an AsyncSession is passed as its ``sync_session``)."""
-    _remember(_binds_of(session.__dict__))
+    guards or makes; an AsyncSession is passed as its ``sync_session``).
+
+    Sessions come from a few sessionmakers, so a session bound like the previous one (the same
+    ``bind``, no per-mapper binds) was remembered already: one weak-reference call, no WeakSet.
+    """
+    global _last_bind
+    attributes = session.__dict__
+    bind = attributes.get("bind")
+    if (
+        bind is not None
+        and _last_bind is not None
+        and _last_bind() is bind
+        and not (attributes.get("binds") or attributes.get("_Session__binds"))
+    ):
+        return
+    binds = _binds_of(attributes)
+    _remember(binds)
+    if len(binds) == 1 and bind is not None:
+        try:
+            _last_bind = weakref.ref(bind)
+        except TypeError:  # a bind that takes no weak reference: no shortcut
+            _last_bind = None
 
 
 def remember_factory(factory: object) -> None:

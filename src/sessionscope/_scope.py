@@ -101,6 +101,20 @@ class SessionScope(Generic[S]):
     ``commit=False`` block's is); the transaction itself is the enclosing block's to end.
     """
 
+    # What a scope learns as it runs; class-level defaults, so that making one (per request)
+    # sets only what it was given.
+    _entered_by: Unit | None = None
+    _entered_in: WorkUnit | None = None
+    _exited = False
+    _state: ScopeState[S] | None = None
+    """The scope's own session: set for a scope that is not nested."""
+    _token: Token[ScopeState[S] | None] | None = None
+    _joined: ScopeState[S] | None = None
+    """The scope a nested scope works in, in ``_savepoint``."""
+    _savepoint: Any = None
+    _ends_in_one_frame = True
+    """Whether ``__exit__`` may end the scope's own session with :meth:`_end_session`."""
+
     def __init__(
         self,
         scope_var: ContextVar[ScopeState[S] | None],
@@ -120,21 +134,13 @@ class SessionScope(Generic[S]):
         self._session_kw = session_kw
         self._guard = guard
         self._lookup = lookup
-        self._entered_by: Unit | None = None
-        self._entered_in: WorkUnit | None = None
-        self._exited = False
-        self._state: ScopeState[S] | None = None
-        """The scope's own session: set for a scope that is not nested."""
-        self._token: Token[ScopeState[S] | None] | None = None
-        self._joined: ScopeState[S] | None = None
-        """The scope a nested scope works in, in ``_savepoint``."""
-        self._savepoint: Any = None
 
-    def enter(self) -> S:
+    def enter(self, _callers: int = 1) -> S:
         """Open the scope, or find the scope to join; shared by the sync and async protocols.
 
         A nested scope's savepoint is begun by the caller (awaited for an AsyncSession), which
-        then calls :meth:`work_in`.
+        then calls :meth:`work_in`. ``_callers``: how many of the frames calling this one are
+        sessionscope's (``__enter__``: 2), where the search for the "created at" site starts.
         """
         if self._entered_by is not None:
             raise sa_exc.InvalidRequestError(
@@ -142,7 +148,7 @@ class SessionScope(Generic[S]):
                 "another block."
             )
         self._entered_by = current_unit()
-        self._entered_in = current_or_new_work()
+        self._entered_in = work = current_or_new_work()
         outer = self._var.get()
         if outer is not None and not outer.ended and not self._new:
             if self._session_kw:
@@ -154,7 +160,11 @@ class SessionScope(Generic[S]):
             self._joined = outer
             return outer.session
         session = install(
-            self._factory(**self._session_kw), self._guard, on_hand_off=_stays_in_its_scope
+            self._factory(**self._session_kw),
+            self._guard,
+            on_hand_off=_stays_in_its_scope,
+            work=work,
+            depth=_callers + 1,
         )
         self._state = ScopeState(session, self._entered_by)
         self._token = self._var.set(self._state)
@@ -167,7 +177,7 @@ class SessionScope(Generic[S]):
         self._joined.nested.append(self)
 
     def __enter__(self) -> S:
-        session = self.enter()
+        session = self.enter(2)
         if self._joined is not None:
             self.work_in(session.begin_nested())  # type: ignore[attr-defined]
         return session
@@ -197,7 +207,9 @@ class SessionScope(Generic[S]):
         # scope in one pool job and exits it in another), or one nested in it
         exiting_work = current_work()
         assert self._entered_in is not None
-        if exiting_work is None or not exiting_work.within(self._entered_in):
+        if exiting_work is not self._entered_in and (
+            exiting_work is None or not exiting_work.within(self._entered_in)
+        ):
             return False, True, self._cross_unit(current_unit())
         if left_open:
             return False, True, self._ended_before_nested(left_open)
@@ -256,10 +268,41 @@ class SessionScope(Generic[S]):
         tb: TracebackType | None,
     ) -> None:
         commit, failing, misuse = self.how_to_end(exc_type)
+        if misuse is None and self._joined is None and self._ends_in_one_frame:
+            self._end_session(commit=commit, failing=failing)  # the usual end, in one frame
+            return
         with _exempt_if(misuse):
             _run(self.ending(commit=commit, failing=failing))
         if misuse is not None:
             raise misuse
+
+    def _end_session(self, *, commit: bool, failing: bool) -> None:
+        """:meth:`_session_ending` run synchronously, without a generator: a scope's usual end.
+
+        Every request pays for this, so it is written out once more for the sync case (the
+        steps, generator and ``_run`` loop cost more than the rest of the exit); the steps and
+        their error handling are the same as ``_session_ending``'s with ``_close_and_seal``,
+        which ``tests/test_scope.py`` exercises on both paths.
+        """
+        state = self._state
+        assert state is not None
+        session: Any = state.session
+        try:
+            if commit:
+                session.commit()
+        except BaseException:
+            failing = True
+            raise
+        finally:
+            state.ended = True
+            try:
+                _close_and_seal(session)
+            except Exception:
+                if not failing:
+                    raise
+                log.exception("sessionscope: closing a scope's session failed")
+            finally:
+                self._reset_var()
 
     def ending(self, *, commit: bool, failing: bool) -> Steps:
         """The steps that end this scope, for :func:`_run` or :func:`_run_async`."""
@@ -312,11 +355,13 @@ class AsyncSessionScope(SessionScope[S]):
     returns its connection.
     """
 
+    _ends_in_one_frame = False  # its close is awaited (``_closing``)
+
     def __enter__(self) -> S:
         raise TypeError("An AsyncSession scope is entered with `async with`, not `with`.")
 
     async def __aenter__(self) -> S:
-        session = self.enter()
+        session = self.enter(2)
         if self._joined is not None:
             self.work_in(await session.begin_nested())  # type: ignore[attr-defined]
         return session

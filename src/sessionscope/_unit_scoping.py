@@ -51,7 +51,7 @@ class UnitScoping(Generic[S]):
         self._scope_var = ContextVar("sessionscope.scope", default=None)
 
         def adopt_set(session: S) -> None:
-            install(session, self.guard_mode, on_hand_off=forget)
+            install(session, self.guard_mode, on_hand_off=forget, depth=2)  # (from _miss or set)
 
         if scopefunc:
             self.registry = ScopefuncRegistry(

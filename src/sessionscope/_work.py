@@ -131,8 +131,9 @@ class WorkUnit:
             return f"the unit of work opened in {who}"
         return who
 
-    def owns(self, guard: Any) -> None:
-        """Remember a guarded session this work owns, to close it when the work ends.
+    def owns(self, guard_ref: weakref.ref[Any]) -> None:
+        """Remember a guarded session this work owns (a weak reference to its guard, which is its
+        borrow token), to close it when the work ends.
 
         A long-lived work (a thread's, making session after session with ``Session()`` and
         ``remove()``) would keep a dead reference per session: once the list has doubled since
@@ -140,9 +141,9 @@ class WorkUnit:
         """
         owned = self.owned
         if owned is None:
-            self.owned = [weakref.ref(guard)]
+            self.owned = [guard_ref]
             return
-        owned.append(weakref.ref(guard))
+        owned.append(guard_ref)
         if len(owned) >= self.prune_owned_at:
             owned[:] = [ref for ref in owned if ref() is not None]
             self.prune_owned_at = max(_MIN_PRUNE, 2 * len(owned))

@@ -29,6 +29,7 @@ unit using it is refused before anything reaches the driver, and a call made ins
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,6 +38,8 @@ from sqlalchemy.engine import Connection, Result, Transaction
 from sqlalchemy.engine.result import FilterResult
 from sqlalchemy.orm import SessionTransaction
 
+from .._units._asyncio import _get_running_loop
+from .._work import work_var
 from ._guarded_class import (
     GUARD_ATTRIBUTE,
     GUARDED_METHODS,
@@ -45,6 +48,8 @@ from ._guarded_class import (
     is_guarded_class,
 )
 from ._results import guard_filter, result_namespace
+
+_modules = sys.modules
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -118,16 +123,35 @@ def _checked_returning(name: str, method: F) -> F:
     @functools.wraps(method)
     def returning(self: Any, *args: Any, **kw: Any) -> Any:
         guard = self.__dict__[GUARD_ATTRIBUTE]
-        if guard.depth and getcurrent() is guard.entered:
+        current = getcurrent()
+        if guard.depth and current is guard.entered:
             # the session's own call (a flush's statements): its handles reach nobody else
             return method(self, *args, **kw)
-        if guard.admit(name):
-            try:
-                handle = method(self, *args, **kw)
-            finally:
-                guard.leave()
-        else:
+        work = work_var.get()
+        if (
+            work is not None
+            and work is guard.fast_key()
+            and _get_running_loop() is None
+            and "trio" not in _modules
+            and guard.inside.setdefault(0, current) is current
+        ):
+            # SessionGuard.admit()'s fast path, inlined (as in _guarded_class._checked)
+            if not guard.depth:
+                guard.entered = current
+            guard.depth += 1
+        elif not guard.admit(name):
             handle = method(self, *args, **kw)
+            guard_handle(handle, guard)
+            return handle
+        try:
+            handle = method(self, *args, **kw)
+        finally:  # SessionGuard.leave(), inlined
+            guard.depth -= 1
+            if not guard.depth:
+                guard.entered = None
+                guard.inside.clear()
+                if guard.after_leave:
+                    guard.run_after_leave()
         guard_handle(handle, guard)
         return handle
 
@@ -301,7 +325,10 @@ def _transaction_namespace(base: type) -> dict[str, Any]:
 
 def _switch(handle: Any, guard: Any, namespace_for: Any, cache: str) -> None:
     cls = type(handle)
-    if not is_guarded_class(cls):
+    guarded = cls.__dict__.get(cache)  # (every handle but the first of its class)
+    if guarded is not None:
+        handle.__class__ = guarded
+    elif not is_guarded_class(cls):
         handle.__class__ = checked_subclass(cls, namespace_for, cache)
     handle.__dict__[GUARD_ATTRIBUTE] = guard
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .. import _fork_pools
 from .._arguments import refuse, what_it_is
+from .._work import WorkUnit
 from . import _writes
 from ._guarded_class import GUARD_ATTRIBUTE, guarded_class, unguarded_class
 from ._handles import guard_session_state
@@ -71,11 +72,16 @@ def install(
     *,
     site: Site | None = None,
     on_hand_off: HandOffHook | None = None,
+    work: WorkUnit | None = None,
+    depth: int = 1,
 ) -> T:
     """Guard a new session, owned by the running unit (a no-op for ``"off"`` or if guarded).
 
     What a registry's factory makes that is not a Session or AsyncSession is left alone, as
-    SQLAlchemy's registries accept any factory.
+    SQLAlchemy's registries accept any factory. ``work`` is the running code's unit of work if
+    the caller has it at hand; ``depth`` is where the search for the application's frame (the
+    "created at" site) may start, counted from this function's caller (``1``): callers whose own
+    frames up to there are all sessionscope's say so, and the walk is shorter.
     """
     sync = _sync_session_or_none(session)
     if sync is None:
@@ -88,7 +94,7 @@ def install(
         if existing.on_hand_off is None:
             existing.on_hand_off = on_hand_off
         return session
-    guard = SessionGuard(mode, type(session).__name__, site or application_site())
+    guard = SessionGuard(mode, type(session).__name__, site or application_site(depth + 1), work)
     guard.on_hand_off = on_hand_off
     guard.session_ref = weakref.ref(session)
     sync.info  # noqa: B018 - memoized now: the guarded class only checks its assignment

@@ -79,15 +79,14 @@ def _live_chain(head: Lineage) -> Lineage | None:
     return chain
 
 
-def lend_from_here(guard: Any) -> tuple[BorrowToken, Lineage]:
+def lend_from_here(guard: Any) -> BorrowToken:
     """Let contexts copied from the running one from now on borrow ``guard``'s session."""
     token = BorrowToken(guard)
     head = current_lineage.get()
     if head is not None and head.length >= head.rebuild_at:
         head = _live_chain(head)
-    lineage = Lineage(token, head, head.rebuild_at if head is not None else _MIN_REBUILD)
-    current_lineage.set(lineage)
-    return token, lineage
+    current_lineage.set(Lineage(token, head, head.rebuild_at if head is not None else _MIN_REBUILD))
+    return token
 
 
 def inherits(token: BorrowToken | None) -> bool:

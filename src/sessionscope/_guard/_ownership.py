@@ -103,7 +103,10 @@ class SessionGuard:
         "__weakref__",
     )
 
-    def __init__(self, mode: Mode, label: str, created_at: Site | None) -> None:
+    def __init__(
+        self, mode: Mode, label: str, created_at: Site | None, work: WorkUnit | None = None
+    ) -> None:
+        """``work``: the running code's unit of work, when the caller has just looked it up."""
         self.mode = mode
         self.label = label
         self.created_at = created_at
@@ -118,26 +121,27 @@ class SessionGuard:
         """Whether the (last) owner was a thread's or pool job's own work, for the refusal's fix."""
         self.session_ref: Callable[[], Any] = _nobody
         """The guarded Session or AsyncSession (weakly), for closing it when its owner ends."""
-        self.own()
+        self.own(work)
 
     # -- ownership -----------------------------------------------------------------------------
 
-    def own(self) -> None:
+    def own(self, work: WorkUnit | None = None) -> None:
         """Make the running code's unit of work the owner, and mark its context for borrowers.
 
         The owner is a :class:`~sessionscope._work.WorkUnit`, not a thread or task: jobs the unit
         waits for (pool jobs running in a copy of its context) are part of it, and a pool thread's
-        next job (another request's) is not.
+        next job (another request's) is not. ``work`` is that unit of work when the caller has
+        just looked it up (a scope's ``enter()``), which saves a second lookup per session.
         """
-        work = current_or_new_work()
+        if work is None:
+            work = current_or_new_work()
         self.owner_ref: Callable[[], WorkUnit | None] = weakref.ref(work)
         # what the fast path finds in the context: the work, or a pool job's weak proxy of it
         self.fast_key: Callable[[], Any] = self.owner_ref if work.via is None else _Is(work.via)
         self.owned_by_job = not work.explicit and work.task is None
-        work.owns(self)
         self.generation = _fork.generation
-        self.token: BorrowToken | None
-        self.token, _ = lend_from_here(self)
+        self.token: BorrowToken | None = lend_from_here(self)
+        work.owns(self.token)  # the token is a weak reference to this guard: no other is made
         self.state = OWNED
 
     def disown(self, state: str) -> None:

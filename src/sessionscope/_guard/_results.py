@@ -57,7 +57,13 @@ def _checked_fetch(method: F) -> F:
     @functools.wraps(method)
     def checked(self: Any, *args: Any, **kw: Any) -> Any:
         guard = self.__dict__[GUARD_ATTRIBUTE]
-        if _is_plain_data(self, guard) or not guard.admit(CHECK):
+        # _is_plain_data(), inlined: a fetch runs for every statement's rows
+        if (
+            self._soft_closed
+            or guard.state == ENDED
+            or (guard.depth and getcurrent() is guard.entered)  # the session's own fetch
+            or not guard.admit(CHECK)
+        ):
             return method(self, *args, **kw)  # ("warn"/"off", sessionscope's cleanup: no check)
         try:
             return method(self, *args, **kw)
@@ -118,7 +124,10 @@ def guard_filter(filtered: Any) -> None:
     """Check the iteration of a filter (``ScalarResult``, ``MappingResult``) of a guarded
     result; its fetches go to the result under it, which checks them."""
     cls = type(filtered)
-    if not is_guarded_class(cls) and callable(getattr(cls, ITERATION, None)):
+    guarded = cls.__dict__.get(_FILTER_CLASSES)  # (every filter but the first of its class)
+    if guarded is not None:
+        filtered.__class__ = guarded
+    elif not is_guarded_class(cls) and callable(getattr(cls, ITERATION, None)):
         filtered.__class__ = checked_subclass(cls, _filter_namespace, _FILTER_CLASSES)
 
 

@@ -57,22 +57,47 @@ def _first_application_frame(frame: FrameType | None) -> FrameType | None:
     return None
 
 
-def application_site() -> Site | None:
+_APPLICATION, _LIBRARY, _STDLIB = 0, 1, 2
+_kinds: dict[str, int] = {}  # filename -> _APPLICATION, _LIBRARY or _STDLIB
+
+
+def _kind(filename: str) -> int:
+    kind = _kinds[filename] = (
+        _LIBRARY if _is_library(filename) else _STDLIB if _is_stdlib(filename) else _APPLICATION
+    )
+    return kind
+
+
+def application_site(depth: int = 1) -> Site | None:
     """(file, line, function) of the innermost application frame, or None.
 
     Standard-library frames are stepped over too (a sessionmaker called by a thread pool was
     "created" by the code that submitted it), unless nothing else is left.
+
+    Called for every guarded session made, so each frame costs one dict lookup (its file's kind,
+    cached), and ``depth`` lets a caller that knows its own frames start the walk past them
+    (``1``: the caller's caller). Frames inside it that are not sessionscope's would be skipped
+    wrongly, so callers only pass what their own call chain guarantees.
     """
-    frame = _first_application_frame(sys._getframe(1))
-    outer = frame
-    while outer is not None and (
-        _is_library(outer.f_code.co_filename) or _is_stdlib(outer.f_code.co_filename)
-    ):
-        outer = outer.f_back
-    frame = outer or frame
-    if frame is None:
+    try:
+        frame: FrameType | None = sys._getframe(depth)
+    except ValueError:  # a shallower stack than the caller expected: walk it all
+        frame = sys._getframe(1)
+    kinds = _kinds
+    first: FrameType | None = None  # the innermost frame that is not a library's
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        kind = kinds.get(filename)
+        if kind is None:
+            kind = _kind(filename)
+        if kind == _APPLICATION:
+            return filename, frame.f_lineno, frame.f_code.co_name
+        if kind == _STDLIB and first is None:
+            first = frame
+        frame = frame.f_back
+    if first is None:
         return None
-    return frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
+    return first.f_code.co_filename, first.f_lineno, first.f_code.co_name
 
 
 def warn_at_application(message: str, category: type[Warning]) -> None:

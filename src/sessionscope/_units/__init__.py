@@ -14,12 +14,15 @@ from collections.abc import Hashable
 from types import ModuleType
 from typing import Any
 
-from greenlet import greenlet
+from greenlet import getcurrent, greenlet
 
 from .. import _fork
 from .._arguments import refuse
 from . import _asyncio, _greenlet, _thread, _trio
+from ._asyncio import _get_running_loop, current_task_of_loop
 from ._thread import ThreadUnit
+
+_modules = sys.modules
 
 Unit = Hashable
 """An asyncio ``Task``, a trio ``Task``, a ``greenlet`` or a :class:`ThreadUnit`."""
@@ -46,12 +49,18 @@ def current_unit() -> Unit:
     Identities are the objects themselves, never ``id()`` values, which are reused once an object
     dies. A forked child gets a new identity for its thread.
     """
-    task = _asyncio.running_task()
-    if task is not None:
-        return task
-    trio_task: Unit | None = _trio.running_task()
-    if trio_task is not None:
-        return trio_task
+    # (inlined: every scope asks this once as it begins)
+    loop = _get_running_loop()
+    if loop is not None:
+        task = current_task_of_loop(loop)
+        if task is not None:
+            return task
+    if "trio" in _modules:  # a trio task exists only once trio has been imported
+        trio_task: Unit | None = _trio.running_task()
+        if trio_task is not None:
+            return trio_task
+    if getcurrent().parent is None:  # a thread's main greenlet: the thread itself
+        return _thread.current_thread_unit()
     current: Unit = _greenlet.driving_greenlet()
     if current.parent is None:  # type: ignore[attr-defined]
         return _thread.current_thread_unit()
