@@ -7,15 +7,17 @@
 #   stack                         venv            what runs
 #   this Python (3.11), SA 2.1    .venv           lint (ruff, mypy), `make docs`, the whole suite
 #   Python 3.10, SQLAlchemy 2.0   .venv-compat    the whole suite (the oldest supported stack)
-#   Python 3.12, SQLAlchemy 2.1   .venv-py3.12    the suite but the modules in MATRIX_SLICE
-#   Python 3.13, SQLAlchemy 2.1   .venv-py3.13    the suite but the modules in MATRIX_SLICE
+#   Python 3.12, SQLAlchemy 2.1   .venv-py3.12    the suite but MATRIX_SLICE, on 2 workers
+#   Python 3.13, SQLAlchemy 2.1   .venv-py3.13    the suite but MATRIX_SLICE, on 2 workers
 #
 # 3.12 and 3.13 run a slice to keep `make test` within budget on 2 cores: every test that runs in
 # the test process (units, registries, scopes, the guard, shipping, fan-out, the integrations under
-# test clients, the docs' examples), but not the modules that start servers, workers or whole
-# programs in subprocesses (gunicorn, uvicorn, Celery workers, the demo, the audit command, the
-# benchmarks' smoke runs): those exercise the servers more than the Python, and run on 3.10 and
-# 3.11. `make test-all` runs the whole suite on 3.12 and 3.13 too.
+# test clients, the docs' examples: about 1,500 of 1,700 tests), but not the modules that start
+# servers, workers or whole programs in subprocesses (gunicorn, uvicorn, Celery workers, the demo,
+# the audit command, the benchmarks' smoke runs; they exercise the servers more than the Python,
+# and run on 3.10 and 3.11). The slice runs under pytest-xdist with 2 workers (MATRIX_XDIST; each
+# worker has its own PostgreSQL schema and SQLite files): about 2 minutes each instead of 4.
+# `make test-all` runs the whole suite on 3.12 and 3.13 too, one process each.
 #
 # Each Python is found on the PATH (pythonX.Y) or under pyenv. One that is missing is SKIPPED with a
 # loud banner; under CI=true a missing one fails `make test` (CI machines must have all four).
@@ -42,6 +44,7 @@ MATRIX_SLICE ?= $(addprefix --ignore=tests/,test_wsgi_gunicorn.py test_asgi_uvic
                   test_fastapi_uvicorn.py test_asgi_frameworks.py test_green_frameworks.py \
                   test_celery.py test_demo.py test_audit.py test_pytest_audit.py \
                   test_benchmarks_smoke.py test_package.py)
+MATRIX_XDIST ?= -n 2
 
 # a stack whose Python is missing: a loud skip here, a failure under CI
 skipped = echo; echo "********************************************************************"; \
@@ -70,7 +73,7 @@ venv: $(STAMP)
 test: test-newest test-compat $(addprefix test-py,$(MATRIX))
 
 test-all:
-	$(MAKE) test MARKERS="" MATRIX_SLICE=""
+	$(MAKE) test MARKERS="" MATRIX_SLICE="" MATRIX_XDIST=""
 
 test-newest: lint docs
 	$(BIN)/python -m pytest -q -m "$(MARKERS)" $(PYTEST_ARGS)
@@ -101,7 +104,8 @@ $(addprefix test-py,$(MATRIX)): test-py%:
 	@if [ -z "$(PYTHON_$*)" ]; then $(call skipped,$*,Python $* + SQLAlchemy 2.1); else \
 	  $(MAKE) --no-print-directory .venv-py$*/.installed-$(CKSUM) && \
 	  echo "== on Python $*, SQLAlchemy 2.1 ($(if $(MATRIX_SLICE),the suite but the server and worker modules,the whole suite)) ==" && \
-	  .venv-py$*/bin/python -m pytest -q -p no:cacheprovider -m "$(MARKERS)" $(MATRIX_SLICE) \
+	  .venv-py$*/bin/python -m pytest -q -p no:cacheprovider -m "$(MARKERS)" $(MATRIX_XDIST) \
+	    $(MATRIX_SLICE) \
 	    $(PYTEST_ARGS); fi
 
 # the documentation site: docs/*.md (MyST) into docs/_build/html; warnings, broken references
