@@ -17,7 +17,7 @@ from sqlalchemy.util import ScopedRegistry
 from ._scope import ScopeState
 from ._unit_local import UnitLocal
 from ._units._asyncio import _get_running_loop, current_task_of_loop
-from ._work import work_var
+from ._work import WorkUnit, current_work, work_var
 
 S = TypeVar("S")
 _modules = sys.modules
@@ -70,9 +70,10 @@ class UnitRegistry(Generic[S]):
         createfunc: Callable[[], S],
         scope_var: ContextVar[ScopeState[S] | None],
         on_unit_end: Callable[[S], None],
-        on_create: Callable[[S], None] | None = None,
+        on_create: Callable[[S, WorkUnit | None], None] | None = None,
         adopt_set: Callable[[S], None] | None = None,
     ) -> None:
+        """``on_create(session, work)`` is told the current unit of work too (None if none)."""
         self.createfunc = createfunc
         self._scope_var = scope_var
         self._local: UnitLocal[S] = UnitLocal(on_unit_end)
@@ -86,12 +87,18 @@ class UnitRegistry(Generic[S]):
         scope = self._scope_var.get()
         if scope is not None:
             return scope.session_for_use()
-        session = self._local.get()
-        if session is None:
-            session = self.createfunc()
-            if self._on_create is not None:
-                self._on_create(session)
-            self._local.set(session)
+        # UnitLocal.get(), with the work kept for what follows (one lookup per new session)
+        work = current_work()
+        if work is not None:
+            session: S | None = work.values.get(self._key)
+            if session is not None:
+                return session
+        session = self.createfunc()
+        if work is not None and work.ended:  # (ended meanwhile)
+            work = None
+        if self._on_create is not None:
+            self._on_create(session, work)
+        self._local.set(session, work)
         return session
 
     def has(self) -> bool:
@@ -106,6 +113,18 @@ class UnitRegistry(Generic[S]):
 
     def clear(self) -> None:
         self._local.pop()
+
+    def close_implicit(self, close: Callable[[S], object]) -> None:
+        """``close(session)`` of the current unit's implicit session, if any, then forget it:
+        ``remove()``, with one lookup of the unit of work (a close that raises forgets
+        nothing, as ``implicit()``, close, ``clear()`` would)."""
+        work = current_work()
+        if work is None:
+            return
+        session = work.values.get(self._key)
+        if session is not None:
+            close(session)
+        self._local.pop(work)
 
     def forget(self, session: S) -> None:
         """Stop holding ``session`` for the current unit (it was handed off), without closing it."""

@@ -202,7 +202,13 @@ class SessionScope(Generic[S]):
                 "This nested Session.scope() was exited after a scope around it had ended, which "
                 "rolled back its savepoint with its own work; nothing was done now. " + _IN_ORDER
             )
-        left_open = self._leave_stack()
+        if self._joined is None and self._state is not None:  # (_leave_stack(), inlined)
+            nested = self._state.nested
+            left_open = len(nested)
+            if left_open:
+                nested.clear()
+        else:
+            left_open = self._leave_stack()
         # the unit of work that entered it (its jobs included: FastAPI enters a sync dependency's
         # scope in one pool job and exits it in another), or one nested in it
         exiting_work = current_work()
@@ -296,7 +302,10 @@ class SessionScope(Generic[S]):
         finally:
             state.ended = True
             try:
-                _close_and_seal(session)
+                try:  # (_close_and_seal(), inlined)
+                    session.close()
+                finally:
+                    seal(session)
             except Exception:
                 if not failing:
                     raise

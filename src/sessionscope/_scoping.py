@@ -18,7 +18,7 @@ from sqlalchemy.util import warn_deprecated
 
 from ._arguments import expect_factory, expect_flags, expect_scopefunc
 from ._guard import Mode
-from ._registry import unit_session
+from ._registry import UnitRegistry, unit_session
 from ._scope import SessionScope
 from ._session_end import close_at_unit_end
 from ._unit_scoping import UnitScoping
@@ -93,10 +93,14 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         Inside ``Session.scope()`` the scope's session is left alone: the block owns it and closes
         it when it ends.
         """
-        session = self.registry.implicit()
+        registry = self.registry
+        if type(registry) is UnitRegistry:
+            registry.close_implicit(_close)  # (the same, with one lookup of the unit of work)
+            return
+        session = registry.implicit()
         if session is not None:
             session.close()
-        self.registry.clear()
+        registry.clear()
 
     def scope(self, *, new: bool = False, commit: bool = True, **kw: Any) -> SessionScope[_S]:
         """A block with its own session: commit on success, roll back on error, always close.
@@ -108,7 +112,15 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         """
         if new.__class__ is not bool or commit.__class__ is not bool:
             expect_flags("Session.scope()", new=new, commit=commit)
-        return self._open_scope(SessionScope, new=new, commit=commit, session_kw=kw)
+        return SessionScope(  # (_open_scope(), inlined: once per request)
+            self._scope_var,
+            self.session_factory,
+            new=new,
+            commit=commit,
+            session_kw=kw,
+            guard=self.guard_mode,
+            lookup=self.registry,
+        )
 
 
 class _scopefunc_scoped_session(scoped_session[_S]):
@@ -116,3 +128,7 @@ class _scopefunc_scoped_session(scoped_session[_S]):
 
     _proxied = _sa_scoped_session._proxied
     __call__ = _sa_scoped_session.__call__
+
+
+def _close(session: Any) -> None:
+    session.close()

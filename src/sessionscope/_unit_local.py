@@ -56,20 +56,28 @@ class UnitLocal(Generic[T]):
         value: T | None = work.values.get(self._key)
         return value
 
-    def set(self, value: T) -> None:
-        """Make ``value`` the current unit of work's value (replacing, not ending, any other)."""
-        work = current_or_new_work()
+    def set(self, value: T, work: WorkUnit | None = None) -> None:
+        """Make ``value`` the current unit of work's value (replacing, not ending, any other).
+
+        ``work``: the current unit of work, when the caller has just looked it up.
+        """
+        if work is None:
+            work = current_or_new_work()
         if self._key not in work.values:
             if len(self._holders) >= self._sweep_at:
                 self._sweep()
             self._holders.add(work)
         work.values[self._key] = value
 
-    def pop(self) -> T | None:
-        """Forget the current unit of work's value without ending it; return it (or None)."""
-        work = current_work()
+    def pop(self, work: WorkUnit | None = None) -> T | None:
+        """Forget the current unit of work's value without ending it; return it (or None).
+
+        ``work``: the current unit of work, when the caller has just looked it up.
+        """
         if work is None:
-            return None
+            work = current_work()
+            if work is None:
+                return None
         self._holders.discard(work)
         value: T | None = work.values.pop(self._key, None)
         return value

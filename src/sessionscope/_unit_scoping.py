@@ -21,6 +21,7 @@ from ._arguments import expect_flags, refuse
 from ._guard import Mode, check_mode, install
 from ._registry import ScopefuncRegistry, UnitRegistry, unit_session
 from ._scope import ScopeState, SessionScope, scoped_decorator
+from ._work import WorkUnit
 
 S = TypeVar("S")
 SC = TypeVar("SC", bound=SessionScope[Any])
@@ -50,8 +51,9 @@ class UnitScoping(Generic[S]):
         _fork_pools.remember_factory(session_factory)  # even for guard="off"
         self._scope_var = ContextVar("sessionscope.scope", default=None)
 
-        def adopt_set(session: S) -> None:
-            install(session, self.guard_mode, on_hand_off=forget, depth=2)  # (from _miss or set)
+        def adopt_set(session: S, work: WorkUnit | None = None) -> None:
+            # (called by the registry's _miss or set: two frames of sessionscope's own)
+            install(session, self.guard_mode, on_hand_off=forget, work=work, depth=2)
 
         if scopefunc:
             self.registry = ScopefuncRegistry(
@@ -78,7 +80,10 @@ class UnitScoping(Generic[S]):
     _proxied = property(unit_session)
 
     def _miss(self) -> S:
-        return self.registry()
+        registry = self.registry
+        if type(registry) is UnitRegistry:  # (its own lookup missed already: not twice)
+            return registry._miss()
+        return registry()
 
     _scopes_coroutines = False
     """True for the async registry: its ``scoped`` decorates coroutine functions."""

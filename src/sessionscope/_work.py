@@ -239,7 +239,14 @@ def current_work() -> WorkUnit | None:
             return None
     if work is None or work.ended or work.generation != _fork.generation:
         return None
-    task = running_task()
+    # running_task(), inlined: this runs for every scope and every new session
+    loop = _get_running_loop()
+    if loop is not None:
+        task = current_task_of_loop(loop)
+    elif "trio" in _modules:
+        task = _trio.running_task()
+    else:
+        return work  # type: ignore[no-any-return]
     if task is not None and task is not work.task:
         # a task that did not open it: a child task (a unit of its own), or a task inside a
         # thread's work (asyncio.run() inside a request thread) ...

@@ -223,10 +223,14 @@ class _IdentityMapSlot:
     """
 
     def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__["identity_map"] = value
-        guard = obj.__dict__.get(GUARD_ATTRIBUTE)
-        if guard is not None:
-            watch_flagging(value, guard)
+        attributes = obj.__dict__
+        attributes["identity_map"] = value
+        guard = attributes.get(GUARD_ATTRIBUTE)
+        if guard is not None and type(value._modified) is not _FlaggingChecked:
+            # watch_flagging(), inlined: every close() of a guarded session gets here
+            modified = _FlaggingChecked(value._modified)
+            modified.guard = guard
+            value._modified = modified
 
 
 class _FlaggingChecked(set):  # type: ignore[type-arg]

@@ -20,8 +20,8 @@ from .. import _fork_pools
 from .._arguments import refuse, what_it_is
 from .._work import WorkUnit
 from . import _writes
-from ._guarded_class import GUARD_ATTRIBUTE, guarded_class, unguarded_class
-from ._handles import guard_session_state
+from ._guarded_class import _CACHE_ATTRIBUTE, GUARD_ATTRIBUTE, guarded_class, unguarded_class
+from ._handles import guard_session_state, watch_flagging
 from ._ownership import MODES, Mode, SessionGuard
 from ._site import Site, application_site
 
@@ -99,11 +99,17 @@ def install(
     guard.session_ref = weakref.ref(session)
     sync.info  # noqa: B018 - memoized now: the guarded class only checks its assignment
     sync.__dict__[GUARD_ATTRIBUTE] = guard
-    guarded = guarded_class(type(sync))
-    if type(sync) is not guarded:
+    cls = type(sync)
+    guarded = cls.__dict__.get(_CACHE_ATTRIBUTE) or guarded_class(cls)
+    if cls is not guarded:
         sync.__class__ = guarded
-    guard_session_state(sync, guard)
-    _writes.register(sync.hash_key, guard)
+    if sync._transaction is None:  # a new session: guard_session_state(), the short way
+        watch_flagging(sync.identity_map, guard)
+    else:
+        guard_session_state(sync, guard)
+    token = guard.token
+    assert token is not None  # (just owned)
+    _writes.register(sync.hash_key, token)
     return session
 
 

@@ -51,10 +51,13 @@ class Lineage:
 
     __slots__ = ("token", "parent", "length", "rebuild_at")
 
-    def __init__(self, token: BorrowToken, parent: Lineage | None, rebuild_at: int) -> None:
+    def __init__(
+        self, token: BorrowToken, parent: Lineage | None, rebuild_at: int, length: int = 0
+    ) -> None:
+        """``length``: the chain's, when the caller knows it (else counted from ``parent``)."""
         self.token = token
         self.parent = parent
-        self.length: int = parent.length + 1 if parent is not None else 1
+        self.length: int = length or (parent.length + 1 if parent is not None else 1)
         self.rebuild_at = rebuild_at
 
     def tokens(self) -> Iterator[BorrowToken]:
@@ -85,7 +88,10 @@ def lend_from_here(guard: Any) -> BorrowToken:
     head = current_lineage.get()
     if head is not None and head.length >= head.rebuild_at:
         head = _live_chain(head)
-    current_lineage.set(Lineage(token, head, head.rebuild_at if head is not None else _MIN_REBUILD))
+    if head is None:
+        current_lineage.set(Lineage(token, None, _MIN_REBUILD, 1))
+    else:
+        current_lineage.set(Lineage(token, head, head.rebuild_at, head.length + 1))
     return token
 
 

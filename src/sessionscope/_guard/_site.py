@@ -76,7 +76,7 @@ def application_site(depth: int = 1) -> Site | None:
 
     Called for every guarded session made, so each frame costs one dict lookup (its file's kind,
     cached), and ``depth`` lets a caller that knows its own frames start the walk past them
-    (``1``: the caller's caller). Frames inside it that are not sessionscope's would be skipped
+    (``1``: the caller). Frames inside it that are not sessionscope's would be skipped
     wrongly, so callers only pass what their own call chain guarantees.
     """
     try:
@@ -86,13 +86,17 @@ def application_site(depth: int = 1) -> Site | None:
     kinds = _kinds
     first: FrameType | None = None  # the innermost frame that is not a library's
     while frame is not None:
-        filename = frame.f_code.co_filename
-        kind = kinds.get(filename)
+        code = frame.f_code
+        kind = kinds.get(code.co_filename)
+        if kind == 1:  # _LIBRARY, the usual frame here (literals: no global lookups per frame)
+            frame = frame.f_back
+            continue
         if kind is None:
-            kind = _kind(filename)
-        if kind == _APPLICATION:
-            return filename, frame.f_lineno, frame.f_code.co_name
-        if kind == _STDLIB and first is None:
+            kind = _kind(code.co_filename)
+            continue  # (looked at again, now known)
+        if kind == 0:  # _APPLICATION
+            return code.co_filename, frame.f_lineno, code.co_name
+        if first is None:  # _STDLIB
             first = frame
         frame = frame.f_back
     if first is None:

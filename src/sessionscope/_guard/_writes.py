@@ -27,21 +27,35 @@ from .. import _fork
 from . import _lazy_loads
 from ._ownership import SessionGuard, _nobody
 
-_guard_of_session_id: dict[int, weakref.KeyedRef[int, SessionGuard]] = {}
+_guard_of_session_id: dict[int, weakref.ref[SessionGuard]] = {}
 _installed = False
 _install_lock = threading.Lock()
+_MIN_PRUNE = 64
+_prune_at = _MIN_PRUNE
 
 
-def _forget(ref: weakref.KeyedRef[int, SessionGuard]) -> None:
-    if _guard_of_session_id.get(ref.key) is ref:
-        del _guard_of_session_id[ref.key]
+def register(session_id: int, guard_ref: weakref.ref[SessionGuard]) -> None:
+    """Check writes to objects attached to the session ``session_id`` with the guard that
+    ``guard_ref`` (a weak reference: the guard's borrow token) refers to.
 
-
-def register(session_id: int, guard: SessionGuard) -> None:
-    """Check writes to objects attached to the session ``session_id`` with ``guard``."""
+    No callback per entry (a ``KeyedRef`` is two Python calls to make and one more as its guard
+    dies, for every session): the entries of dead guards are dropped once the dict has doubled
+    since it was last pruned (amortised O(1) per session). Session ids are never reused.
+    """
     if not _installed:
         _install()
-    _guard_of_session_id[session_id] = weakref.KeyedRef(guard, _forget, session_id)
+    refs = _guard_of_session_id
+    refs[session_id] = guard_ref
+    if len(refs) >= _prune_at:
+        _prune(refs)
+
+
+def _prune(refs: dict[int, weakref.ref[SessionGuard]]) -> None:
+    global _prune_at
+    for session_id, ref in list(refs.items()):
+        if ref() is None and refs.get(session_id) is ref:
+            refs.pop(session_id, None)
+    _prune_at = max(_MIN_PRUNE, 2 * len(refs))
 
 
 def unregister(session_id: int) -> None:
