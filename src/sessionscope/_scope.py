@@ -34,6 +34,7 @@ from sqlalchemy import exc as sa_exc
 
 from ._async_session_end import close_shielded
 from ._guard import Mode, cleanup, install
+from ._guard._guarded_class import GUARD_ATTRIBUTE
 from ._session_end import seal
 from ._units import Unit, current_unit, describe_unit
 from ._work import WorkUnit, current_or_new_work, current_work
@@ -293,25 +294,33 @@ class SessionScope(Generic[S]):
         state = self._state
         assert state is not None
         session: Any = state.session
+        # The owner ending its own session holds it once for the commit and the close (their
+        # checks are then nested ones); anything unusual is left to each call's own check.
+        guard = session.__dict__.get(GUARD_ATTRIBUTE)
+        held = guard is not None and guard.hold_as_owner()
         try:
-            if commit:
-                session.commit()
-        except BaseException:
-            failing = True
-            raise
-        finally:
-            state.ended = True
             try:
-                try:  # (_close_and_seal(), inlined)
-                    session.close()
-                finally:
-                    seal(session)
-            except Exception:
-                if not failing:
-                    raise
-                log.exception("sessionscope: closing a scope's session failed")
+                if commit:
+                    session.commit()
+            except BaseException:
+                failing = True
+                raise
             finally:
-                self._reset_var()
+                state.ended = True
+                try:
+                    try:  # (_close_and_seal(), inlined)
+                        session.close()
+                    finally:
+                        seal(session)
+                except Exception:
+                    if not failing:
+                        raise
+                    log.exception("sessionscope: closing a scope's session failed")
+                finally:
+                    self._reset_var()
+        finally:
+            if held:
+                guard.leave()
 
     def ending(self, *, commit: bool, failing: bool) -> Steps:
         """The steps that end this scope, for :func:`_run` or :func:`_run_async`."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -32,9 +32,12 @@ class BorrowToken(weakref.ref):  # type: ignore[type-arg]
     contexts holding the old one must not borrow through it.
     """
 
-    __slots__ = ()
+    __slots__ = ("key",)
     __eq__ = object.__eq__
     __hash__ = object.__hash__
+
+    key: int
+    """Set for the token a session was registered under for write checks (its session id)."""
 
     def still_lendable(self) -> bool:
         guard = self()
@@ -82,9 +85,17 @@ def _live_chain(head: Lineage) -> Lineage | None:
     return chain
 
 
+def _nothing(token: BorrowToken) -> None:
+    return None
+
+
+on_guard_death: Callable[[BorrowToken], None] = _nothing
+"""Called with a token whose guard died (``_writes`` forgets the session id it registered)."""
+
+
 def lend_from_here(guard: Any) -> BorrowToken:
     """Let contexts copied from the running one from now on borrow ``guard``'s session."""
-    token = BorrowToken(guard)
+    token = BorrowToken(guard, on_guard_death)
     head = current_lineage.get()
     if head is not None and head.length >= head.rebuild_at:
         head = _live_chain(head)

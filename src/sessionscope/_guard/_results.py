@@ -21,12 +21,14 @@ are all covered by the same few checks.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from greenlet import getcurrent
 
 from .._units._asyncio import _get_running_loop, current_task_of_loop
+from .._work import work_var
 from ._guarded_class import GUARD_ATTRIBUTE, checked_subclass, is_guarded_class
 from ._ownership import ENDED
 
@@ -43,6 +45,7 @@ RESULT_FETCHES = (
 ITERATION = "_iter_impl"  # what ``iter(result)`` returns (SQLAlchemy 2.0 and 2.1)
 FILTERS = ("scalars", "mappings")
 CHECK = "(result)"
+_modules = sys.modules
 
 
 def _is_plain_data(result: Any, guard: Any) -> bool:
@@ -57,13 +60,27 @@ def _checked_fetch(method: F) -> F:
     @functools.wraps(method)
     def checked(self: Any, *args: Any, **kw: Any) -> Any:
         guard = self.__dict__[GUARD_ATTRIBUTE]
+        current = getcurrent()
         # _is_plain_data(), inlined: a fetch runs for every statement's rows
         if (
             self._soft_closed
             or guard.state == ENDED
-            or (guard.depth and getcurrent() is guard.entered)  # the session's own fetch
-            or not guard.admit(CHECK)
+            or (guard.depth and current is guard.entered)  # the session's own fetch
         ):
+            return method(self, *args, **kw)
+        work = work_var.get()
+        if (
+            work is not None
+            and work is guard.fast_key()
+            and _get_running_loop() is None
+            and "trio" not in _modules
+            and guard.inside.setdefault(0, current) is current
+        ):
+            # SessionGuard.admit()'s fast path, inlined (as in _guarded_class._checked)
+            if not guard.depth:
+                guard.entered = current
+            guard.depth += 1
+        elif not guard.admit(CHECK):
             return method(self, *args, **kw)  # ("warn"/"off", sessionscope's cleanup: no check)
         try:
             return method(self, *args, **kw)

@@ -24,38 +24,36 @@ from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_RESULT
 from sqlalchemy.orm.mapper import _all_registries
 
 from .. import _fork
-from . import _lazy_loads
+from . import _lazy_loads, _lineage
+from ._lineage import BorrowToken
 from ._ownership import SessionGuard, _nobody
 
-_guard_of_session_id: dict[int, weakref.ref[SessionGuard]] = {}
+_guard_of_session_id: dict[int, BorrowToken] = {}
 _installed = False
 _install_lock = threading.Lock()
-_MIN_PRUNE = 64
-_prune_at = _MIN_PRUNE
 
 
-def register(session_id: int, guard_ref: weakref.ref[SessionGuard]) -> None:
+def register(session_id: int, token: BorrowToken) -> None:
     """Check writes to objects attached to the session ``session_id`` with the guard that
-    ``guard_ref`` (a weak reference: the guard's borrow token) refers to.
+    ``token`` (its borrow token, a weak reference) refers to.
 
-    No callback per entry (a ``KeyedRef`` is two Python calls to make and one more as its guard
-    dies, for every session): the entries of dead guards are dropped once the dict has doubled
-    since it was last pruned (amortised O(1) per session). Session ids are never reused.
+    The token was made with ``_lineage.on_guard_death`` as its callback: the entry goes with
+    the guard, and no other weak reference is made per session.
     """
     if not _installed:
         _install()
-    refs = _guard_of_session_id
-    refs[session_id] = guard_ref
-    if len(refs) >= _prune_at:
-        _prune(refs)
+    token.key = session_id
+    _guard_of_session_id[session_id] = token
 
 
-def _prune(refs: dict[int, weakref.ref[SessionGuard]]) -> None:
-    global _prune_at
-    for session_id, ref in list(refs.items()):
-        if ref() is None and refs.get(session_id) is ref:
-            refs.pop(session_id, None)
-    _prune_at = max(_MIN_PRUNE, 2 * len(refs))
+def _forget(token: BorrowToken) -> None:
+    """A guard died: forget the session id registered under its token, if any."""
+    session_id = getattr(token, "key", None)
+    if session_id is not None and _guard_of_session_id.get(session_id) is token:
+        del _guard_of_session_id[session_id]
+
+
+_lineage.on_guard_death = _forget
 
 
 def unregister(session_id: int) -> None:
