@@ -270,3 +270,19 @@ def test_per_request_benchmark_yields_figures_for_each_database(
         assert min(row["ns_per_request"].values()) > 0
         assert all(ratio["ratio_median"] > 0 for ratio in row["ratios"].values())
     assert report["markdown"] in capsys.readouterr().out
+
+
+def test_unit_cost_benchmark_yields_figures_for_each_kind_of_unit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``unit_cost.py --smoke``: every kind of unit, both contenders, timed."""
+    import unit_cost
+
+    out = tmp_path / "unit_cost.json"
+    assert unit_cost.main(["--smoke", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["kind"] for row in report["results"]] == list(unit_cost.KINDS)
+    for row in report["results"]:
+        assert set(row["us_per_unit"]) == {unit_cost.SQLALCHEMY, unit_cost.SESSIONSCOPE}
+        assert min(row["us_per_unit"].values()) > 0 and row["ratio"] > 0
+    assert report["markdown"] in capsys.readouterr().out

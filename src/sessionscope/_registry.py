@@ -17,7 +17,7 @@ from sqlalchemy.util import ScopedRegistry
 from ._scope import ScopeState
 from ._unit_local import UnitLocal
 from ._units._asyncio import _get_running_loop, current_task_of_loop
-from ._work import WorkUnit, current_work, work_var
+from ._work import WorkUnit, current_or_new_work, current_work, work_var
 
 S = TypeVar("S")
 _modules = sys.modules
@@ -70,10 +70,11 @@ class UnitRegistry(Generic[S]):
         createfunc: Callable[[], S],
         scope_var: ContextVar[ScopeState[S] | None],
         on_unit_end: Callable[[S], None],
-        on_create: Callable[[S, WorkUnit | None], None] | None = None,
+        on_create: Callable[[S, WorkUnit | None, int], None] | None = None,
         adopt_set: Callable[[S], None] | None = None,
     ) -> None:
-        """``on_create(session, work)`` is told the current unit of work too (None if none)."""
+        """``on_create(session, work, depth)`` is told the current unit of work too (None if
+        none), and how many frames above it are sessionscope's own (for the guard's site)."""
         self.createfunc = createfunc
         self._scope_var = scope_var
         self._local: UnitLocal[S] = UnitLocal(on_unit_end)
@@ -83,7 +84,9 @@ class UnitRegistry(Generic[S]):
 
     __call__ = unit_session
 
-    def _miss(self) -> S:
+    def _miss(self, _depth: int = 3) -> S:
+        """The lookup's slow path. ``_depth``: how many frames from ``on_create``'s up are
+        sessionscope's (3: ``on_create``, this one and the lookup, ``registry()``)."""
         scope = self._scope_var.get()
         if scope is not None:
             return scope.session_for_use()
@@ -93,11 +96,13 @@ class UnitRegistry(Generic[S]):
             session: S | None = work.values.get(self._key)
             if session is not None:
                 return session
+        else:  # the unit's first session: its unit of work now, once for the guard and storage
+            work = current_or_new_work()
         session = self.createfunc()
-        if work is not None and work.ended:  # (ended meanwhile)
-            work = None
+        if work.ended:  # (ended meanwhile)
+            work = current_or_new_work()
         if self._on_create is not None:
-            self._on_create(session, work)
+            self._on_create(session, work, _depth)
         self._local.set(session, work)
         return session
 

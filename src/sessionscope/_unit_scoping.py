@@ -51,9 +51,9 @@ class UnitScoping(Generic[S]):
         _fork_pools.remember_factory(session_factory)  # even for guard="off"
         self._scope_var = ContextVar("sessionscope.scope", default=None)
 
-        def adopt_set(session: S, work: WorkUnit | None = None) -> None:
-            # (called by the registry's _miss or set: two frames of sessionscope's own)
-            install(session, self.guard_mode, on_hand_off=forget, work=work, depth=2)
+        def adopt_set(session: S, work: WorkUnit | None = None, depth: int = 2) -> None:
+            # (called by the registry's set or _miss: at least two frames of sessionscope's own)
+            install(session, self.guard_mode, on_hand_off=forget, work=work, depth=depth)
 
         if scopefunc:
             self.registry = ScopefuncRegistry(
@@ -82,7 +82,10 @@ class UnitScoping(Generic[S]):
     def _miss(self) -> S:
         registry = self.registry
         if type(registry) is UnitRegistry:  # (its own lookup missed already: not twice)
-            return registry._miss()
+            # five frames of sessionscope's own above the guard's install: adopt_set, the
+            # registry's _miss, this one, the lookup and its caller (__call__ or SQLAlchemy's
+            # proxy; the application itself when it reads _proxied)
+            return registry._miss(5)
         return registry()
 
     _scopes_coroutines = False

@@ -291,6 +291,11 @@ class SessionGuard:
     def _admit_slow(self, operation: str, of_class: type | None) -> bool:
         if self.mode == "off":
             return False
+        if self.state == ENDED and self.generation == _fork.generation and is_cleanup():
+            # sessionscope closing the session of a unit of work that ended (every implicit
+            # session's end): what the checks below conclude too (nobody owns it, no lineage
+            # holds its token), without looking up the unit
+            return False
         unit = current_unit()
         identity: Any = unit
         owner = self.owner_ref()

@@ -84,8 +84,13 @@ def _checked_fetch(method: F) -> F:
             return method(self, *args, **kw)  # ("warn"/"off", sessionscope's cleanup: no check)
         try:
             return method(self, *args, **kw)
-        finally:
-            guard.leave()
+        finally:  # SessionGuard.leave(), inlined
+            guard.depth -= 1
+            if not guard.depth:
+                guard.entered = None
+                guard.inside.clear()
+                if guard.after_leave:
+                    guard.run_after_leave()
 
     return checked  # type: ignore[return-value]
 
