@@ -56,7 +56,7 @@ def sync_work(registry: Any) -> Callable[[Parent], tuple[Child, int]]:
 
 
 def async_work(
-    registry: Any, hold: asyncio.Event | None = None
+    registry: Any, hold: asyncio.Event | None = None, committed: list[int] | None = None
 ) -> Callable[[Parent], Coroutine[Any, Any, tuple[Child, int]]]:
     async def work(parent: Parent) -> tuple[Child, int]:
         session = registry()
@@ -66,12 +66,19 @@ def async_work(
         child = Child(name=f"child-of-{parent.id}", parent=parent)
         session.add(child)
         parent.name += "+"
+        held = hold is not None and parent.id % 2 == 0
+        # SQLite has one writer at a time: an item holding a flush would lock the others out
+        flush_first = session.bind.dialect.name != "sqlite"
+        if held and not flush_first:
+            await hold.wait()  # cancelled here: its pending child must not land
         await session.flush()
-        if hold is not None and parent.id % 2 == 0:
+        if held and flush_first:
             await hold.wait()  # cancelled here: its flushed child must not land
         if parent.name.startswith(FAIL):
             raise ValueError(f"item {parent.id} failed after flushing")
         await session.commit()
+        if committed is not None:
+            committed.append(parent.id)
         return child, others
 
     return work
