@@ -240,8 +240,12 @@ class _FlaggingChecked(set):  # type: ignore[type-arg]
     guard: Any
 
     def add(self, state: Any) -> None:
+        guard = self.guard
+        if guard.depth and getcurrent() is guard.entered:  # (inside a call: a flush's own)
+            set.add(self, state)
+            return
         try:
-            self.guard.check_write("(flag_dirty)", state.class_)
+            guard.check_write("(flag_dirty)", state.class_)
         except BaseException:
             # SQLAlchemy set state.modified just before adding it here: a refused flag changes
             # nothing (a state not in the set was not modified)

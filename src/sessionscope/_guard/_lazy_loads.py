@@ -18,12 +18,16 @@ unguarded session costs one dict lookup.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from greenlet import getcurrent
 from sqlalchemy.orm import strategies
+
+from .._units._asyncio import _get_running_loop
+from .._work import work_var
 
 LAZY_LOAD = "(lazy load)"
 """The operation's prefix in refusals: ``"(lazy load)author"`` reads "lazy-loaded Book.author"."""
@@ -36,6 +40,7 @@ _WRAPPED = "_sessionscope_lazy_load_checked"
 
 _installed = False
 _install_lock = threading.Lock()
+_modules = sys.modules
 
 
 def _load_checked(
@@ -43,14 +48,29 @@ def _load_checked(
 ) -> Any:
     """``load(state, *args, **kw)`` checked as one call of the state's session."""
     guard = guard_of_state(state)
-    if guard is None or (guard.depth and getcurrent() is guard.entered):
-        return load(state, *args, **kw)  # unguarded, or inside a call of the session
-    if guard.admit(LAZY_LOAD + key, state.class_):
-        try:
-            return load(state, *args, **kw)
-        finally:
-            guard.leave()
-    return load(state, *args, **kw)  # "warn" / "off", or sessionscope's own cleanup
+    if guard is None:
+        return load(state, *args, **kw)  # unguarded
+    current = getcurrent()
+    if guard.depth and current is guard.entered:
+        return load(state, *args, **kw)  # inside a call of the session
+    work = work_var.get()
+    if (
+        work is not None
+        and work is guard.fast_key()
+        and _get_running_loop() is None
+        and "trio" not in _modules
+        and guard.inside.setdefault(0, current) is current
+    ):
+        # SessionGuard.admit()'s fast path, inlined (as in _guarded_class._checked)
+        if not guard.depth:
+            guard.entered = current
+        guard.depth += 1
+    elif not guard.admit(LAZY_LOAD + key, state.class_):
+        return load(state, *args, **kw)  # "warn" / "off", or sessionscope's own cleanup
+    try:
+        return load(state, *args, **kw)
+    finally:
+        guard.leave()
 
 
 def _checked_load(load: Callable[..., Any], key: str, guard_of_state: GuardOfState) -> Any:

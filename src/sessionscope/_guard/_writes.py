@@ -10,11 +10,13 @@ nothing more for objects attached to no session.
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+from greenlet import getcurrent
 from sqlalchemy import event
 from sqlalchemy.event.api import _event_key
 from sqlalchemy.orm import Mapper
@@ -24,6 +26,8 @@ from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_RESULT
 from sqlalchemy.orm.mapper import _all_registries
 
 from .. import _fork
+from .._units._asyncio import _get_running_loop
+from .._work import work_var
 from . import _lazy_loads, _lineage
 from ._lineage import BorrowToken
 from ._ownership import SessionGuard, _nobody
@@ -31,6 +35,7 @@ from ._ownership import SessionGuard, _nobody
 _guard_of_session_id: dict[int, BorrowToken] = {}
 _installed = False
 _install_lock = threading.Lock()
+_modules = sys.modules
 
 
 def register(session_id: int, token: BorrowToken) -> None:
@@ -96,13 +101,43 @@ def _check(state: Any, key: str) -> None:
         ref = _guard_of_session_id.get(session_id)
         if ref is not None:
             guard = ref()
-            if guard is not None:
-                guard.check_write(key, state.class_)
+            if guard is None:
+                return
+            # SessionGuard.check_write()'s fast paths, inlined (writes are an ORM workload's most
+            # frequent check): SQLAlchemy's own writes inside a call of the session, and the
+            # owner's writes in a thread or greenlet while nobody is inside
+            if guard.depth and getcurrent() is guard.entered:
+                return
+            work = work_var.get()
+            if (
+                work is not None
+                and work is guard.fast_key()
+                and guard.inside.get(0) is None
+                and _get_running_loop() is None
+                and "trio" not in _modules
+            ):
+                return
+            guard.check_write(key, state.class_)
 
 
 def _check_committed_value(state: Any, key: str) -> None:
-    if state.session_id is not None:  # (the operation's name only for attached objects)
-        _check(state, "(set_committed_value)" + key)
+    session_id = state.session_id
+    if session_id is not None:
+        ref = _guard_of_session_id.get(session_id)
+        if ref is not None:
+            guard = ref()
+            if guard is None or (guard.depth and getcurrent() is guard.entered):
+                return  # (the loaders' calls are inside the session's: no name is made)
+            work = work_var.get()
+            if (
+                work is not None
+                and work is guard.fast_key()
+                and guard.inside.get(0) is None
+                and _get_running_loop() is None
+                and "trio" not in _modules
+            ):
+                return  # the owner, nobody inside (as in _check)
+            guard.check_write("(set_committed_value)" + key, state.class_)
 
 
 def _patch_set_committed_value() -> None:
