@@ -28,6 +28,7 @@ RUNNABLE_PAGES = [
     "models/greenlets.md",
     "models/asyncio.md",
     "models/trio.md",
+    "shipping.md",
 ]
 NOT_RUN = "<!-- not-run -->"
 
