@@ -190,3 +190,74 @@ def test_examples_run(page: str, tmp_path: Path) -> None:
     assert done.returncode == 0, (
         f"docs/{page} (line numbers are the page's):\n{done.stdout}\n{done.stderr}"
     )
+
+
+# -- the integration pages' set-up snippets ------------------------------------------------------
+
+_ENGINE = """\
+from sqlalchemy import create_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+engine = create_engine("sqlite:///docs-example.db")
+class Base(DeclarativeBase):
+    pass
+"""
+
+SNIPPET_PRELUDES = {
+    # page: (what the page's first snippet assumes exists, a check after it ran)
+    "integrations/wsgi.md": (
+        _ENGINE
+        + "def application(environ, start_response):\n"
+        + "    start_response('200 OK', []); return [b'ok']\n",
+        "from werkzeug.test import Client\nassert Client(application).get('/').data == b'ok'\n",
+    ),
+    "integrations/flask.md": (
+        _ENGINE + "from flask import Flask\napp = Flask(__name__)\n"
+        "@app.get('/')\ndef index():\n    return 'ok'\n",
+        "assert app.test_client().get('/').data == b'ok'\n",
+    ),
+    "integrations/asgi.md": (
+        _ENGINE + "from starlette.applications import Starlette\n"
+        "from starlette.responses import PlainTextResponse\n"
+        "from starlette.routing import Route\n"
+        "async def index(request):\n    return PlainTextResponse('ok')\n"
+        "app = Starlette(routes=[Route('/', index)])\n",
+        "from starlette.testclient import TestClient\n"
+        "with TestClient(app) as client:\n    assert client.get('/').text == 'ok'\n",
+    ),
+    "integrations/fastapi.md": (
+        _ENGINE + "from pydantic import BaseModel\n"
+        "class ItemIn(BaseModel):\n    name: str\n"
+        "class Item(Base):\n    __tablename__ = 'items'\n"
+        "    id: Mapped[int] = mapped_column(primary_key=True)\n    name: Mapped[str]\n"
+        "Base.metadata.create_all(engine)\n",
+        "from fastapi.testclient import TestClient\n"
+        "with TestClient(app) as client:\n"
+        "    assert client.post('/items', json={'name': 'x'}).json() == {'ok': True}\n"
+        "with Session() as check:\n"
+        "    assert check.query(Item).count() >= 1\n",
+    ),
+    "integrations/flask-sqlalchemy.md": (
+        _ENGINE + "from flask import Flask\napp = Flask(__name__)\n"
+        "app.config['SQLALCHEMY_DATABASE_URI'] = 'sqlite:///docs-example.db'\n",
+        "with app.app_context():\n    db.session.execute(db.text('select 1'))\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("page", sorted(SNIPPET_PRELUDES))
+def test_integration_pages_set_up_snippet_runs(page: str, tmp_path: Path) -> None:
+    """The first snippet of each integration page (its set-up) runs, and the app it makes serves a
+    request through sessionscope; the pages' other snippets are before/after fragments."""
+    prelude, check = SNIPPET_PRELUDES[page]
+    blocks = python_blocks((DOCS / page).read_text())
+    script = prelude + blocks[0][1] + "\n" + check
+    path = tmp_path / "snippet.py"
+    path.write_text(script)
+    done = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"docs/{page}, first snippet:\n{script}\n{done.stderr}"
