@@ -24,26 +24,20 @@ Each pair is timed side by side in interleaved rounds (``_timing.compare``).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from _timing import FULL, QUICK, SMOKE, Comparison, Settings, compare
-from sqlalchemy import Engine, ForeignKey, String, create_engine, select, text
+from _pg_bench import PG_URL, fresh_schema, parser, settings_of, write_report
+from _timing import Comparison, Settings, compare
+from sqlalchemy import Engine, ForeignKey, String, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import NullPool
 
 import sessionscope
 
-PG_URL = os.environ.get("BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ITEMS = 200
 LIMIT = 8
 
@@ -68,23 +62,15 @@ class Book(Base):
 @contextmanager
 def database() -> Iterator[Engine]:
     """An engine on a fresh PostgreSQL schema with the authors; the schema is dropped after."""
-    schema = f"bench_fan_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_URL, poolclass=NullPool)
-    with admin.begin() as conn:
-        conn.execute(text(f'create schema "{schema}"'))
-    engine = create_engine(
-        f"{PG_URL}?options=-csearch_path%3D{schema}", pool_size=LIMIT + 2, max_overflow=0
-    )
-    try:
-        Base.metadata.create_all(engine)
-        with Session(engine) as session, session.begin():
-            session.add_all(Author(id=n, name=f"author {n}") for n in range(1, ITEMS + 1))
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'drop schema "{schema}" cascade'))
-        admin.dispose()
+    with fresh_schema("bench_fan") as url:
+        engine = create_engine(url, pool_size=LIMIT + 2, max_overflow=0)
+        try:
+            Base.metadata.create_all(engine)
+            with Session(engine) as session, session.begin():
+                session.add_all(Author(id=n, name=f"author {n}") for n in range(1, ITEMS + 1))
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def _touch(session: Session, author: Author) -> Book:
@@ -183,13 +169,8 @@ def markdown(results: Sequence[Result]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="fewer, shorter samples (noisier)")
-    size.add_argument("--smoke", action="store_true", help="tiny run: only checks the code works")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
-    args = parser.parse_args(argv)
-    settings = SMOKE if args.smoke else QUICK if args.quick else FULL
+    args = parser(__doc__).parse_args(argv)
+    settings = settings_of(args)
     print(
         f"PostgreSQL {PG_URL}; {ITEMS} items, {LIMIT} threads; {settings.rounds} interleaved"
         " rounds; ns per item = median of rounds; ratio = median of per-round ratios\n"
@@ -201,9 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line(results[-1]), flush=True)
     table = markdown(results)
     print(f"\n{table}")
-    if args.json:
-        report = {"results": [r.as_dict() for r in results], "markdown": table}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, {"results": [r.as_dict() for r in results], "markdown": table})
     return 0
 
 

@@ -25,26 +25,21 @@ test``), in a schema of its own, dropped at the end.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from _timing import FULL, QUICK, SMOKE, Comparison, Settings, compare
-from sqlalchemy import Engine, ForeignKey, String, create_engine, event, select, text
+from _pg_bench import PG_URL, fresh_schema, parser, settings_of, write_report
+from _timing import Comparison, Settings, compare
+from sqlalchemy import Engine, ForeignKey, String, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.orm import selectinload as _selectinload
-from sqlalchemy.pool import NullPool
 
 from sessionscope import receive, ship
 
-PG_URL = os.environ.get("BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REQUERY = "re-query"
 SHIP = "ship+receive"
 SHIP_CHECKED = "ship+receive(check_version)"
@@ -97,25 +92,19 @@ CASES = (
 @contextmanager
 def database() -> Iterator[Engine]:
     """An engine on a fresh PostgreSQL schema with the seed rows; the schema is dropped after."""
-    schema = f"bench_ship_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_URL, poolclass=NullPool)
-    with admin.begin() as conn:
-        conn.execute(text(f'create schema "{schema}"'))
-    engine = create_engine(f"{PG_URL}?options=-csearch_path%3D{schema}")
-    try:
-        Base.metadata.create_all(engine)
-        with Session(engine) as session, session.begin():
-            for a in range(1, AUTHORS + 1):
-                books = [
-                    Book(id=a * 10 + b, title=f"book {a}.{b}") for b in range(BOOKS_PER_AUTHOR)
-                ]
-                session.add(Author(id=a, name=f"author {a}", email=f"a{a}@x", books=books))
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'drop schema "{schema}" cascade'))
-        admin.dispose()
+    with fresh_schema("bench_ship") as url:
+        engine = create_engine(url)
+        try:
+            Base.metadata.create_all(engine)
+            with Session(engine) as session, session.begin():
+                for a in range(1, AUTHORS + 1):
+                    books = [
+                        Book(id=a * 10 + b, title=f"book {a}.{b}") for b in range(BOOKS_PER_AUTHOR)
+                    ]
+                    session.add(Author(id=a, name=f"author {a}", email=f"a{a}@x", books=books))
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def contenders(engine: Engine, case: Case) -> dict[str, Callable[[], list[Author]]]:
@@ -223,13 +212,8 @@ def markdown(results: Sequence[Result]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="fewer, shorter samples (noisier)")
-    size.add_argument("--smoke", action="store_true", help="tiny run: only checks the code works")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
-    args = parser.parse_args(argv)
-    settings = SMOKE if args.smoke else QUICK if args.quick else FULL
+    args = parser(__doc__).parse_args(argv)
+    settings = settings_of(args)
     print(
         f"PostgreSQL {PG_URL}; {settings.rounds} interleaved rounds of samples >="
         f" {settings.sample_ns / 1e6:g} ms; ns per object = median of rounds;"
@@ -242,9 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line(results[-1]), flush=True)
     table = markdown(results)
     print(f"\n{table}")
-    if args.json:
-        report = {"results": [r.as_dict() for r in results], "markdown": table}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, {"results": [r.as_dict() for r in results], "markdown": table})
     return 0
 
 

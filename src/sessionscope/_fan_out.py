@@ -34,14 +34,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, overload
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import Session
 from sqlalchemy.orm.base import instance_state
 
 from ._arguments import refuse, what_it_is
 from ._async_scoping import async_scoped_session
-from ._orm_values import Shipped, contains_orm, replace_marked, replace_orm
+from ._orm_values import (
+    Shipped,
+    contains_marked,
+    contains_orm,
+    receive_shipped,
+    replace_orm,
+    shipped,
+)
 from ._scoping import scoped_session
-from ._shipping import receive, ship
 from ._work import unit_of_work
 from .exc import NotShippableError, background
 
@@ -105,11 +110,7 @@ def _ship_items(items: list[Any], session: Any, via: Any) -> list[Any]:
                     "fan-out-session",
                 )
         return items
-    return [replace_orm(item, _shipped) for item in items]
-
-
-def _shipped(obj: Any) -> Shipped:
-    return Shipped(ship(obj))
+    return [replace_orm(item, shipped) for item in items]
 
 
 # -- one item, in its unit ---------------------------------------------------------------------
@@ -131,7 +132,7 @@ def ship_committed(obj: Any) -> Shipped:
                 f"{background('ship-uncommitted')}"
             )
         transaction = transaction._parent
-    return _shipped(obj)
+    return shipped(obj)
 
 
 def _outbound(result: Any, has_session: bool) -> Any:
@@ -152,7 +153,7 @@ def _item_in_unit(fn: Callable[[Any], Any], item: Any, registry: Any) -> Any:
         if registry is None:
             return _outbound(fn(item), False)
         with registry.scope(new=True, commit=False, expire_on_commit=False) as session:
-            arrived = replace_marked(item, Shipped, lambda m: receive(session, m.payload))
+            arrived = receive_shipped(session, item)
             return _outbound(fn(arrived), True)
 
 
@@ -163,28 +164,10 @@ async def _item_in_task(fn: Callable[[Any], Any], item: Any, registry: Any) -> A
             result = fn(item)
             return _outbound(await result if inspect.isawaitable(result) else result, False)
         async with registry.scope(new=True, commit=False, expire_on_commit=False) as session:
-            if contains_shipped(item):
-                item = await session.run_sync(_received, item)
+            if contains_marked(item, Shipped):
+                item = await session.run_sync(receive_shipped, item)
             result = fn(item)
             return _outbound(await result if inspect.isawaitable(result) else result, True)
-
-
-def contains_shipped(value: Any) -> bool:
-    found = False
-
-    def mark(shipped: Shipped) -> Shipped:
-        nonlocal found
-        found = True
-        return shipped
-
-    replace_marked(value, Shipped, mark)
-    return found
-
-
-def _received(session: Session, value: Any, populate_existing: bool = False) -> Any:
-    return replace_marked(
-        value, Shipped, lambda m: receive(session, m.payload, populate_existing=populate_existing)
-    )
 
 
 # -- the failure that stops the rest -----------------------------------------------------------
@@ -397,19 +380,16 @@ def fan_out(
 
 async def _fan_out_tasks(fn: Any, items: list[Any], registry: Any, limit: int | None) -> list[Any]:
     results = await _in_tasks(fn, items, registry, limit)
-    if registry is None or not contains_shipped(results):
+    if registry is None or not contains_marked(results, Shipped):
         return results
     caller: Any = registry()
-    arrived: list[Any] = await caller.run_sync(_received, results, True)
+    arrived: list[Any] = await caller.run_sync(receive_shipped, results, populate_existing=True)
     return arrived
 
 
 def _arrive(results: list[Any], registry: Any) -> list[Any]:
     """Results with their shipped ORM objects received into the caller's current session."""
-    if registry is None or not contains_shipped(results):
+    if registry is None or not contains_marked(results, Shipped):
         return results
-    caller = registry()
-    arrived: list[Any] = replace_marked(
-        results, Shipped, lambda m: receive(caller, m.payload, populate_existing=True)
-    )
+    arrived: list[Any] = receive_shipped(registry(), results, populate_existing=True)
     return arrived

@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.base import instance_state
+
+from ._shipping import receive, ship
 
 _CONTAINERS = (list, tuple, set, frozenset, dict)
 
@@ -59,6 +62,31 @@ def replace_orm(value: Any, convert: Callable[[Any], Any]) -> Any:
             return type(value)((k, replace_orm(v, convert)) for k, v in value.items())
         return type(value)(replace_orm(item, convert) for item in value)
     return convert(value) if is_orm_object(value) else value
+
+
+def shipped(obj: Any) -> Shipped:
+    """``obj`` on its way to another unit (see :func:`sessionscope.ship`)."""
+    return Shipped(ship(obj))
+
+
+def receive_shipped(session: Session, value: Any, *, populate_existing: bool = False) -> Any:
+    """``value`` with each :class:`Shipped` in it received into ``session`` (a sync Session; an
+    AsyncSession passes this to ``run_sync``)."""
+    return replace_marked(
+        value,
+        Shipped,
+        lambda marker: receive(session, marker.payload, populate_existing=populate_existing),
+    )
+
+
+def contains_marked(value: Any, marker: type) -> bool:
+    """Whether ``value`` is, or holds (in lists, tuples, sets, dict values), a ``marker``."""
+    if isinstance(value, marker):
+        return True
+    if isinstance(value, _CONTAINERS):
+        items = value.values() if isinstance(value, dict) else value
+        return any(contains_marked(item, marker) for item in items)
+    return False
 
 
 def replace_marked(value: Any, marker: type, convert: Callable[[Any], Any]) -> Any:

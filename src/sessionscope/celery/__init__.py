@@ -32,9 +32,8 @@ from typing import Any
 from .._arguments import expect_flags, refuse
 from .._expect_registry import expect_registry
 from .._fan_out import CELERY_MARK, ship_committed
-from .._orm_values import Shipped, contains_orm, replace_marked, replace_orm
+from .._orm_values import contains_orm, receive_shipped, replace_orm, shipped
 from .._scoping import scoped_session
-from .._shipping import receive, ship
 from .._work import unit_of_work
 from ._serializer import RESULT_SERIALIZER, TASK_SERIALIZER, receive_results, register
 
@@ -75,8 +74,8 @@ def _arrived(session: Any, value: Any, eager: bool) -> Any:
     objects are the caller's own, so they are copied the same way (shipped, then received).
     """
     if eager:
-        value = replace_orm(value, lambda obj: Shipped(ship(obj)))
-    return replace_marked(value, Shipped, lambda shipped: receive(session, shipped.payload))
+        value = replace_orm(value, shipped)
+    return receive_shipped(session, value)
 
 
 def _departing(session: Any, result: Any, commit: bool) -> Any:
@@ -88,7 +87,7 @@ def _departing(session: Any, result: Any, commit: bool) -> Any:
     """
     if commit:
         session.flush()
-        return replace_orm(result, lambda obj: Shipped(ship(obj)))
+        return replace_orm(result, shipped)
     return replace_orm(result, ship_committed)
 
 

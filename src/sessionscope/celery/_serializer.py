@@ -23,8 +23,8 @@ import importlib
 import json
 from typing import Any
 
-from .._orm_values import Shipped, is_orm_object, replace_marked
-from .._shipping import receive, ship
+from .._orm_values import Shipped, contains_marked, is_orm_object, receive_shipped
+from .._shipping import ship
 
 TASK_SERIALIZER = "sessionscope"
 TASK_CONTENT_TYPE = "application/x-sessionscope+json"
@@ -93,14 +93,6 @@ def register(registry: Any) -> None:
 def receive_results(value: Any) -> Any:
     """``value`` with its shipped objects received into the current session of the registry."""
     registry = _result_registry
-    if registry is None:
+    if registry is None or not contains_marked(value, Shipped):
         return value
-    session = None
-
-    def arrive(shipped: Shipped) -> Any:
-        nonlocal session
-        if session is None:
-            session = registry()
-        return receive(session, shipped.payload, populate_existing=True)
-
-    return replace_marked(value, Shipped, arrive)
+    return receive_shipped(registry(), value, populate_existing=True)
