@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,17 +160,18 @@ def test_an_uncommitted_orm_result_is_refused(engine: Engine) -> None:
     assert stored(engine)["children"] == {}
 
 
-def test_plain_items_need_no_session_and_each_item_is_a_unit_of_its_own() -> None:
-    seen: list[Any] = []
+def test_plain_items_need_no_session_and_results_come_back_in_order() -> None:
+    threads: set[int] = set()
     lock = threading.Lock()
 
-    def which(n: int) -> int:
+    def square(n: int) -> int:
         with lock:
-            seen.append(sessionscope.current_unit())
+            threads.add(threading.get_ident())
+        time.sleep(0.001)  # let the pool's threads overlap
         return n * n
 
-    assert sessionscope.fan_out(which, range(50), limit=3) == [n * n for n in range(50)]
-    assert len(seen) == 50
+    assert sessionscope.fan_out(square, range(50), limit=3) == [n * n for n in range(50)]
+    assert 1 < len(threads) <= 3 and threading.get_ident() not in threads
 
 
 def test_each_item_gets_a_fresh_implicit_session_even_on_a_reused_pool_thread(
