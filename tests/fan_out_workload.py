@@ -56,9 +56,17 @@ def sync_work(registry: Any) -> Callable[[Parent], tuple[Child, int]]:
 
 
 def async_work(
-    registry: Any, hold: asyncio.Event | None = None, committed: list[int] | None = None
+    registry: Any,
+    hold: asyncio.Event | None = None,
+    committed: list[int] | None = None,
+    started: list[int] | None = None,
 ) -> Callable[[Parent], Coroutine[Any, Any, tuple[Child, int]]]:
+    """``started``: the ids of the items as they start, in order; a planted failure appends
+    ``-len(started)`` (how many had started when it failed) before it raises."""
+
     async def work(parent: Parent) -> tuple[Child, int]:
+        if started is not None:
+            started.append(parent.id)
         session = registry()
         if parent not in session:
             raise AssertionError("the item did not arrive in the task's own session")
@@ -75,6 +83,8 @@ def async_work(
         if held and flush_first:
             await hold.wait()  # cancelled here: its flushed child must not land
         if parent.name.startswith(FAIL):
+            if started is not None:
+                started.append(-len(started))
             raise ValueError(f"item {parent.id} failed after flushing")
         await session.commit()
         if committed is not None:

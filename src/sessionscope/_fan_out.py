@@ -25,6 +25,7 @@ as shared objects. Why each rule (docs/design.md, "Fan-out"):
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import sys
@@ -147,27 +148,57 @@ def _outbound(result: Any, has_session: bool) -> Any:
     return replace_orm(result, ship_committed)
 
 
-def _item_in_unit(fn: Callable[[Any], Any], item: Any, registry: Any) -> Any:
-    """Run one item in a unit of work of its own (a pool thread or a greenlet runs this)."""
-    with unit_of_work():
+class _Told:
+    """``with _Told(failed):`` tells ``failed(error)`` of an error as it leaves the block."""
+
+    __slots__ = ("failed",)
+
+    def __init__(self, failed: Callable[[BaseException], object]) -> None:
+        self.failed = failed
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, error: BaseException | None, tb: Any) -> None:
+        if error is not None:
+            self.failed(error)
+
+
+def _item_in_unit(
+    fn: Callable[[Any], Any], item: Any, registry: Any, failed: Callable[[BaseException], object]
+) -> Any:
+    """Run one item in a unit of work of its own (a pool thread or a greenlet runs this).
+
+    ``failed(error)`` is told of a failure as it happens, before the unit rolls back and closes
+    (which can take a while under load): the items not started yet stop at once.
+    """
+    with unit_of_work(), _Told(failed):
         if registry is None:
             return _outbound(fn(item), False)
-        with registry.scope(new=True, commit=False, expire_on_commit=False) as session:
+        with (
+            registry.scope(new=True, commit=False, expire_on_commit=False) as session,
+            _Told(failed),
+        ):
             arrived = receive_shipped(session, item)
             return _outbound(fn(arrived), True)
 
 
-async def _item_in_task(fn: Callable[[Any], Any], item: Any, registry: Any) -> Any:
-    """Run one item in the asyncio task that runs this, in a unit of work of its own."""
+async def _item_in_task(
+    fn: Callable[[Any], Any], item: Any, registry: Any, failed: Callable[[BaseException], object]
+) -> Any:
+    """Run one item in the asyncio task that runs this, in a unit of work of its own
+    (``failed``: as for :func:`_item_in_unit`)."""
     async with unit_of_work():
-        if registry is None:
-            result = fn(item)
-            return _outbound(await result if inspect.isawaitable(result) else result, False)
-        async with registry.scope(new=True, commit=False, expire_on_commit=False) as session:
-            if contains_marked(item, Shipped):
-                item = await session.run_sync(receive_shipped, item)
-            result = fn(item)
-            return _outbound(await result if inspect.isawaitable(result) else result, True)
+        with _Told(failed):
+            if registry is None:
+                result = fn(item)
+                return _outbound(await result if inspect.isawaitable(result) else result, False)
+            async with registry.scope(new=True, commit=False, expire_on_commit=False) as session:
+                with _Told(failed):
+                    if contains_marked(item, Shipped):
+                        item = await session.run_sync(receive_shipped, item)
+                    result = fn(item)
+                    return _outbound(await result if inspect.isawaitable(result) else result, True)
 
 
 # -- the failure that stops the rest -----------------------------------------------------------
@@ -185,8 +216,14 @@ class _Stop:
         return bool(self.failures)
 
     def failed(self, position: int, error: BaseException) -> None:
+        """Record ``error`` of item ``position`` (once: it is told as it happens, and again as
+        it leaves the item's unit)."""
         with self._lock:
-            self.failures.append((position, error))
+            if not any(known is error for _, known in self.failures):
+                self.failures.append((position, error))
+
+    def failed_at(self, position: int) -> Callable[[BaseException], None]:
+        return functools.partial(self.failed, position)
 
     def raise_first(self) -> None:
         if not self.failures:
@@ -210,7 +247,7 @@ def _guarded(stop: _Stop, position: int, fn: Any, item: Any, registry: Any) -> A
     if stop.stopped:
         return _NOT_RUN
     try:
-        return _item_in_unit(fn, item, registry)
+        return _item_in_unit(fn, item, registry, stop.failed_at(position))
     except BaseException as error:
         stop.failed(position, error)
         return _NOT_RUN
@@ -268,7 +305,7 @@ async def _in_tasks(fn: Any, items: list[Any], registry: Any, limit: int | None)
         if stop.stopped:
             return _NOT_RUN
         try:
-            return await _item_in_task(fn, item, registry)
+            return await _item_in_task(fn, item, registry, stop.failed_at(position))
         except BaseException as error:
             stop.failed(position, error)
             return _NOT_RUN

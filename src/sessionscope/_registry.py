@@ -16,8 +16,17 @@ from sqlalchemy.util import ScopedRegistry
 
 from ._scope import ScopeState
 from ._unit_local import UnitLocal
+from ._units import unit_outside_tasks
 from ._units._asyncio import _get_running_loop, current_task_of_loop
-from ._work import WorkUnit, current_or_new_work, current_work, work_var
+from ._work import (
+    WorkUnit,
+    current_or_new_work,
+    current_work,
+    open_implicit_work,
+    running_task,
+    work_of_task,
+    work_var,
+)
 
 S = TypeVar("S")
 _modules = sys.modules
@@ -91,13 +100,14 @@ class UnitRegistry(Generic[S]):
         if scope is not None:
             return scope.session_for_use()
         # UnitLocal.get(), with the work kept for what follows (one lookup per new session)
-        work = current_work()
+        task = running_task()
+        work = work_of_task(task)
         if work is not None:
             session: S | None = work.values.get(self._key)
             if session is not None:
                 return session
         else:  # the unit's first session: its unit of work now, once for the guard and storage
-            work = current_or_new_work()
+            work = open_implicit_work(task if task is not None else unit_outside_tasks(), task)
         session = self.createfunc()
         if work.ended:  # (ended meanwhile)
             work = current_or_new_work()

@@ -37,7 +37,7 @@ from ._guard import Mode, cleanup, install
 from ._guard._guarded_class import GUARD_ATTRIBUTE
 from ._session_end import seal
 from ._units import Unit, current_unit, describe_unit
-from ._work import WorkUnit, current_or_new_work, current_work
+from ._work import WorkUnit, current_work, unit_and_work
 from .exc import CrossUnitError, ScopeEndedError, background
 
 S = TypeVar("S")
@@ -148,8 +148,8 @@ class SessionScope(Generic[S]):
                 "This Session.scope() was already entered; call Session.scope() again for "
                 "another block."
             )
-        self._entered_by = current_unit()
-        self._entered_in = work = current_or_new_work()
+        unit, work = unit_and_work()
+        self._entered_by, self._entered_in = unit, work
         outer = self._var.get()
         if outer is not None and not outer.ended and not self._new:
             if self._session_kw:
@@ -167,9 +167,9 @@ class SessionScope(Generic[S]):
             work=work,
             depth=_callers + 1,
         )
-        self._state = ScopeState(session, self._entered_by)
-        self._token = self._var.set(self._state)
-        return self._state.session
+        self._state = state = ScopeState(session, unit)
+        self._token = self._var.set(state)
+        return session
 
     def work_in(self, savepoint: Any) -> None:
         """A nested scope's savepoint has begun: it is now the innermost open scope."""

@@ -31,7 +31,6 @@ cannot be tied together. Each such job is then a unit of work of its own. Framew
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import sys
@@ -44,7 +43,7 @@ from typing import Any
 from greenlet import greenlet
 
 from . import _fork
-from ._units import ThreadUnit, _trio, current_unit, describe_unit, watch_unit_end
+from ._units import ThreadUnit, Unit, _trio, describe_unit, unit_outside_tasks, watch_unit_end
 from ._units._asyncio import _get_running_loop, current_task_of_loop
 from ._units._greenlet import run_outside_hub
 from ._units._thread import INTERPRETER, is_pool_worker, replace_last_job
@@ -231,6 +230,17 @@ def running_task() -> Any:
 
 def current_work() -> WorkUnit | None:
     """The unit of work the running code belongs to, or None if it has none yet."""
+    # running_task(), inlined: this runs for every scope and every new session
+    loop = _get_running_loop()
+    if loop is not None:
+        return work_of_task(current_task_of_loop(loop))
+    if "trio" in _modules:
+        return work_of_task(_trio.running_task())
+    return work_of_task(None)
+
+
+def work_of_task(task: Any) -> WorkUnit | None:
+    """:func:`current_work` for a caller that has just looked up the running task (or None)."""
     work: Any = work_var.get()
     if type(work) is weakref.ProxyType:  # a pool job's work (see current_or_new_work)
         try:
@@ -239,14 +249,6 @@ def current_work() -> WorkUnit | None:
             return None
     if work is None or work.ended or work.generation != _fork.generation:
         return None
-    # running_task(), inlined: this runs for every scope and every new session
-    loop = _get_running_loop()
-    if loop is not None:
-        task = current_task_of_loop(loop)
-    elif "trio" in _modules:
-        task = _trio.running_task()
-    else:
-        return work  # type: ignore[no-any-return]
     if task is not None and task is not work.task:
         # a task that did not open it: a child task (a unit of its own), or a task inside a
         # thread's work (asyncio.run() inside a request thread) ...
@@ -264,11 +266,23 @@ def _is_free(work: WorkUnit) -> bool:
 
 def current_or_new_work() -> WorkUnit:
     """The running code's unit of work, opening an implicit one for the running unit if none."""
-    work = current_work()
-    if work is not None:
-        return work
-    unit = current_unit()
+    return unit_and_work()[1]
+
+
+def unit_and_work() -> tuple[Unit, WorkUnit]:
+    """The running unit and its unit of work (an implicit one is opened if it has none): what a
+    scope asks as it begins, with one lookup of the running task for both."""
     task = running_task()
+    unit = task if task is not None else unit_outside_tasks()
+    work = work_of_task(task)
+    if work is None:
+        work = open_implicit_work(unit, task)
+    return unit, work
+
+
+def open_implicit_work(unit: Unit, task: Any) -> WorkUnit:
+    """Open the implicit unit of work of the running ``unit`` (``task``: the running task, or
+    None), which has none: set in its context, ended with it."""
     work = WorkUnit(unit, task, explicit=False)
     work_var.set(work)
     watch_unit_end(unit, work)  # a task's end, a gevent/eventlet greenlet's, a thread's (weakly)
@@ -353,11 +367,12 @@ class UnitOfWork:
                 "for another block."
             )
         # inside another unit of work (which waits for this block), whose sessions stay usable
+        task = running_task()
         self.work = WorkUnit(
-            current_unit(),
-            running_task(),
+            task if task is not None else unit_outside_tasks(),
+            task,
             explicit=True,
-            parent=current_work(),
+            parent=work_of_task(task),
             lends=self._lends,
         )
         self._token = work_var.set(self.work)
@@ -366,9 +381,10 @@ class UnitOfWork:
     def _reset(self) -> None:
         token, self._token = self._token, None
         if token is not None:
-            # ended from another context: that context keeps an ended work, which applies nowhere
-            with contextlib.suppress(ValueError):
+            try:  # noqa: SIM105 - (contextlib.suppress costs more, once per request)
                 work_var.reset(token)
+            except ValueError:
+                pass  # ended from another context: it keeps an ended work, which applies nowhere
 
     def __enter__(self) -> WorkUnit:
         return self._open()

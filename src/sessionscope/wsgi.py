@@ -9,7 +9,10 @@ thread or greenlet is not the request. :class:`SessionScopeMiddleware` marks the
   application calls them, and nothing of the request is left in the server's thread or greenlet.
 - The request ends when the server is done with the response: when the body iterable is
   exhausted and closed (PEP 3333 makes ``close()`` the server's duty, also on errors), not when
-  the application returns. A streaming body keeps its session while it is produced. Every path
+  the application returns. A streaming body keeps its session while it is produced; a body
+  that is a built list or tuple (most responses) runs no code that could use it, so the request
+  ends as the application returns it and the connection is back in the pool before the response
+  goes out. Every path
   that stops early (the application raising before or after ``start_response``, the body raising,
   a client gone mid-stream) ends it too: uncommitted work is rolled back and the connection goes
   back to the pool.
@@ -187,6 +190,12 @@ class SessionScopeMiddleware:
         except BaseException:
             request.end(sys.exc_info())
             raise
+        if started and type(result) in _BUILT_BODIES:
+            # The whole body is built (the usual response): no database work is left, so the
+            # request ends now, and its connection is back in the pool before the server sends
+            # the response (as a hand-written `finally: session.close()` does).
+            request.end()
+            return result
         file_wrapper = environ.get("wsgi.file_wrapper")
         if started and isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
             # A file sent as is (sendfile): no database work is left, and wrapping it would hide
@@ -198,6 +207,10 @@ class SessionScopeMiddleware:
                 raise
             return result
         return ScopedBody(request, result)
+
+
+_BUILT_BODIES = (list, tuple)
+"""Bodies that are data, not code: iterating them cannot reach the session (a subclass could)."""
 
 
 class ScopedBody:

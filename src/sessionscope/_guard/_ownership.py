@@ -47,6 +47,13 @@ MODES: tuple[Mode, ...] = ("raise", "warn", "off")
 OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
 
 
+try:  # SQLAlchemy >= 2.0.22: a closed session can refuse further use (what scopes seal)
+    from sqlalchemy.orm.session import _SessionCloseState
+
+    _SEALED: Any = _SessionCloseState.CLOSED
+except ImportError:  # pragma: no cover
+    _SEALED = object()
+
 _modules = sys.modules
 _MARK_THE_REQUEST = (
     " If the session was made in a thread-pool job of a request (a FastAPI/Starlette sync "
@@ -165,7 +172,9 @@ class SessionGuard:
         if self.owner_ref() is not work:
             return  # handed off, shared, or ended already
         session = self.session_ref()
-        if session is None:
+        if session is None or session.__dict__.get("_close_state") is _SEALED:
+            # gone, or closed for good by its scope (a sealed session holds nothing, and was
+            # not left open): what the close below would conclude, without its calls
             self.disown(ENDED)
             return
         close, close_later = _closers_for(session)

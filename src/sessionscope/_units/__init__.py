@@ -32,6 +32,7 @@ __all__ = [
     "Unit",
     "current_unit",
     "describe_unit",
+    "unit_outside_tasks",
     "watch_unit_end",
 ]
 
@@ -59,6 +60,14 @@ def current_unit() -> Unit:
         trio_task: Unit | None = _trio.running_task()
         if trio_task is not None:
             return trio_task
+    return unit_outside_tasks()
+
+
+def unit_outside_tasks() -> Unit:
+    """:func:`current_unit` for a caller that knows no task is running: the greenlet or thread.
+
+    (Callers that have just looked the running task up save the second lookup.)
+    """
     if getcurrent().parent is None:  # a thread's main greenlet: the thread itself
         return _thread.current_thread_unit()
     current: Unit = _greenlet.driving_greenlet()
