@@ -286,3 +286,28 @@ def test_unit_cost_benchmark_yields_figures_for_each_kind_of_unit(
         assert set(row["us_per_unit"]) == {unit_cost.SQLALCHEMY, unit_cost.SESSIONSCOPE}
         assert min(row["us_per_unit"].values()) > 0 and row["ratio"] > 0
     assert report["markdown"] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sqlite", [True, False], ids=["sqlite", "postgresql"])
+def test_request_cpu_benchmark_yields_figures_for_every_variant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sqlite: bool
+) -> None:
+    """``request_cpu.py --smoke``: each variant served its requests (answers and rows checked by
+    the benchmark itself), timed."""
+    if not sqlite:
+        from tests.conftest import postgres_available, require_server
+
+        reason = postgres_available()
+        if reason:
+            require_server(reason)
+    import request_cpu
+
+    out = tmp_path / "request_cpu.json"
+    args = ["--smoke", "--json", str(out)] + (["--sqlite"] if sqlite else [])
+    assert request_cpu.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["database"].startswith("SQLite" if sqlite else "PostgreSQL")
+    assert list(report["us_per_request"]) == list(request_cpu.VARIANTS)
+    assert min(report["us_per_request"].values()) > 0
+    assert report["ratio"]["by hand"] == 1.0
+    assert report["markdown"] in capsys.readouterr().out

@@ -6,8 +6,10 @@ events: SQLAlchemy has no event for ``add``, ``get`` or ``close``, and the check
 the call, not after. Only guarded sessions pay for it; the class keeps its name, module and
 docstrings, so ``repr()`` and tracebacks read as before, and unguarding switches the class back.
 
-Lazy loads and refreshes of expired attributes go through ``Session.execute`` (or, for a
-many-to-one found in the identity map, ``Session._identity_lookup``), so they are checked too.
+Refreshes of expired attributes go through ``Session.execute``, so they are checked too. Lazy
+loads are checked whole, around their loader (``_lazy_loads``), including a many-to-one answered
+from the identity map (``Session._identity_lookup``), which is therefore not wrapped here: every
+``get()`` calls it, and a wrapper inside a checked call is still a cost.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ GUARDED_METHODS = (
     "reset",
     "rollback",
     "scalar",
-    "_identity_lookup",  # a lazy many-to-one answered from the identity map
     "__iter__",  # the session's pending and persistent objects, which change under its owner
 )
 """Checked methods of a guarded session (``execute`` and ``scalars`` also guard their results)."""

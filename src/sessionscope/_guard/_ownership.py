@@ -337,8 +337,6 @@ class SessionGuard:
 
     def _did(self, operation: str, of_class: type | None) -> str:
         if of_class is None:
-            if operation == "_identity_lookup":  # a lazy many-to-one from the identity map
-                return f"lazy-loaded a related object through this {self.label}"
             if operation == "(result)":
                 return f"fetched rows of a result of this {self.label}"
             if operation.startswith("."):
