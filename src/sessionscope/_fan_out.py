@@ -25,7 +25,6 @@ as shared objects. Why each rule (docs/design.md, "Fan-out"):
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import os
 import sys
@@ -148,57 +147,48 @@ def _outbound(result: Any, has_session: bool) -> Any:
     return replace_orm(result, ship_committed)
 
 
-class _Told:
-    """``with _Told(failed):`` tells ``failed(error)`` of an error as it leaves the block."""
-
-    __slots__ = ("failed",)
-
-    def __init__(self, failed: Callable[[BaseException], object]) -> None:
-        self.failed = failed
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, error: BaseException | None, tb: Any) -> None:
-        if error is not None:
-            self.failed(error)
-
-
-def _item_in_unit(
-    fn: Callable[[Any], Any], item: Any, registry: Any, failed: Callable[[BaseException], object]
-) -> Any:
+def _item_in_unit(fn: Callable[[Any], Any], item: Any, registry: Any, stop: _Stop, at: int) -> Any:
     """Run one item in a unit of work of its own (a pool thread or a greenlet runs this).
 
-    ``failed(error)`` is told of a failure as it happens, before the unit rolls back and closes
-    (which can take a while under load): the items not started yet stop at once.
+    A failure is told to ``stop`` as it happens, before the unit rolls back and closes (which can
+    take a while under load): the items not started yet stop at once.
     """
-    with unit_of_work(), _Told(failed):
-        if registry is None:
-            return _outbound(fn(item), False)
-        with (
-            registry.scope(new=True, commit=False, expire_on_commit=False) as session,
-            _Told(failed),
-        ):
-            arrived = receive_shipped(session, item)
-            return _outbound(fn(arrived), True)
+    try:
+        with unit_of_work():
+            if registry is None:
+                return _outbound(fn(item), False)
+            with registry.scope(new=True, commit=False, expire_on_commit=False) as session:
+                try:
+                    return _outbound(fn(receive_shipped(session, item)), True)
+                except BaseException as error:
+                    stop.failed(at, error)  # before the scope rolls back
+                    raise
+    except BaseException as error:
+        stop.failed(at, error)
+        raise
 
 
 async def _item_in_task(
-    fn: Callable[[Any], Any], item: Any, registry: Any, failed: Callable[[BaseException], object]
+    fn: Callable[[Any], Any], item: Any, registry: Any, stop: _Stop, at: int
 ) -> Any:
-    """Run one item in the asyncio task that runs this, in a unit of work of its own
-    (``failed``: as for :func:`_item_in_unit`)."""
-    async with unit_of_work():
-        with _Told(failed):
+    """:func:`_item_in_unit` for the asyncio task that runs this."""
+    try:
+        async with unit_of_work():
             if registry is None:
                 result = fn(item)
                 return _outbound(await result if inspect.isawaitable(result) else result, False)
             async with registry.scope(new=True, commit=False, expire_on_commit=False) as session:
-                with _Told(failed):
+                try:
                     if contains_marked(item, Shipped):
                         item = await session.run_sync(receive_shipped, item)
                     result = fn(item)
                     return _outbound(await result if inspect.isawaitable(result) else result, True)
+                except BaseException as error:
+                    stop.failed(at, error)
+                    raise
+    except BaseException as error:
+        stop.failed(at, error)
+        raise
 
 
 # -- the failure that stops the rest -----------------------------------------------------------
@@ -222,9 +212,6 @@ class _Stop:
             if not any(known is error for _, known in self.failures):
                 self.failures.append((position, error))
 
-    def failed_at(self, position: int) -> Callable[[BaseException], None]:
-        return functools.partial(self.failed, position)
-
     def raise_first(self) -> None:
         if not self.failures:
             return
@@ -247,7 +234,7 @@ def _guarded(stop: _Stop, position: int, fn: Any, item: Any, registry: Any) -> A
     if stop.stopped:
         return _NOT_RUN
     try:
-        return _item_in_unit(fn, item, registry, stop.failed_at(position))
+        return _item_in_unit(fn, item, registry, stop, position)
     except BaseException as error:
         stop.failed(position, error)
         return _NOT_RUN
@@ -305,7 +292,7 @@ async def _in_tasks(fn: Any, items: list[Any], registry: Any, limit: int | None)
         if stop.stopped:
             return _NOT_RUN
         try:
-            return await _item_in_task(fn, item, registry, stop.failed_at(position))
+            return await _item_in_task(fn, item, registry, stop, position)
         except BaseException as error:
             stop.failed(position, error)
             return _NOT_RUN

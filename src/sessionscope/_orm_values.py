@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.base import instance_state
 
 from ._shipping import receive, ship
 
@@ -37,12 +36,12 @@ class Shipped:
 
 
 def is_orm_object(value: Any) -> bool:
-    """Whether ``value`` is an instance of a mapped class (cheap: one attribute lookup)."""
-    try:
-        instance_state(value)
-    except AttributeError:  # no ``_sa_instance_state``: not mapped
-        return False
-    return not isinstance(value, type)
+    """Whether ``value`` is an instance of a mapped class (cheap: one attribute lookup, and for
+    plain values no exception: fan_out asks it of every item and every result)."""
+    return getattr(value, _STATE, None) is not None and not isinstance(value, type)
+
+
+_STATE = "_sa_instance_state"  # what SQLAlchemy's instance_state() reads
 
 
 def contains_orm(value: Any) -> bool:

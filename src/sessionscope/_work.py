@@ -169,7 +169,10 @@ class WorkUnit:
         for ref in owned or ():
             guard = ref()
             if guard is not None:
-                _run_hook(self, collected, guard.owner_ended, self)
+                try:  # (_run_hook(), inlined: once per session a request made)
+                    guard.owner_ended(self)
+                except Exception:
+                    _hook_failed(self, collected)
 
     def myself(self) -> WorkUnit:
         """The work itself, also when asked through the weak proxy a pool job's context holds."""
@@ -212,10 +215,15 @@ def _run_hook(work: WorkUnit, collected: bool, hook: Callable[..., object], *arg
     try:
         hook(*args)
     except Exception:  # an end-of-work hook must never break a loop, a hub or a thread's exit
-        if collected:
-            log.debug("sessionscope: closing after %s failed", work.describe(), exc_info=True)
-        else:
-            log.exception("sessionscope: cleaning up after %s failed", work.describe())
+        _hook_failed(work, collected)
+
+
+def _hook_failed(work: WorkUnit, collected: bool) -> None:
+    """Log the exception being handled, which an end-of-work hook raised."""
+    if collected:
+        log.debug("sessionscope: closing after %s failed", work.describe(), exc_info=True)
+    else:
+        log.exception("sessionscope: cleaning up after %s failed", work.describe())
 
 
 def running_task() -> Any:
@@ -367,7 +375,11 @@ class UnitOfWork:
                 "for another block."
             )
         # inside another unit of work (which waits for this block), whose sessions stay usable
-        task = running_task()
+        loop = _get_running_loop()  # (running_task(), inlined: once per request)
+        if loop is not None:
+            task = current_task_of_loop(loop)
+        else:
+            task = _trio.running_task() if "trio" in _modules else None
         self.work = WorkUnit(
             task if task is not None else unit_outside_tasks(),
             task,
@@ -386,8 +398,7 @@ class UnitOfWork:
             except ValueError:
                 pass  # ended from another context: it keeps an ended work, which applies nowhere
 
-    def __enter__(self) -> WorkUnit:
-        return self._open()
+    __enter__ = _open
 
     def __exit__(
         self,
@@ -400,7 +411,12 @@ class UnitOfWork:
             if work is not None:
                 work.end()
         finally:
-            self._reset()
+            token, self._token = self._token, None  # (_reset(), inlined: once per request)
+            if token is not None:
+                try:  # noqa: SIM105 - (contextlib.suppress costs more)
+                    work_var.reset(token)
+                except ValueError:
+                    pass  # ended from another context (see _reset)
 
     async def __aenter__(self) -> WorkUnit:
         return self._open()
