@@ -174,19 +174,23 @@ def script_of(page: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("page", RUNNABLE_PAGES)
-def test_examples_run(page: str, tmp_path: Path) -> None:
-    script = script_of(page)
-    assert script.strip(), f"{page} has no runnable example"
-    path = tmp_path / page.replace("/", "_").replace(".md", "_md.py")
+def run_script(script: str, path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` as a program in ``path``'s directory, a leaked resource being an error."""
     path.write_text(script)
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-W", "error::ResourceWarning", str(path)],
-        cwd=tmp_path,
+        cwd=path.parent,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.parametrize("page", RUNNABLE_PAGES)
+def test_examples_run(page: str, tmp_path: Path) -> None:
+    script = script_of(page)
+    assert script.strip(), f"{page} has no runnable example"
+    done = run_script(script, tmp_path / page.replace("/", "_").replace(".md", "_md.py"))
     assert done.returncode == 0, (
         f"docs/{page} (line numbers are the page's):\n{done.stdout}\n{done.stderr}"
     )
@@ -251,13 +255,5 @@ def test_integration_pages_set_up_snippet_runs(page: str, tmp_path: Path) -> Non
     prelude, check = SNIPPET_PRELUDES[page]
     blocks = python_blocks((DOCS / page).read_text())
     script = prelude + blocks[0][1] + "\n" + check
-    path = tmp_path / "snippet.py"
-    path.write_text(script)
-    done = subprocess.run(
-        [sys.executable, "-W", "error::ResourceWarning", str(path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_script(script, tmp_path / "snippet.py")
     assert done.returncode == 0, f"docs/{page}, first snippet:\n{script}\n{done.stderr}"

@@ -25,7 +25,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import sys
 from collections.abc import Callable, Generator
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -37,14 +36,12 @@ from ._async_session_end import close_shielded
 from ._guard import Mode, cleanup, install
 from ._guard._guarded_class import GUARD_ATTRIBUTE
 from ._session_end import seal
-from ._units import Unit, current_unit, describe_unit, unit_outside_tasks
-from ._units._asyncio import _get_running_loop, current_task_of_loop
-from ._work import WorkUnit, open_implicit_work, running_task, work_of_task
+from ._units import Unit, current_unit, describe_unit
+from ._work import WorkUnit, current_work, unit_and_work
 from .exc import CrossUnitError, ScopeEndedError, background
 
 S = TypeVar("S")
 F = TypeVar("F", bound=Callable[..., Any])
-_modules = sys.modules
 log = logging.getLogger("sessionscope")
 
 Step = Callable[[], Any]
@@ -151,18 +148,7 @@ class SessionScope(Generic[S]):
                 "This Session.scope() was already entered; call Session.scope() again for "
                 "another block."
             )
-        # unit_and_work(), inlined: every request's scope begins here
-        loop = _get_running_loop()
-        if loop is not None:
-            task = current_task_of_loop(loop)
-        elif "trio" in _modules:
-            task = running_task()
-        else:
-            task = None
-        unit = task if task is not None else unit_outside_tasks()
-        work = work_of_task(task)
-        if work is None:
-            work = open_implicit_work(unit, task)
+        unit, work = unit_and_work()  # (one lookup of the running task for both)
         self._entered_by, self._entered_in = unit, work
         outer = self._var.get()
         if outer is not None and not outer.ended and not self._new:
@@ -226,11 +212,7 @@ class SessionScope(Generic[S]):
             left_open = self._leave_stack()
         # the unit of work that entered it (its jobs included: FastAPI enters a sync dependency's
         # scope in one pool job and exits it in another), or one nested in it
-        loop = _get_running_loop()  # (current_work(), its lookup inlined)
-        if loop is not None:
-            exiting_work = work_of_task(current_task_of_loop(loop))
-        else:
-            exiting_work = work_of_task(running_task() if "trio" in _modules else None)
+        exiting_work = current_work()
         assert self._entered_in is not None
         if exiting_work is not self._entered_in and (
             exiting_work is None or not exiting_work.within(self._entered_in)

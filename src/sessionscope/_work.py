@@ -169,10 +169,7 @@ class WorkUnit:
         for ref in owned or ():
             guard = ref()
             if guard is not None:
-                try:  # (_run_hook(), inlined: once per session a request made)
-                    guard.owner_ended(self)
-                except Exception:
-                    _hook_failed(self, collected)
+                _run_hook(self, collected, guard.owner_ended, self)
 
     def myself(self) -> WorkUnit:
         """The work itself, also when asked through the weak proxy a pool job's context holds."""
@@ -215,15 +212,10 @@ def _run_hook(work: WorkUnit, collected: bool, hook: Callable[..., object], *arg
     try:
         hook(*args)
     except Exception:  # an end-of-work hook must never break a loop, a hub or a thread's exit
-        _hook_failed(work, collected)
-
-
-def _hook_failed(work: WorkUnit, collected: bool) -> None:
-    """Log the exception being handled, which an end-of-work hook raised."""
-    if collected:
-        log.debug("sessionscope: closing after %s failed", work.describe(), exc_info=True)
-    else:
-        log.exception("sessionscope: cleaning up after %s failed", work.describe())
+        if collected:
+            log.debug("sessionscope: closing after %s failed", work.describe(), exc_info=True)
+        else:
+            log.exception("sessionscope: cleaning up after %s failed", work.describe())
 
 
 def running_task() -> Any:
@@ -375,11 +367,7 @@ class UnitOfWork:
                 "for another block."
             )
         # inside another unit of work (which waits for this block), whose sessions stay usable
-        loop = _get_running_loop()  # (running_task(), inlined: once per request)
-        if loop is not None:
-            task = current_task_of_loop(loop)
-        else:
-            task = _trio.running_task() if "trio" in _modules else None
+        task = running_task()
         self.work = WorkUnit(
             task if task is not None else unit_outside_tasks(),
             task,
@@ -411,12 +399,7 @@ class UnitOfWork:
             if work is not None:
                 work.end()
         finally:
-            token, self._token = self._token, None  # (_reset(), inlined: once per request)
-            if token is not None:
-                try:  # noqa: SIM105 - (contextlib.suppress costs more)
-                    work_var.reset(token)
-                except ValueError:
-                    pass  # ended from another context (see _reset)
+            self._reset()
 
     async def __aenter__(self) -> WorkUnit:
         return self._open()

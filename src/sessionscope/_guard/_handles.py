@@ -244,18 +244,6 @@ class _FlaggingChecked(set):  # type: ignore[type-arg]
         if guard.depth and getcurrent() is guard.entered:  # (inside a call: a flush's own)
             set.add(self, state)
             return
-        work = work_var.get()
-        if (
-            work is not None
-            and work is guard.fast_key()
-            and guard.inside.get(0) is None
-            and _get_running_loop() is None
-            and "trio" not in _modules
-        ):
-            # the owner in a thread or greenlet, nobody inside: check_write()'s fast path,
-            # inlined (an object's first change in a transaction gets here, after its write)
-            set.add(self, state)
-            return
         try:
             guard.check_write("(flag_dirty)", state.class_)
         except BaseException:

@@ -20,7 +20,7 @@ from .. import _fork
 from .._arguments import refuse
 from . import _asyncio, _greenlet, _thread, _trio
 from ._asyncio import _get_running_loop, current_task_of_loop
-from ._thread import ThreadUnit, _per_thread
+from ._thread import ThreadUnit
 
 _modules = sys.modules
 
@@ -69,11 +69,7 @@ def unit_outside_tasks() -> Unit:
     (Callers that have just looked the running task up save the second lookup.)
     """
     if getcurrent().parent is None:  # a thread's main greenlet: the thread itself
-        try:  # (current_thread_unit(), its usual path inlined: once per scope)
-            unit: Unit = _per_thread.unit
-        except AttributeError:
-            unit = _thread.current_thread_unit()
-        return unit
+        return _thread.current_thread_unit()
     current: Unit = _greenlet.driving_greenlet()
     if current.parent is None:  # type: ignore[attr-defined]
         return _thread.current_thread_unit()
