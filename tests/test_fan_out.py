@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -125,6 +126,35 @@ def test_a_failing_item_stops_the_rest_and_leaves_no_rows(engine: Engine) -> Non
     assert set(facts["children"]) == facts["renamed"]
     assert len(facts["children"]) < 40  # the items after the failure did not start
     assert facts["idle_in_transaction"] == 0
+    assert engine.pool.checkedout() == 0
+
+
+def test_an_interrupted_fan_out_starts_nothing_more_and_waits_for_the_running_items(
+    engine: Engine,
+) -> None:
+    """Ctrl-C while the caller waits: items not started never run, those running end (their
+    uncommitted rows rolled back, their connections returned) before KeyboardInterrupt leaves."""
+    seed(engine, 100)
+    Session = sessionscope.scoped_session(sessionmaker(engine))
+    started: list[int] = []
+    ended: list[int] = []
+
+    def work(parent_id: int) -> int:
+        started.append(parent_id)
+        Session().add(Child(name=f"flushed-{parent_id}", parent_id=parent_id))
+        Session().flush()
+        if parent_id == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the caller is blocked waiting for the threads
+            time.sleep(0.5)  # still running as the caller is interrupted
+        time.sleep(0.01)
+        ended.append(parent_id)
+        return parent_id
+
+    with pytest.raises(KeyboardInterrupt):
+        sessionscope.fan_out(work, range(1, 101), session=Session, limit=4)
+    assert sorted(started) == sorted(ended)  # every item that started had ended when it raised
+    assert len(started) < 20  # and nothing started after the interruption
+    assert stored(engine)["children"] == {}  # nothing was committed: all of it rolled back
     assert engine.pool.checkedout() == 0
 
 

@@ -30,7 +30,6 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, overload
 
 from sqlalchemy import exc as sa_exc
@@ -244,15 +243,60 @@ def _guarded(stop: _Stop, position: int, fn: Any, item: Any, registry: Any) -> A
 
 
 def _in_threads(fn: Any, items: list[Any], registry: Any, limit: int | None) -> list[Any]:
+    """Each item in a unit of its own on ``limit`` threads, which take the items in order.
+
+    Not a ``ThreadPoolExecutor``: its future, work item, queue hand-off and wake-up per item are
+    what a caller of ``fan_out`` waits for anyway, so each thread here simply takes the next item
+    when it is done with one (under a lock), and stops taking them at the first failure.
+
+    The caller waits on an event the last thread sets, not in ``Thread.join()``: interrupted
+    (``KeyboardInterrupt``), it stops the items not yet started and waits again for those running,
+    whose sessions then close as usual. An interrupted ``join()`` can leave the thread marked as
+    stopped while it still runs (CPython before 3.13), and a second ``join()`` would not wait.
+    """
     stop = _Stop()
-    workers = limit or min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
-    with ThreadPoolExecutor(min(workers, len(items)), "sessionscope.fan_out") as pool:
-        futures = [
-            pool.submit(_guarded, stop, position, fn, item, registry)
-            for position, item in enumerate(items)
-        ]  # leaving the block waits for them: items that had not started return at once
+    results: list[Any] = [_NOT_RUN] * len(items)
+    taking = threading.Lock()
+    positions = iter(range(len(items)))
+    workers = min(limit or min(32, (os.cpu_count() or 1) + 4), len(items))  # (the pool's default)
+    running = [workers]
+    all_done = threading.Event()
+
+    def take_items() -> None:
+        try:
+            while not stop.stopped:
+                with taking:
+                    position = next(positions, None)
+                if position is None:
+                    return
+                results[position] = _guarded(stop, position, fn, items[position], registry)
+        finally:
+            with taking:
+                running[0] -= 1
+                if not running[0]:
+                    all_done.set()
+
+    started = 0
+    try:
+        for n in range(workers):
+            threading.Thread(target=take_items, name=f"sessionscope.fan_out_{n}").start()
+            started += 1
+    except BaseException as error:  # no thread could be started: those started finish alone
+        stop.failed(-1, error)
+        with taking:
+            running[0] -= workers - started
+            if not running[0]:
+                all_done.set()
+        all_done.wait()
+        raise
+    try:
+        all_done.wait()
+    except BaseException as interruption:  # the caller was interrupted: nothing more starts
+        stop.failed(-1, interruption)
+        all_done.wait()
+        raise
     stop.raise_first()
-    return [future.result() for future in futures]
+    return results
 
 
 def _in_greenlets(fn: Any, items: list[Any], registry: Any, limit: int | None) -> list[Any]:
