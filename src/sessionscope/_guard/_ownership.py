@@ -486,6 +486,13 @@ def _describe_inside(guard: SessionGuard, holder: Any) -> str:
 
 
 def _thread_inside(guard: SessionGuard) -> threading.Thread | None:
+    """The thread whose stack is inside one of ``guard``'s checked calls, if any.
+
+    Only frames of functions with a local named ``guard`` (the checked wrappers) have their
+    locals read: reading ``f_locals`` of any frame of another thread can crash CPython 3.11 (a
+    segmentation fault was seen here, in a frame of a thread that was not in a checked call),
+    and the code's variable names are known without touching the frame's values.
+    """
     me = threading.get_ident()
     threads = {thread.ident: thread for thread in threading.enumerate()}
     for ident, frame in sys._current_frames().items():
@@ -493,7 +500,7 @@ def _thread_inside(guard: SessionGuard) -> threading.Thread | None:
             continue
         walking: Any = frame
         while walking is not None:
-            if walking.f_locals.get("guard") is guard:  # the checked wrappers' local
+            if "guard" in walking.f_code.co_varnames and walking.f_locals.get("guard") is guard:
                 return threads[ident]
             walking = walking.f_back
     return None
