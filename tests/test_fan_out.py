@@ -136,24 +136,40 @@ def test_an_interrupted_fan_out_starts_nothing_more_and_waits_for_the_running_it
     uncommitted rows rolled back, their connections returned) before KeyboardInterrupt leaves."""
     seed(engine, 100)
     Session = sessionscope.scoped_session(sessionmaker(engine))
-    started: list[int] = []
+    started: list[tuple[int, float]] = []
     ended: list[int] = []
+    interrupted_at: list[float] = []
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:  # Python's own handler, noting when it ran
+        interrupted_at.append(time.monotonic())
+        interrupted.set()
+        raise KeyboardInterrupt
 
     def work(parent_id: int) -> int:
-        started.append(parent_id)
+        started.append((parent_id, time.monotonic()))
         Session().add(Child(name=f"flushed-{parent_id}", parent_id=parent_id))
         Session().flush()
         if parent_id == 5:
             os.kill(os.getpid(), signal.SIGINT)  # the caller is blocked waiting for the threads
-            time.sleep(0.5)  # still running as the caller is interrupted
-        time.sleep(0.01)
+            assert interrupted.wait(30)  # still running as the caller is interrupted
+        time.sleep(0.02)
         ended.append(parent_id)
         return parent_id
 
-    with pytest.raises(KeyboardInterrupt):
-        sessionscope.fan_out(work, range(1, 101), session=Session, limit=4)
-    assert sorted(started) == sorted(ended)  # every item that started had ended when it raised
-    assert len(started) < 20  # and nothing started after the interruption
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sessionscope.fan_out(work, range(1, 101), session=Session, limit=4)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # every item that started had ended when KeyboardInterrupt left fan_out
+    assert sorted(n for n, _ in started) == sorted(ended)
+    # once the caller was interrupted, nothing more started: at most the three other threads,
+    # between the handler and fan_out's stop, each took the item it had reached (a signal can
+    # take a while to reach the waiting caller on a loaded machine: the count before varies)
+    assert len([n for n, at in started if at > interrupted_at[0]]) <= 3
+    assert len(started) < 100
     assert stored(engine)["children"] == {}  # nothing was committed: all of it rolled back
     assert engine.pool.checkedout() == 0
 
