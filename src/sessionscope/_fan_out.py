@@ -242,6 +242,10 @@ def _guarded(stop: _Stop, position: int, fn: Any, item: Any, registry: Any) -> A
 # -- the ways to run them ----------------------------------------------------------------------
 
 
+_POLL = 0.05
+"""How often a caller waiting for fan_out's threads wakes up (to run a signal's handler)."""
+
+
 def _in_threads(fn: Any, items: list[Any], registry: Any, limit: int | None) -> list[Any]:
     """Each item in a unit of its own on ``limit`` threads, which take the items in order.
 
@@ -253,6 +257,9 @@ def _in_threads(fn: Any, items: list[Any], registry: Any, limit: int | None) -> 
     (``KeyboardInterrupt``), it stops the items not yet started and waits again for those running,
     whose sessions then close as usual. An interrupted ``join()`` can leave the thread marked as
     stopped while it still runs (CPython before 3.13), and a second ``join()`` would not wait.
+    The caller wakes every ``_POLL`` seconds while it waits: a SIGINT that the kernel hands to one
+    of the item threads (it may pick any thread) runs Python's handler only once the main thread
+    runs again, and a wait with no timeout would not end before every item had.
     """
     stop = _Stop()
     results: list[Any] = [_NOT_RUN] * len(items)
@@ -290,7 +297,8 @@ def _in_threads(fn: Any, items: list[Any], registry: Any, limit: int | None) -> 
         all_done.wait()
         raise
     try:
-        all_done.wait()
+        while not all_done.wait(_POLL):
+            pass
     except BaseException as interruption:  # the caller was interrupted: nothing more starts
         stop.failed(-1, interruption)
         all_done.wait()
