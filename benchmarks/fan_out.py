@@ -1,6 +1,6 @@
 """``fan_out`` against a hand-written ThreadPoolExecutor with a session per item, on PostgreSQL.
 
-    python benchmarks/fan_out.py            # full run (about 2 min)
+    python benchmarks/fan_out.py            # full run (about 1 min)
     python benchmarks/fan_out.py --quick    # noisier
     python benchmarks/fan_out.py --smoke    # only checks the code works
     python benchmarks/fan_out.py --json out.json

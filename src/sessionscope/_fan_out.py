@@ -288,7 +288,10 @@ def _in_threads(fn: Any, items: list[Any], registry: Any, limit: int | None) -> 
         for n in range(workers):
             threading.Thread(target=take_items, name=f"sessionscope.fan_out_{n}").start()
             started += 1
-    except BaseException as error:  # no thread could be started: those started finish alone
+    except BaseException as error:
+        # A thread could not be started (or Ctrl-C came meanwhile): nothing more starts, and
+        # the threads started finish their items. A start() interrupted after its thread began
+        # counts as not started, so the caller may leave while that thread ends its item.
         stop.failed(-1, error)
         with taking:
             running[0] -= workers - started
