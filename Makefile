@@ -6,7 +6,9 @@
 #
 #   stack                         venv            what runs
 #   this Python (3.11), SA 2.1    .venv           lint (ruff, mypy), `make docs`, the whole suite
-#   Python 3.10, SQLAlchemy 2.0   .venv-compat    the whole suite (the oldest supported stack)
+#   Python 3.10, SQLAlchemy 2.0   .venv-compat    the whole suite (the oldest supported stack),
+#                                                 with the guard's checks in Python, not C
+#                                                 (SESSIONSCOPE_NO_EXTENSIONS=1)
 #   Python 3.12, SQLAlchemy 2.1   .venv-py3.12    the suite but MATRIX_SLICE, on 2 workers
 #   Python 3.13, SQLAlchemy 2.1   .venv-py3.13    the suite but MATRIX_SLICE, on 2 workers
 #
@@ -26,7 +28,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-CKSUM  := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# what an install builds from: a change to any of them reinstalls (the C extension is rebuilt)
+BUILD_INPUTS := pyproject.toml setup.py src/sessionscope/_speedups.c
+CKSUM  := $(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(CKSUM)
 
 # Python X.Y: the real interpreter, not a pyenv shim that exists but refuses to run
@@ -62,7 +66,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python $(BUILD_INPUTS)
 	$(BIN)/python -m pip install --quiet -e '.[test,demo,dev]'
 	# gunicorn 23.0 dropped the eventlet worker: the eventlet server tests run this one, apart
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/gunicorn-eventlet 'gunicorn==23.0.0'
@@ -78,7 +82,7 @@ test-all:
 test-newest: lint docs
 	$(BIN)/python -m pytest -q -m "$(MARKERS)" $(PYTEST_ARGS)
 
-$(COMPAT_STAMP): pyproject.toml
+$(COMPAT_STAMP): $(BUILD_INPUTS)
 	$(PYTHON_COMPAT) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(COMPAT_VENV)/bin/python -m pip install --quiet -e '.[test]' 'SQLAlchemy>=2.0.22,<2.1'
@@ -89,12 +93,12 @@ test-compat:
 	@$(call skipped,3.10,Python 3.10 + SQLAlchemy 2.0)
 else
 test-compat: $(COMPAT_STAMP)
-	@echo "== again on the oldest supported stack: Python 3.10, SQLAlchemy 2.0 =="
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "$(MARKERS)" $(PYTEST_ARGS)
+	@echo "== again on the oldest supported stack: Python 3.10, SQLAlchemy 2.0, the guard's checks in Python =="
+	SESSIONSCOPE_NO_EXTENSIONS=1 $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "$(MARKERS)" $(PYTEST_ARGS)
 endif
 
 # Python 3.12 and 3.13 with the newest SQLAlchemy, the suite but MATRIX_SLICE
-.venv-py%/.installed-$(CKSUM): pyproject.toml
+.venv-py%/.installed-$(CKSUM): $(BUILD_INPUTS)
 	$(PYTHON_$*) -m venv .venv-py$*
 	.venv-py$*/bin/python -m pip install --quiet --upgrade pip
 	.venv-py$*/bin/python -m pip install --quiet -e '.[test]'

@@ -148,13 +148,16 @@ def test_an_interrupted_fan_out_starts_nothing_more_and_waits_for_the_running_it
 
     def work(parent_id: int) -> int:
         started.append((parent_id, time.monotonic()))
-        Session().add(Child(name=f"flushed-{parent_id}", parent_id=parent_id))
-        Session().flush()
         if parent_id == 5:
             # Ctrl-C as the kernel may deliver it: to a thread other than the waiting caller
-            # (here this item's own), which Python's handler must still reach in the caller
+            # (here this item's own), which Python's handler must still reach in the caller.
+            # Before this item writes: SQLite has one writer at a time, and a loaded machine
+            # once kept this item waiting for the lock until the other threads had taken every
+            # item
             signal.pthread_kill(threading.get_ident(), signal.SIGINT)
             assert interrupted.wait(30)  # still running as the caller is interrupted
+        Session().add(Child(name=f"flushed-{parent_id}", parent_id=parent_id))
+        Session().flush()
         time.sleep(0.02)
         ended.append(parent_id)
         return parent_id

@@ -14,19 +14,12 @@ from the identity map (``Session._identity_lookup``), which is therefore not wra
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from greenlet import getcurrent
 from sqlalchemy.orm import Session
 
-from .._units._asyncio import _get_running_loop
-from .._work import work_var
-from ._ownership import SessionGuard
-
-_modules = sys.modules
+from ._checks import checked
 
 GUARD_ATTRIBUTE = "_sessionscope_guard"
 _CACHE_ATTRIBUTE = "_sessionscope_guarded_class"
@@ -70,43 +63,6 @@ S = TypeVar("S", bound=Session)
 T = TypeVar("T")
 
 
-def _checked(name: str, method: F) -> F:
-    @functools.wraps(method)
-    def checked(self: Any, *args: Any, **kw: Any) -> Any:
-        guard: SessionGuard = self._sessionscope_guard
-        current = getcurrent()
-        if guard.depth and current is guard.entered:
-            # a call SQLAlchemy makes inside a call of the unit inside (autoflush, close ->
-            # expunge_all): that unit, since nothing else runs in its greenlet meanwhile; the
-            # outer call holds the slot until after this one returns
-            return method(self, *args, **kw)
-        work = work_var.get()
-        if (
-            work is not None
-            and work is guard.fast_key()
-            and _get_running_loop() is None
-            and "trio" not in _modules
-            and guard.inside.setdefault(0, current) is current
-        ):
-            # SessionGuard.admit()'s fast path, inlined: the owner, in a thread or greenlet
-            if not guard.depth:
-                guard.entered = current  # before depth: who sees depth > 0 sees who entered
-            guard.depth += 1
-        elif not guard.admit(name):  # tasks, borrowers, overlaps, refusals
-            return method(self, *args, **kw)
-        try:
-            return method(self, *args, **kw)
-        finally:  # SessionGuard.leave(), inlined: this runs on every call of the session
-            guard.depth -= 1
-            if not guard.depth:
-                guard.entered = None  # first: a greenlet keeping its session keeps no cycle
-                guard.inside.clear()
-                if guard.after_leave:
-                    guard.run_after_leave()
-
-    return checked  # type: ignore[return-value]
-
-
 def checked_subclass(
     base: type[T], namespace_for: Callable[[type[T]], dict[str, Any]], cache_attribute: str
 ) -> type[T]:
@@ -136,7 +92,7 @@ def checked_subclass(
 def checked_methods(base: type, names: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
     """``_checked`` versions of those of ``names`` that ``base`` has (``prefix``: for messages)."""
     return {
-        name: _checked(prefix + name, getattr(base, name))
+        name: checked(prefix + name, getattr(base, name))
         for name in names
         if callable(getattr(base, name, None))
     }

@@ -38,8 +38,7 @@ from sqlalchemy.engine import Connection, Result, Transaction
 from sqlalchemy.engine.result import FilterResult
 from sqlalchemy.orm import SessionTransaction
 
-from .._units._asyncio import _get_running_loop
-from .._work import work_var
+from ._checks import checked_returning
 from ._guarded_class import (
     GUARD_ATTRIBUTE,
     GUARDED_METHODS,
@@ -112,50 +111,6 @@ WRITE_CHECKED_ATTRIBUTES = ("info", "autoflush", "expire_on_commit")
 
 
 # -- the session -------------------------------------------------------------------------------
-
-
-def _checked_returning(name: str, method: F) -> F:
-    """A checked method whose result, a handle, is guarded with the session or connection.
-
-    (``_checked`` and the handing-out in one frame: ``execute()`` runs for every statement.)
-    """
-
-    @functools.wraps(method)
-    def returning(self: Any, *args: Any, **kw: Any) -> Any:
-        guard = self.__dict__[GUARD_ATTRIBUTE]
-        current = getcurrent()
-        if guard.depth and current is guard.entered:
-            # the session's own call (a flush's statements): its handles reach nobody else
-            return method(self, *args, **kw)
-        work = work_var.get()
-        if (
-            work is not None
-            and work is guard.fast_key()
-            and _get_running_loop() is None
-            and "trio" not in _modules
-            and guard.inside.setdefault(0, current) is current
-        ):
-            # SessionGuard.admit()'s fast path, inlined (as in _guarded_class._checked)
-            if not guard.depth:
-                guard.entered = current
-            guard.depth += 1
-        elif not guard.admit(name):
-            handle = method(self, *args, **kw)
-            guard_handle(handle, guard)
-            return handle
-        try:
-            handle = method(self, *args, **kw)
-        finally:  # SessionGuard.leave(), inlined
-            guard.depth -= 1
-            if not guard.depth:
-                guard.entered = None
-                guard.inside.clear()
-                if guard.after_leave:
-                    guard.run_after_leave()
-        guard_handle(handle, guard)
-        return handle
-
-    return returning  # type: ignore[return-value]
 
 
 def _handing_out(method: F) -> F:
@@ -266,7 +221,7 @@ def session_namespace(base: type) -> dict[str, Any]:
     """The checked methods, state and write-checked attributes of a guarded Session class."""
     namespace = checked_methods(base, GUARDED_METHODS)
     for name in RETURNING_HANDLES:
-        namespace[name] = _checked_returning(name, getattr(base, name))
+        namespace[name] = checked_returning(name, getattr(base, name), guard_handle)
     namespace.update(_handing_out_methods(base, HANDING_OUT))
     for name in STATE_PROPERTIES:
         for klass in base.__mro__:
@@ -307,7 +262,9 @@ def _connection_namespace(base: type) -> dict[str, Any]:
     namespace = checked_methods(base, CONNECTION_METHODS, prefix="connection().")
     for name in CONNECTION_RETURNING_HANDLES:
         if callable(getattr(base, name, None)):
-            namespace[name] = _checked_returning(f"connection().{name}", getattr(base, name))
+            namespace[name] = checked_returning(
+                f"connection().{name}", getattr(base, name), guard_handle
+            )
     return namespace
 
 
@@ -322,7 +279,7 @@ def _engine_transaction_namespace(base: type) -> dict[str, Any]:
 def _transaction_namespace(base: type) -> dict[str, Any]:
     namespace = checked_methods(base, TRANSACTION_METHODS, prefix="begin().")
     for name in TRANSACTION_RETURNING_HANDLES:
-        namespace[name] = _checked_returning(f"begin().{name}", getattr(base, name))
+        namespace[name] = checked_returning(f"begin().{name}", getattr(base, name), guard_handle)
     namespace.update(_handing_out_methods(base, TRANSACTION_HANDING_OUT))
     for name in TRANSACTION_HANDING_OUT_PROPERTIES:
         descriptor = base.__dict__.get(name)

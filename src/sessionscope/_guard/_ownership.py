@@ -40,6 +40,7 @@ from ..exc import (
 )
 from ._lineage import BorrowToken, inherits, is_cleanup, lend_from_here
 from ._site import Site, describe_site, warn_at_application
+from ._state import GuardState
 
 Mode = Literal["raise", "warn", "off"]
 MODES: tuple[Mode, ...] = ("raise", "warn", "off")
@@ -88,24 +89,22 @@ def _nobody() -> None:
     return None
 
 
-class SessionGuard:
-    """The ownership record and the entry check of one guarded session."""
+class SessionGuard(GuardState):
+    """The ownership record and the entry check of one guarded session.
+
+    What every check reads (``depth``, ``entered``, ``inside``, ``fast_key``, ``state``,
+    ``after_leave``) is in its base, :data:`~sessionscope._guard._state.GuardState`.
+    """
 
     __slots__ = (
         "mode",
         "label",
         "created_at",
-        "state",
         "owner_ref",
-        "fast_key",
         "session_ref",
         "generation",
         "token",
-        "inside",
-        "depth",
-        "entered",
         "on_hand_off",
-        "after_leave",
         "owned_by_job",
         "__weakref__",
     )
@@ -488,11 +487,14 @@ def _describe_inside(guard: SessionGuard, holder: Any) -> str:
 def _thread_inside(guard: SessionGuard) -> threading.Thread | None:
     """The thread whose stack is inside one of ``guard``'s checked calls, if any.
 
-    Only frames of functions with a local named ``guard`` (the checked wrappers) have their
-    locals read: reading ``f_locals`` of any frame of another thread can crash CPython 3.11 (a
-    segmentation fault was seen here, in a frame of a thread that was not in a checked call),
-    and the code's variable names are known without touching the frame's values.
+    Only two kinds of frames have their locals read: the Python wrappers' (a local named
+    ``guard``) and those of the methods the wrappers check (their ``self`` is the session or
+    the handle; the C wrapper leaves no frame of its own). Reading ``f_locals`` of any frame of
+    another thread can crash CPython 3.11 (a segmentation fault was seen here, in a frame of a
+    thread that was not in a checked call); a frame's code is known without touching its values.
     """
+    from ._checks import CHECKED_CODES  # (a refusal's path: that module imports this one)
+
     me = threading.get_ident()
     threads = {thread.ident: thread for thread in threading.enumerate()}
     for ident, frame in sys._current_frames().items():
@@ -500,10 +502,23 @@ def _thread_inside(guard: SessionGuard) -> threading.Thread | None:
             continue
         walking: Any = frame
         while walking is not None:
-            if "guard" in walking.f_code.co_varnames and walking.f_locals.get("guard") is guard:
+            code = walking.f_code
+            if code in CHECKED_CODES:
+                if _guard_of_handle(walking.f_locals.get("self")) is guard:
+                    return threads[ident]
+            elif "guard" in code.co_varnames and walking.f_locals.get("guard") is guard:
                 return threads[ident]
             walking = walking.f_back
     return None
+
+
+def _guard_of_handle(handle: Any) -> Any:
+    """The guard a session or handle carries (an engine transaction's, through its
+    connection), or None."""
+    try:
+        return getattr(handle, "_sessionscope_guard", None)
+    except Exception:  # a handle half-way through its own teardown
+        return None
 
 
 def _in_work(owner: WorkUnit) -> bool:

@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 from greenlet import getcurrent
 
 from .._units._asyncio import _get_running_loop, current_task_of_loop
-from .._work import work_var
+from ._checks import checked_fetch
 from ._guarded_class import GUARD_ATTRIBUTE, checked_subclass, is_guarded_class
 from ._ownership import ENDED
+from ._state import speedups
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,45 +55,6 @@ def _is_plain_data(result: Any, guard: Any) -> bool:
         or guard.state == ENDED
         or (guard.depth and getcurrent() is guard.entered)  # the session's own fetch
     )
-
-
-def _checked_fetch(method: F) -> F:
-    @functools.wraps(method)
-    def checked(self: Any, *args: Any, **kw: Any) -> Any:
-        guard = self.__dict__[GUARD_ATTRIBUTE]
-        current = getcurrent()
-        # _is_plain_data(), inlined: a fetch runs for every statement's rows
-        if (
-            self._soft_closed
-            or guard.state == ENDED
-            or (guard.depth and current is guard.entered)  # the session's own fetch
-        ):
-            return method(self, *args, **kw)
-        work = work_var.get()
-        if (
-            work is not None
-            and work is guard.fast_key()
-            and _get_running_loop() is None
-            and "trio" not in _modules
-            and guard.inside.setdefault(0, current) is current
-        ):
-            # SessionGuard.admit()'s fast path, inlined (as in _guarded_class._checked)
-            if not guard.depth:
-                guard.entered = current
-            guard.depth += 1
-        elif not guard.admit(CHECK):
-            return method(self, *args, **kw)  # ("warn"/"off", sessionscope's cleanup: no check)
-        try:
-            return method(self, *args, **kw)
-        finally:  # SessionGuard.leave(), inlined
-            guard.depth -= 1
-            if not guard.depth:
-                guard.entered = None
-                guard.inside.clear()
-                if guard.after_leave:
-                    guard.run_after_leave()
-
-    return checked  # type: ignore[return-value]
 
 
 def _checked_iter_impl(method: F, guard_of: Callable[[Any], Any]) -> F:
@@ -153,7 +115,7 @@ def guard_filter(filtered: Any) -> None:
         filtered.__class__ = checked_subclass(cls, _filter_namespace, _FILTER_CLASSES)
 
 
-class _RowsCheckedOnResume:
+class _RowsCheckedOnResumeInPython:
     """``rows``, checked again before each fetch made by a unit other than the one before.
 
     An iterator object, not a generator: a refused ``next()`` must leave the iteration usable
@@ -169,7 +131,7 @@ class _RowsCheckedOnResume:
         self.loop = loop
         self.task = task
 
-    def __iter__(self) -> _RowsCheckedOnResume:
+    def __iter__(self) -> _RowsCheckedOnResumeInPython:
         return self
 
     def __next__(self) -> Any:
@@ -192,10 +154,17 @@ def _recheck(guard: Any) -> tuple[Any, Any, Any]:
     return getcurrent(), loop, current_task_of_loop(loop) if loop is not None else None
 
 
+_RowsCheckedOnResume: Any = _RowsCheckedOnResumeInPython
+"""The C module's ``RowsCheckedOnResume`` (the same iterator, in C) when it is built."""
+if speedups is not None:
+    speedups.configure_results(current_task_of_loop, _recheck)
+    _RowsCheckedOnResume = speedups.RowsCheckedOnResume
+
+
 def result_namespace(base: type) -> dict[str, Any]:
     """The checked fetch methods of a result class."""
     namespace = {
-        name: _checked_fetch(getattr(base, name))
+        name: checked_fetch(CHECK, getattr(base, name))
         for name in RESULT_FETCHES
         if callable(getattr(base, name, None))
     }

@@ -31,6 +31,7 @@ from .._work import work_var
 from . import _lazy_loads, _lineage
 from ._lineage import BorrowToken
 from ._ownership import SessionGuard, _nobody
+from ._state import speedups
 
 _guard_of_session_id: dict[int, BorrowToken] = {}
 _installed = False
@@ -95,7 +96,7 @@ def guard_of_state(state: Any) -> SessionGuard | None:
     return None
 
 
-def _check(state: Any, key: str) -> None:
+def _check_in_python(state: Any, key: str) -> None:
     session_id = state.session_id
     if session_id is not None:
         ref = _guard_of_session_id.get(session_id)
@@ -118,6 +119,14 @@ def _check(state: Any, key: str) -> None:
             ):
                 return
             guard.check_write(key, state.class_)
+
+
+_check: Callable[[Any, str], None] = _check_in_python
+"""The check every listener below calls: the C module's ``check_write`` (the same, in C) when
+it is built, else ``_check_in_python``."""
+if speedups is not None:
+    speedups.configure_writes(_guard_of_session_id)
+    _check = speedups.check_write
 
 
 def _check_committed_value(state: Any, key: str) -> None:

@@ -1,0 +1,55 @@
+"""The fields of a :class:`~sessionscope._guard._ownership.SessionGuard` that every check reads.
+
+``SessionGuard`` derives from :data:`GuardState`: the C type of ``sessionscope._speedups`` when
+that module is built (its checks then read these as C fields, which is most of what makes them
+cheap), else the Python class below with the same slots. Python code reads and writes them as
+plain attributes either way. ``SESSIONSCOPE_NO_EXTENSIONS`` set in the environment (any value
+but empty) keeps the C module out, as SQLAlchemy's ``DISABLE_SQLALCHEMY_CEXT_RUNTIME`` does; the
+test suite runs both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+NO_EXTENSIONS_VARIABLE = "SESSIONSCOPE_NO_EXTENSIONS"
+
+
+def _load_speedups() -> Any:
+    if os.environ.get(NO_EXTENSIONS_VARIABLE):
+        return None
+    try:
+        from .. import _speedups  # type: ignore[attr-defined]
+    except ImportError:  # not built (no compiler at install time): the Python checks
+        return None
+    return _speedups
+
+
+speedups: Any = _load_speedups()
+"""The C module, or None."""
+
+
+class PythonGuardState:
+    """What the C ``GuardState`` holds, as slots (and the fields' types, for both)."""
+
+    __slots__ = ("depth", "entered", "inside", "fast_key", "state", "after_leave")
+
+    depth: int
+    entered: Any  # greenlet | None
+    inside: dict[int, Any]
+    fast_key: Callable[[], Any]
+    state: str
+    after_leave: list[Callable[[], object]] | None
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.entered = None
+        self.after_leave = None
+
+
+if TYPE_CHECKING:
+    GuardState = PythonGuardState
+else:
+    GuardState = PythonGuardState if speedups is None else speedups.GuardState

@@ -1,0 +1,801 @@
+/*
+ * sessionscope._speedups: the guard's entry check in C.
+ *
+ * Every call of a guarded session (and of its connection, transactions and results) first asks
+ * its SessionGuard whether the running unit may enter. In Python that check is a wrapper frame
+ * and about a dozen attribute reads around the real call; on a light request it was most of
+ * what the guard costs. This module implements the very same wrapper as a method descriptor
+ * (`CheckedMethod`) whose fast paths run in C and whose slow path calls the same Python
+ * `SessionGuard.admit()`, so behaviour and messages are the Python wrapper's
+ * (`sessionscope._guard._checks` holds that wrapper, used when this module is not built or
+ * SESSIONSCOPE_NO_EXTENSIONS is set; the test suite runs both).
+ *
+ * Kinds of wrapper (what the Python factories in _checks.py make):
+ *   KIND_PLAIN     a checked method: nested calls pass, the owner takes the slot, others admit()
+ *   KIND_RETURNING the same, and what the call returns is handed to `hook(result, guard)`
+ *   KIND_FETCH     a result's fetch: plain data (a soft-closed result, an ended guard) passes
+ *
+ * The guard is found as `self._sessionscope_guard` (an instance attribute, or a property for
+ * engine transactions). SessionGuard derives from GuardState below, so the fields every check
+ * reads are C fields here and plain attributes in Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#ifndef Py_TPFLAGS_HAVE_VECTORCALL
+#define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
+#endif
+
+enum { KIND_PLAIN = 0, KIND_RETURNING = 1, KIND_FETCH = 2 };
+
+/* configured once by configure(): what the Python fast path reads from its module globals */
+static PyObject *getcurrent_func = NULL;   /* greenlet.getcurrent */
+static PyObject *work_var = NULL;          /* sessionscope._work.work_var */
+static PyObject *running_loop_func = NULL; /* asyncio.events._get_running_loop */
+static PyObject *modules_dict = NULL;      /* sys.modules */
+static PyObject *ended_state = NULL;       /* _ownership.ENDED */
+static PyObject *guards_by_session = NULL; /* _writes._guard_of_session_id */
+static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_loop */
+static PyObject *recheck_func = NULL;      /* _results._recheck */
+
+static PyObject *s_guard, *s_admit, *s_session_id, *s_class, *s_check_write, *s_run_after_leave, *s_trio, *s_soft_closed, *zero;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *method; /* the unguarded function */
+    PyObject *name;   /* the operation, for admit() and its messages */
+    PyObject *hook;   /* KIND_RETURNING: called with (result, guard) */
+    PyObject *dict;   /* __wrapped__, __name__, __doc__, ... (functools.update_wrapper) */
+    int kind;
+    vectorcallfunc vectorcall;
+} CheckedMethod;
+
+/* The hot part of a SessionGuard: what every check reads and writes, as C fields. The Python
+ * class SessionGuard derives from it (sessionscope._guard._state picks this type, or a Python
+ * class with the same slots when the module is not built); Python code reads and writes these
+ * as plain attributes. */
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t depth;      /* calls of the unit inside, nested */
+    PyObject *entered;     /* the greenlet whose call took the slot, or None */
+    PyObject *inside;      /* the slot: {0: the unit inside}, taken with dict.setdefault */
+    PyObject *fast_key;    /* returns what the owner's context holds (a weak reference) */
+    PyObject *state;       /* "owned", "handed off", "shared", "ended" */
+    PyObject *after_leave; /* a close deferred until the unit inside leaves, or None */
+} GuardState;
+
+static PyTypeObject GuardStateType;
+
+/* a call inside a call of the session (by the unit inside: nothing else runs in its greenlet) */
+static inline int
+is_nested(GuardState *guard, PyObject *current)
+{
+    return guard->depth && guard->entered == current;
+}
+
+/* SessionGuard.admit()'s fast path: the owner's work, in a thread or greenlet (no loop, no
+ * trio), and the slot free or its own. 1: entered (depth taken); 0: not the fast path. */
+static int
+enter_as_owner(GuardState *guard, PyObject *current)
+{
+    PyObject *work;
+    if (PyContextVar_Get(work_var, Py_None, &work) < 0)
+        return -1;
+    if (work == Py_None) {
+        Py_DECREF(work);
+        return 0;
+    }
+    int result = 0;
+    PyObject *fast_key = guard->fast_key;
+    if (fast_key == NULL)
+        goto done;
+    Py_INCREF(fast_key); /* (a Python callable could run code that replaces it) */
+    PyObject *key = PyObject_CallNoArgs(fast_key);
+    Py_DECREF(fast_key);
+    if (key == NULL)
+        goto error;
+    int same = key == work;
+    Py_DECREF(key);
+    if (!same)
+        goto done;
+    PyObject *loop = PyObject_CallNoArgs(running_loop_func);
+    if (loop == NULL)
+        goto error;
+    int no_loop = loop == Py_None;
+    Py_DECREF(loop);
+    if (!no_loop)
+        goto done;
+    int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
+                                          : PySequence_Contains(modules_dict, s_trio);
+    if (trio != 0) {
+        if (trio < 0)
+            goto error;
+        goto done;
+    }
+    PyObject *inside = guard->inside;
+    if (inside == NULL || !PyDict_Check(inside))
+        goto done;
+    Py_INCREF(inside);
+    PyObject *holder = PyDict_SetDefault(inside, zero, current); /* borrowed */
+    Py_DECREF(inside);
+    if (holder == NULL)
+        goto error;
+    if (holder != current)
+        goto done;
+    if (!guard->depth) { /* before depth: who sees depth > 0 sees who entered */
+        Py_INCREF(current);
+        Py_XSETREF(guard->entered, current);
+    }
+    guard->depth++;
+    result = 1;
+done:
+    Py_DECREF(work);
+    return result;
+error:
+    Py_DECREF(work);
+    return -1;
+}
+
+/* SessionGuard.leave(): the finally block of the Python wrapper */
+static int
+leave(GuardState *guard)
+{
+    guard->depth--;
+    if (guard->depth)
+        return 0;
+    Py_INCREF(Py_None);
+    Py_XSETREF(guard->entered, Py_None); /* first: a greenlet keeping its session keeps no cycle */
+    PyObject *inside = guard->inside;
+    if (inside != NULL && PyDict_Check(inside)) {
+        Py_INCREF(inside);
+        PyDict_Clear(inside);
+        Py_DECREF(inside);
+    }
+    PyObject *after_leave = guard->after_leave;
+    if (after_leave == NULL || after_leave == Py_None)
+        return 0;
+    int pending = PyObject_IsTrue(after_leave);
+    if (pending <= 0)
+        return pending;
+    PyObject *ran = PyObject_CallMethodNoArgs((PyObject *)guard, s_run_after_leave);
+    if (ran == NULL)
+        return -1;
+    Py_DECREF(ran);
+    return 0;
+}
+
+/* KIND_FETCH: a soft-closed result, or a session whose unit of work ended, is plain data */
+static int
+is_plain_data(PyObject *result, GuardState *guard)
+{
+    PyObject *soft_closed = PyObject_GetAttr(result, s_soft_closed);
+    if (soft_closed == NULL)
+        return -1;
+    int closed = PyObject_IsTrue(soft_closed);
+    Py_DECREF(soft_closed);
+    if (closed != 0)
+        return closed;
+    if (guard->state == NULL)
+        return 0;
+    return PyObject_RichCompareBool(guard->state, ended_state, Py_EQ);
+}
+
+static PyObject *
+handed_out(CheckedMethod *self, PyObject *result, PyObject *guard)
+{
+    if (result == NULL || self->kind != KIND_RETURNING)
+        return result;
+    PyObject *done = PyObject_CallFunctionObjArgs(self->hook, result, guard, NULL);
+    if (done == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    Py_DECREF(done);
+    return result;
+}
+
+static PyObject *
+checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) /* called on the class without an instance: the function's own error */
+        return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+    PyObject *found = PyObject_GetAttr(args[0], s_guard);
+    if (found == NULL)
+        return NULL;
+    if (!PyObject_TypeCheck(found, &GuardStateType)) {
+        PyErr_Format(PyExc_TypeError, "%R carries %R, not a SessionGuard", args[0], found);
+        Py_DECREF(found);
+        return NULL;
+    }
+    GuardState *guard = (GuardState *)found;
+    PyObject *result = NULL;
+    PyObject *current = PyObject_CallNoArgs(getcurrent_func);
+    if (current == NULL)
+        goto finish;
+    if (is_nested(guard, current)) { /* the session's own call, inside a call of its unit: its handles stay inside */
+        result = PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+        goto finish;
+    }
+    if (self->kind == KIND_FETCH) {
+        int plain = is_plain_data(args[0], guard);
+        if (plain < 0)
+            goto finish;
+        if (plain) {
+            result = PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+            goto finish;
+        }
+    }
+    int entered = enter_as_owner(guard, current);
+    if (entered < 0)
+        goto finish;
+    if (!entered) {
+        PyObject *admitted = PyObject_CallMethodOneArg(found, s_admit, self->name);
+        if (admitted == NULL)
+            goto finish;
+        entered = PyObject_IsTrue(admitted);
+        Py_DECREF(admitted);
+        if (entered < 0)
+            goto finish;
+        if (!entered) { /* "warn"/"off", sessionscope's own cleanup: the call, unchecked */
+            result = handed_out(self, PyObject_Vectorcall(self->method, args, nargsf, kwnames),
+                                found);
+            goto finish;
+        }
+    }
+    result = PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+    /* finally: leave, keeping the call's exception unless leaving raises one of its own */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (leave(guard) < 0) {
+        Py_CLEAR(result);
+        if (type != NULL) { /* as Python chains an exception raised in a finally block */
+            PyErr_NormalizeException(&type, &value, &traceback);
+            if (traceback != NULL)
+                PyException_SetTraceback(value, traceback);
+            PyObject *type2, *value2, *traceback2;
+            PyErr_Fetch(&type2, &value2, &traceback2);
+            PyErr_NormalizeException(&type2, &value2, &traceback2);
+            PyException_SetContext(value2, value); /* steals value */
+            PyErr_Restore(type2, value2, traceback2);
+            Py_DECREF(type);
+            Py_XDECREF(traceback);
+        }
+    }
+    else {
+        PyErr_Restore(type, value, traceback);
+    }
+    result = handed_out(self, result, found);
+finish:
+    Py_XDECREF(current);
+    Py_DECREF(found);
+    return result;
+}
+
+static PyObject *
+checked_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) {
+        Py_INCREF(self);
+        return self;
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+checked_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"name", "method", "kind", "hook", NULL};
+    PyObject *name, *method, *hook = Py_None;
+    int kind = KIND_PLAIN;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "UO|iO:CheckedMethod", keywords, &name, &method,
+                                     &kind, &hook))
+        return NULL;
+    if (kind < KIND_PLAIN || kind > KIND_FETCH) {
+        PyErr_SetString(PyExc_ValueError, "CheckedMethod: kind is 0, 1 or 2");
+        return NULL;
+    }
+    if (kind == KIND_RETURNING && !PyCallable_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "CheckedMethod: a returning method needs a hook");
+        return NULL;
+    }
+    CheckedMethod *self = (CheckedMethod *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(name);
+    self->name = name;
+    Py_INCREF(method);
+    self->method = method;
+    Py_INCREF(hook);
+    self->hook = hook;
+    self->kind = kind;
+    self->vectorcall = (vectorcallfunc)checked_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+checked_traverse(CheckedMethod *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->method);
+    Py_VISIT(self->name);
+    Py_VISIT(self->hook);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+checked_clear(CheckedMethod *self)
+{
+    Py_CLEAR(self->method);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->hook);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+checked_dealloc(CheckedMethod *self)
+{
+    PyObject_GC_UnTrack(self);
+    checked_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+checked_repr(CheckedMethod *self)
+{
+    return PyUnicode_FromFormat("<checked %R>", self->method);
+}
+
+static PyMemberDef checked_members[] = {
+    {"operation", T_OBJECT, offsetof(CheckedMethod, name), READONLY},
+    {NULL},
+};
+
+static PyGetSetDef checked_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict},
+    {NULL},
+};
+
+static PyTypeObject CheckedMethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sessionscope._speedups.CheckedMethod",
+    .tp_doc = "A guarded session's method: the guard's entry check, then the method.",
+    .tp_basicsize = sizeof(CheckedMethod),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_METHOD_DESCRIPTOR |
+                Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = checked_new,
+    .tp_dealloc = (destructor)checked_dealloc,
+    .tp_traverse = (traverseproc)checked_traverse,
+    .tp_clear = (inquiry)checked_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(CheckedMethod, vectorcall),
+    .tp_descr_get = checked_descr_get,
+    .tp_dictoffset = offsetof(CheckedMethod, dict),
+    .tp_members = checked_members,
+    .tp_getset = checked_getset,
+    .tp_repr = (reprfunc)checked_repr,
+};
+
+static PyObject *
+state_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    GuardState *self = (GuardState *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->depth = 0;
+    Py_INCREF(Py_None);
+    self->entered = Py_None;
+    Py_INCREF(Py_None);
+    self->after_leave = Py_None;
+    return (PyObject *)self;
+}
+
+static int
+state_traverse(GuardState *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->entered);
+    Py_VISIT(self->inside);
+    Py_VISIT(self->fast_key);
+    Py_VISIT(self->state);
+    Py_VISIT(self->after_leave);
+#if PY_VERSION_HEX >= 0x03090000
+    Py_VISIT(Py_TYPE(self)); /* a heap subclass's instances keep their type alive */
+#endif
+    return 0;
+}
+
+static int
+state_clear(GuardState *self)
+{
+    Py_CLEAR(self->entered);
+    Py_CLEAR(self->inside);
+    Py_CLEAR(self->fast_key);
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->after_leave);
+    return 0;
+}
+
+static void
+state_dealloc(GuardState *self)
+{
+    PyObject_GC_UnTrack(self);
+    state_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef state_members[] = {
+    {"depth", T_PYSSIZET, offsetof(GuardState, depth), 0, "calls of the unit inside, nested"},
+    {"entered", T_OBJECT, offsetof(GuardState, entered), 0, "the greenlet that took the slot"},
+    {"inside", T_OBJECT_EX, offsetof(GuardState, inside), 0, "the slot: {0: the unit inside}"},
+    {"fast_key", T_OBJECT_EX, offsetof(GuardState, fast_key), 0, "the owner's context's key"},
+    {"state", T_OBJECT_EX, offsetof(GuardState, state), 0, "owned, handed off, shared, ended"},
+    {"after_leave", T_OBJECT, offsetof(GuardState, after_leave), 0, "a deferred close"},
+    {NULL},
+};
+
+static PyTypeObject GuardStateType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sessionscope._speedups.GuardState",
+    .tp_doc = "The fields of a SessionGuard that every check reads (SessionGuard's base).",
+    .tp_basicsize = sizeof(GuardState),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = state_new,
+    .tp_dealloc = (destructor)state_dealloc,
+    .tp_traverse = (traverseproc)state_traverse,
+    .tp_clear = (inquiry)state_clear,
+    .tp_members = state_members,
+};
+
+/* ---- writes to attributes of attached objects (sessionscope._guard._writes._check) ---------- */
+
+/* The check of a write to a mapped attribute of ``state``'s object: nothing for an object of no
+ * session or of an unguarded one; SQLAlchemy's own writes inside a call of the session and the
+ * owner's writes (a thread or greenlet, nobody inside) pass here; the rest goes to
+ * SessionGuard.check_write(). */
+static PyObject *
+check_write(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "check_write(state, key)");
+        return NULL;
+    }
+    if (guards_by_session == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "check_write: configure_writes() was not called");
+        return NULL;
+    }
+    PyObject *state = args[0], *key = args[1];
+    PyObject *session_id = PyObject_GetAttr(state, s_session_id);
+    if (session_id == NULL)
+        return NULL;
+    if (session_id == Py_None) {
+        Py_DECREF(session_id);
+        Py_RETURN_NONE;
+    }
+    PyObject *ref = PyDict_GetItemWithError(guards_by_session, session_id); /* borrowed */
+    Py_DECREF(session_id);
+    if (ref == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(ref);
+    PyObject *found = PyObject_CallNoArgs(ref);
+    Py_DECREF(ref);
+    if (found == NULL)
+        return NULL;
+    if (found == Py_None || !PyObject_TypeCheck(found, &GuardStateType)) {
+        Py_DECREF(found);
+        Py_RETURN_NONE;
+    }
+    GuardState *guard = (GuardState *)found;
+    PyObject *current = PyObject_CallNoArgs(getcurrent_func);
+    if (current == NULL) {
+        Py_DECREF(found);
+        return NULL;
+    }
+    int pass = is_nested(guard, current);
+    Py_DECREF(current);
+    if (!pass) {
+        /* the owner, nobody inside: what SessionGuard.check_write() lets through first */
+        PyObject *work;
+        if (PyContextVar_Get(work_var, Py_None, &work) < 0)
+            goto error;
+        if (work != Py_None && guard->fast_key != NULL) {
+            PyObject *fast_key = guard->fast_key;
+            Py_INCREF(fast_key);
+            PyObject *owner_key = PyObject_CallNoArgs(fast_key);
+            Py_DECREF(fast_key);
+            if (owner_key == NULL) {
+                Py_DECREF(work);
+                goto error;
+            }
+            pass = owner_key == work;
+            Py_DECREF(owner_key);
+        }
+        Py_DECREF(work);
+        if (pass) {
+            PyObject *holder = NULL;
+            if (guard->inside != NULL && PyDict_Check(guard->inside)) {
+                holder = PyDict_GetItemWithError(guard->inside, zero); /* borrowed */
+                if (holder == NULL && PyErr_Occurred())
+                    goto error;
+            }
+            pass = holder == NULL || holder == Py_None;
+        }
+        if (pass) {
+            PyObject *loop = PyObject_CallNoArgs(running_loop_func);
+            if (loop == NULL)
+                goto error;
+            pass = loop == Py_None;
+            Py_DECREF(loop);
+        }
+        if (pass) {
+            int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
+                                                  : PySequence_Contains(modules_dict, s_trio);
+            if (trio < 0)
+                goto error;
+            pass = !trio;
+        }
+    }
+    if (!pass) {
+        PyObject *of_class = PyObject_GetAttr(state, s_class);
+        if (of_class == NULL)
+            goto error;
+        PyObject *checked = PyObject_CallMethodObjArgs(found, s_check_write, key, of_class, NULL);
+        Py_DECREF(of_class);
+        if (checked == NULL)
+            goto error;
+        Py_DECREF(checked);
+    }
+    Py_DECREF(found);
+    Py_RETURN_NONE;
+error:
+    Py_DECREF(found);
+    return NULL;
+}
+
+/* ---- a result's rows, checked again when another unit resumes the iteration ----------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *rows;     /* SQLAlchemy's row iterator */
+    PyObject *guard;
+    PyObject *greenlet; /* who fetched last: its greenlet, loop and task */
+    PyObject *loop;
+    PyObject *task;
+} RowsCheckedOnResume;
+
+static PyObject *
+rows_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *rows, *guard, *greenlet, *loop, *task;
+    if (!PyArg_ParseTuple(args, "OOOOO:RowsCheckedOnResume", &rows, &guard, &greenlet, &loop,
+                          &task))
+        return NULL;
+    if (!PyIter_Check(rows)) {
+        PyErr_SetString(PyExc_TypeError, "RowsCheckedOnResume: rows is an iterator");
+        return NULL;
+    }
+    RowsCheckedOnResume *self = (RowsCheckedOnResume *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(rows);
+    self->rows = rows;
+    Py_INCREF(guard);
+    self->guard = guard;
+    Py_INCREF(greenlet);
+    self->greenlet = greenlet;
+    Py_INCREF(loop);
+    self->loop = loop;
+    Py_INCREF(task);
+    self->task = task;
+    return (PyObject *)self;
+}
+
+/* who is iterating now is who iterated before: a few pointer comparisons a row */
+static int
+same_unit_as_before(RowsCheckedOnResume *self)
+{
+    PyObject *current = PyObject_CallNoArgs(getcurrent_func);
+    if (current == NULL)
+        return -1;
+    int same = current == self->greenlet;
+    Py_DECREF(current);
+    if (!same)
+        return 0;
+    PyObject *loop = PyObject_CallNoArgs(running_loop_func);
+    if (loop == NULL)
+        return -1;
+    same = loop == self->loop;
+    Py_DECREF(loop);
+    if (!same || self->task == Py_None)
+        return same;
+    PyObject *task = PyObject_CallOneArg(task_of_loop_func, self->loop);
+    if (task == NULL)
+        return -1;
+    same = task == self->task;
+    Py_DECREF(task);
+    return same;
+}
+
+static PyObject *
+rows_next(RowsCheckedOnResume *self)
+{
+    int same = same_unit_as_before(self);
+    if (same < 0)
+        return NULL;
+    if (!same) { /* the full check (raises for another unit); then remember who it is */
+        PyObject *who = PyObject_CallOneArg(recheck_func, self->guard);
+        if (who == NULL)
+            return NULL;
+        if (!PyTuple_Check(who) || PyTuple_GET_SIZE(who) != 3) {
+            Py_DECREF(who);
+            PyErr_SetString(PyExc_TypeError, "_recheck() returns (greenlet, loop, task)");
+            return NULL;
+        }
+        Py_INCREF(PyTuple_GET_ITEM(who, 0));
+        Py_XSETREF(self->greenlet, PyTuple_GET_ITEM(who, 0));
+        Py_INCREF(PyTuple_GET_ITEM(who, 1));
+        Py_XSETREF(self->loop, PyTuple_GET_ITEM(who, 1));
+        Py_INCREF(PyTuple_GET_ITEM(who, 2));
+        Py_XSETREF(self->task, PyTuple_GET_ITEM(who, 2));
+        Py_DECREF(who);
+    }
+    return (*Py_TYPE(self->rows)->tp_iternext)(self->rows);
+}
+
+static int
+rows_traverse(RowsCheckedOnResume *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->rows);
+    Py_VISIT(self->guard);
+    Py_VISIT(self->greenlet);
+    Py_VISIT(self->loop);
+    Py_VISIT(self->task);
+    return 0;
+}
+
+static int
+rows_clear(RowsCheckedOnResume *self)
+{
+    Py_CLEAR(self->rows);
+    Py_CLEAR(self->guard);
+    Py_CLEAR(self->greenlet);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->task);
+    return 0;
+}
+
+static void
+rows_dealloc(RowsCheckedOnResume *self)
+{
+    PyObject_GC_UnTrack(self);
+    rows_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RowsCheckedOnResumeType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sessionscope._speedups.RowsCheckedOnResume",
+    .tp_doc = "A result's rows, checked again before a fetch by another unit than the last.",
+    .tp_basicsize = sizeof(RowsCheckedOnResume),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = rows_new,
+    .tp_dealloc = (destructor)rows_dealloc,
+    .tp_traverse = (traverseproc)rows_traverse,
+    .tp_clear = (inquiry)rows_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)rows_next,
+};
+
+static PyObject *
+configure_writes(PyObject *module, PyObject *guards)
+{
+    if (!PyDict_Check(guards)) {
+        PyErr_SetString(PyExc_TypeError, "configure_writes: a dict of session ids");
+        return NULL;
+    }
+    Py_INCREF(guards);
+    Py_XSETREF(guards_by_session, guards);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+configure_results(PyObject *module, PyObject *args)
+{
+    PyObject *task_of_loop, *recheck;
+    if (!PyArg_ParseTuple(args, "OO:configure_results", &task_of_loop, &recheck))
+        return NULL;
+    Py_INCREF(task_of_loop);
+    Py_XSETREF(task_of_loop_func, task_of_loop);
+    Py_INCREF(recheck);
+    Py_XSETREF(recheck_func, recheck);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+configure(PyObject *module, PyObject *args)
+{
+    PyObject *getcurrent, *var, *loop, *modules, *ended;
+    if (!PyArg_ParseTuple(args, "OOOOO:configure", &getcurrent, &var, &loop, &modules, &ended))
+        return NULL;
+    if (!PyContextVar_CheckExact(var)) {
+        PyErr_SetString(PyExc_TypeError, "configure: work_var is a ContextVar");
+        return NULL;
+    }
+    Py_INCREF(getcurrent);
+    Py_XSETREF(getcurrent_func, getcurrent);
+    Py_INCREF(var);
+    Py_XSETREF(work_var, var);
+    Py_INCREF(loop);
+    Py_XSETREF(running_loop_func, loop);
+    Py_INCREF(modules);
+    Py_XSETREF(modules_dict, modules);
+    Py_INCREF(ended);
+    Py_XSETREF(ended_state, ended);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(getcurrent, work_var, get_running_loop, modules, ended): what the checks read."},
+    {"configure_writes", configure_writes, METH_O,
+     "configure_writes(guards): the dict of session ids to borrow tokens check_write() reads."},
+    {"configure_results", configure_results, METH_VARARGS,
+     "configure_results(current_task_of_loop, recheck): what a result's rows check calls."},
+    {"check_write", (PyCFunction)(void (*)(void))check_write, METH_FASTCALL,
+     "check_write(state, key): the check of a write to a mapped attribute."},
+    {NULL},
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT, "sessionscope._speedups",
+    "The guard's entry check in C (see sessionscope._guard._checks).", -1, module_methods,
+};
+
+#define INTERN(var, text)                                                                      \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                      \
+        return NULL;
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    INTERN(s_guard, "_sessionscope_guard");
+    INTERN(s_admit, "admit");
+    INTERN(s_run_after_leave, "run_after_leave");
+    INTERN(s_trio, "trio");
+    INTERN(s_soft_closed, "_soft_closed");
+    INTERN(s_session_id, "session_id");
+    INTERN(s_class, "class_");
+    INTERN(s_check_write, "check_write");
+    if ((zero = PyLong_FromLong(0)) == NULL)
+        return NULL;
+    if (PyType_Ready(&CheckedMethodType) < 0 || PyType_Ready(&GuardStateType) < 0 ||
+        PyType_Ready(&RowsCheckedOnResumeType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&speedups_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&CheckedMethodType);
+    if (PyModule_AddObject(module, "CheckedMethod", (PyObject *)&CheckedMethodType) < 0) {
+        Py_DECREF(&CheckedMethodType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&GuardStateType);
+    if (PyModule_AddObject(module, "GuardState", (PyObject *)&GuardStateType) < 0) {
+        Py_DECREF(&GuardStateType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&RowsCheckedOnResumeType);
+    if (PyModule_AddObject(module, "RowsCheckedOnResume", (PyObject *)&RowsCheckedOnResumeType) <
+        0) {
+        Py_DECREF(&RowsCheckedOnResumeType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    PyModule_AddIntConstant(module, "KIND_PLAIN", KIND_PLAIN);
+    PyModule_AddIntConstant(module, "KIND_RETURNING", KIND_RETURNING);
+    PyModule_AddIntConstant(module, "KIND_FETCH", KIND_FETCH);
+    return module;
+}

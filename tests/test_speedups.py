@@ -1,0 +1,177 @@
+"""The guard's checks in C (``sessionscope._speedups``) and in Python: the same behaviour.
+
+The whole suite runs on the C checks where they are built (3.11, 3.12, 3.13 in ``make test``) and
+on the Python ones on the oldest stack (``SESSIONSCOPE_NO_EXTENSIONS=1``). These tests cover what
+is particular to the two implementations: which one runs, the switch that keeps the C module
+out, the C wrapper's introspection, and a failing call leaving the guard's slot free.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+import sessionscope
+from sessionscope._guard import _checks, _state
+from sessionscope._guard._guarded_class import guarded_class
+from sessionscope._guard._install import guard_of
+from tests.models import Row
+
+NO_EXTENSIONS = bool(os.environ.get(_state.NO_EXTENSIONS_VARIABLE))
+
+
+def test_the_checks_run_in_c_where_the_module_is_built() -> None:
+    if NO_EXTENSIONS:
+        assert not _checks.IN_C
+        assert _state.GuardState is _state.PythonGuardState
+        return
+    if _state.speedups is None:
+        if os.environ.get("CI") == "true":  # every CI stack builds it: gcc is on the machine
+            pytest.fail("sessionscope._speedups was not built (the install found no compiler?)")
+        pytest.skip("sessionscope._speedups is not built here: the Python checks run")
+    assert _checks.IN_C
+    assert _state.GuardState is _state.speedups.GuardState
+    assert type(guarded_class(Session).__dict__["add"]).__name__ == "CheckedMethod"
+
+
+def test_sessionscope_no_extensions_keeps_the_c_module_out() -> None:
+    program = """
+import threading
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+import sessionscope
+from sessionscope._guard import _checks
+from sessionscope._guard._guarded_class import guarded_class
+
+Scoped = sessionscope.scoped_session(sessionmaker(create_engine("sqlite://")))
+session = Scoped()
+session.execute(text("select 1"))
+refused = []
+
+def other():
+    try:
+        session.execute(text("select 1"))
+    except sessionscope.CrossUnitError:
+        refused.append(True)
+
+thread = threading.Thread(target=other)
+thread.start()
+thread.join()
+print(_checks.IN_C, type(guarded_class(Session).__dict__["add"]).__name__, refused)
+"""
+    env = {**os.environ, _state.NO_EXTENSIONS_VARIABLE: "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "function", "[True]"]
+
+
+def test_a_checked_method_reads_as_the_method_it_checks() -> None:
+    guarded = guarded_class(Session)
+    for name in ("add", "execute", "get", "commit"):
+        checked = guarded.__dict__[name]
+        method = getattr(Session, name)
+        assert checked.__wrapped__ is method
+        assert checked.__name__ == name
+        assert checked.__qualname__ == method.__qualname__
+        assert checked.__doc__ == method.__doc__
+        assert inspect.signature(checked) == inspect.signature(method)
+        assert getattr(guarded, name) is checked  # (on the class: the checked method itself)
+
+
+def test_a_checked_method_called_on_its_class(engine: Engine) -> None:
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    session = Scoped()
+    guarded = type(session)
+    assert guarded.execute(session, text("select 1")).scalar() == 1
+    with pytest.raises(TypeError):
+        guarded.execute()  # no session: the method's own error
+    session.close()
+
+
+def test_a_failing_call_leaves_the_slot_free_and_its_exception_as_raised(engine: Engine) -> None:
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    session = Scoped()
+    guard = guard_of(session)
+    assert guard is not None
+    with pytest.raises(Exception) as raised:
+        session.execute(text("select * from no_such_table"))
+    assert "no_such_table" in str(raised.value)
+    assert raised.value.__context__ is None or "no_such_table" in str(raised.value.__context__)
+    assert (guard.depth, guard.entered, guard.inside) == (0, None, {})
+    session.rollback()
+    # the slot is free: another thread is refused as a unit that does not own the session,
+    # not as a concurrent one
+    refused: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            session.execute(text("select 1"))
+        except BaseException as error:  # noqa: BLE001 - handed back to the test
+            refused.append(error)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(30)
+    assert type(refused[0]) is sessionscope.CrossUnitError
+    session.close()
+
+
+def test_a_base_exception_inside_a_call_leaves_the_slot_free(engine: Engine) -> None:
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    session = Scoped()
+    guard = guard_of(session)
+    assert guard is not None
+
+    class Stop(BaseException):
+        pass
+
+    def stop(*args: Any) -> None:
+        raise Stop
+
+    event.listen(session, "do_orm_execute", stop)
+    with pytest.raises(Stop):
+        session.execute(select(Row))
+    event.remove(session, "do_orm_execute", stop)
+    assert (guard.depth, guard.entered, guard.inside) == (0, None, {})
+    assert session.execute(text("select 1")).scalar() == 1
+    session.close()
+
+
+def test_writes_and_row_iteration_are_checked_by_the_same_rules(engine: Engine) -> None:
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    session = Scoped()
+    session.add_all([Row(owner="a", n=n) for n in range(3)])
+    session.commit()
+    row = session.scalars(select(Row).where(Row.n == 0)).one()
+    rows = iter(session.execute(select(Row.n).order_by(Row.n)))
+    assert next(rows) == (0,)
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        for attempt in (lambda: setattr(row, "owner", "b"), lambda: next(rows)):
+            try:
+                attempt()
+            except BaseException as error:  # noqa: BLE001 - handed back to the test
+                errors.append(error)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(30)
+    assert [type(e) for e in errors] == [sessionscope.CrossUnitError] * 2
+    assert "wrote Row.owner" in str(errors[0]) and "fetched rows" in str(errors[1])
+    # the owner's iteration goes on where it was, and its write passes
+    assert [r.n for r in rows] == [1, 2]
+    row.owner = "c"
+    session.commit()
+    assert session.scalar(select(Row.owner).where(Row.n == 0)) == "c"
+    session.close()
