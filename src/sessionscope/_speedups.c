@@ -14,6 +14,8 @@
  *   KIND_PLAIN     a checked method: nested calls pass, the owner takes the slot, others admit()
  *   KIND_RETURNING the same, and what the call returns is handed to `hook(result, guard)`
  *   KIND_FETCH     a result's fetch: plain data (a soft-closed result, an ended guard) passes
+ *   KIND_LAZY_LOAD a relationship's loader, called with the object's state: the guard is that of
+ *                  the state's session (none: the load runs unchecked), admitted with its class
  *
  * The guard is found as `self._sessionscope_guard` (an instance attribute, or a property for
  * engine transactions). SessionGuard derives from GuardState below, so the fields every check
@@ -27,7 +29,9 @@
 #define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
 #endif
 
-enum { KIND_PLAIN = 0, KIND_RETURNING = 1, KIND_FETCH = 2 };
+enum { KIND_PLAIN = 0, KIND_RETURNING = 1, KIND_FETCH = 2, KIND_LAZY_LOAD = 3 };
+
+static PyObject *guard_of_state(PyObject *state);
 
 /* configured once by configure(): what the Python fast path reads from its module globals */
 static PyObject *getcurrent_func = NULL;   /* greenlet.getcurrent */
@@ -201,8 +205,16 @@ checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, Py
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs < 1) /* called on the class without an instance: the function's own error */
         return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
-    PyObject *found = PyObject_GetAttr(args[0], s_guard);
-    if (found == NULL)
+    PyObject *found;
+    if (self->kind == KIND_LAZY_LOAD) {
+        found = guard_of_state(args[0]);
+        if (found == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            return PyObject_Vectorcall(self->method, args, nargsf, kwnames); /* unguarded */
+        }
+    }
+    else if ((found = PyObject_GetAttr(args[0], s_guard)) == NULL)
         return NULL;
     if (!PyObject_TypeCheck(found, &GuardStateType)) {
         PyErr_Format(PyExc_TypeError, "%R carries %R, not a SessionGuard", args[0], found);
@@ -231,7 +243,16 @@ checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, Py
     if (entered < 0)
         goto finish;
     if (!entered) {
-        PyObject *admitted = PyObject_CallMethodOneArg(found, s_admit, self->name);
+        PyObject *admitted;
+        if (self->kind == KIND_LAZY_LOAD) {
+            PyObject *of_class = PyObject_GetAttr(args[0], s_class);
+            if (of_class == NULL)
+                goto finish;
+            admitted = PyObject_CallMethodObjArgs(found, s_admit, self->name, of_class, NULL);
+            Py_DECREF(of_class);
+        }
+        else
+            admitted = PyObject_CallMethodOneArg(found, s_admit, self->name);
         if (admitted == NULL)
             goto finish;
         entered = PyObject_IsTrue(admitted);
@@ -292,8 +313,8 @@ checked_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "UO|iO:CheckedMethod", keywords, &name, &method,
                                      &kind, &hook))
         return NULL;
-    if (kind < KIND_PLAIN || kind > KIND_FETCH) {
-        PyErr_SetString(PyExc_ValueError, "CheckedMethod: kind is 0, 1 or 2");
+    if (kind < KIND_PLAIN || kind > KIND_LAZY_LOAD) {
+        PyErr_SetString(PyExc_ValueError, "CheckedMethod: kind is 0, 1, 2 or 3");
         return NULL;
     }
     if (kind == KIND_RETURNING && !PyCallable_Check(hook)) {
@@ -448,36 +469,26 @@ static PyTypeObject GuardStateType = {
 
 /* ---- writes to attributes of attached objects (sessionscope._guard._writes._check) ---------- */
 
-/* The check of a write to a mapped attribute of ``state``'s object: nothing for an object of no
- * session or of an unguarded one; SQLAlchemy's own writes inside a call of the session and the
- * owner's writes (a thread or greenlet, nobody inside) pass here; the rest goes to
- * SessionGuard.check_write(). */
+/* The guard of the session ``state``'s object is attached to (a new reference), or NULL with no
+ * error when there is none (no session, an unguarded one, a guard that is gone). */
 static PyObject *
-check_write(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+guard_of_state(PyObject *state)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "check_write(state, key)");
-        return NULL;
-    }
     if (guards_by_session == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "check_write: configure_writes() was not called");
+        PyErr_SetString(PyExc_RuntimeError, "sessionscope._speedups: configure_writes() first");
         return NULL;
     }
-    PyObject *state = args[0], *key = args[1];
     PyObject *session_id = PyObject_GetAttr(state, s_session_id);
     if (session_id == NULL)
         return NULL;
     if (session_id == Py_None) {
         Py_DECREF(session_id);
-        Py_RETURN_NONE;
+        return NULL;
     }
     PyObject *ref = PyDict_GetItemWithError(guards_by_session, session_id); /* borrowed */
     Py_DECREF(session_id);
-    if (ref == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;
-    }
+    if (ref == NULL)
+        return NULL;
     Py_INCREF(ref);
     PyObject *found = PyObject_CallNoArgs(ref);
     Py_DECREF(ref);
@@ -485,74 +496,207 @@ check_write(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (found == Py_None || !PyObject_TypeCheck(found, &GuardStateType)) {
         Py_DECREF(found);
-        Py_RETURN_NONE;
-    }
-    GuardState *guard = (GuardState *)found;
-    PyObject *current = PyObject_CallNoArgs(getcurrent_func);
-    if (current == NULL) {
-        Py_DECREF(found);
         return NULL;
     }
-    int pass = is_nested(guard, current);
-    Py_DECREF(current);
-    if (!pass) {
-        /* the owner, nobody inside: what SessionGuard.check_write() lets through first */
-        PyObject *work;
-        if (PyContextVar_Get(work_var, Py_None, &work) < 0)
-            goto error;
-        if (work != Py_None && guard->fast_key != NULL) {
-            PyObject *fast_key = guard->fast_key;
-            Py_INCREF(fast_key);
-            PyObject *owner_key = PyObject_CallNoArgs(fast_key);
-            Py_DECREF(fast_key);
-            if (owner_key == NULL) {
-                Py_DECREF(work);
-                goto error;
-            }
-            pass = owner_key == work;
-            Py_DECREF(owner_key);
-        }
-        Py_DECREF(work);
-        if (pass) {
-            PyObject *holder = NULL;
-            if (guard->inside != NULL && PyDict_Check(guard->inside)) {
-                holder = PyDict_GetItemWithError(guard->inside, zero); /* borrowed */
-                if (holder == NULL && PyErr_Occurred())
-                    goto error;
-            }
-            pass = holder == NULL || holder == Py_None;
-        }
-        if (pass) {
-            PyObject *loop = PyObject_CallNoArgs(running_loop_func);
-            if (loop == NULL)
-                goto error;
-            pass = loop == Py_None;
-            Py_DECREF(loop);
-        }
-        if (pass) {
-            int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
-                                                  : PySequence_Contains(modules_dict, s_trio);
-            if (trio < 0)
-                goto error;
-            pass = !trio;
-        }
-    }
-    if (!pass) {
-        PyObject *of_class = PyObject_GetAttr(state, s_class);
-        if (of_class == NULL)
-            goto error;
-        PyObject *checked = PyObject_CallMethodObjArgs(found, s_check_write, key, of_class, NULL);
-        Py_DECREF(of_class);
-        if (checked == NULL)
-            goto error;
-        Py_DECREF(checked);
-    }
-    Py_DECREF(found);
-    Py_RETURN_NONE;
-error:
-    Py_DECREF(found);
-    return NULL;
+    return found;
 }
+
+/* SessionGuard.check_write()'s first steps: SQLAlchemy's own writes inside a call of the session,
+ * and the owner's writes in a thread or greenlet while nobody is inside. 1: the write passes
+ * here; 0: the full check must run. */
+static int
+write_passes(GuardState *guard)
+{
+    PyObject *current = PyObject_CallNoArgs(getcurrent_func);
+    if (current == NULL)
+        return -1;
+    int nested = is_nested(guard, current);
+    Py_DECREF(current);
+    if (nested)
+        return 1;
+    PyObject *work;
+    if (PyContextVar_Get(work_var, Py_None, &work) < 0)
+        return -1;
+    int pass = 0;
+    if (work != Py_None && guard->fast_key != NULL) {
+        PyObject *fast_key = guard->fast_key;
+        Py_INCREF(fast_key);
+        PyObject *owner_key = PyObject_CallNoArgs(fast_key);
+        Py_DECREF(fast_key);
+        if (owner_key == NULL) {
+            Py_DECREF(work);
+            return -1;
+        }
+        pass = owner_key == work;
+        Py_DECREF(owner_key);
+    }
+    Py_DECREF(work);
+    if (pass) {
+        PyObject *holder = NULL;
+        if (guard->inside != NULL && PyDict_Check(guard->inside)) {
+            holder = PyDict_GetItemWithError(guard->inside, zero); /* borrowed */
+            if (holder == NULL && PyErr_Occurred())
+                return -1;
+        }
+        pass = holder == NULL || holder == Py_None;
+    }
+    if (pass) {
+        PyObject *loop = PyObject_CallNoArgs(running_loop_func);
+        if (loop == NULL)
+            return -1;
+        pass = loop == Py_None;
+        Py_DECREF(loop);
+    }
+    if (pass) {
+        int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
+                                              : PySequence_Contains(modules_dict, s_trio);
+        if (trio < 0)
+            return -1;
+        pass = !trio;
+    }
+    return pass;
+}
+
+/* SessionGuard.check_write(operation, state.class_): the full check (a refusal raises) */
+static PyObject *
+full_write_check(PyObject *guard, PyObject *operation, PyObject *state)
+{
+    PyObject *of_class = PyObject_GetAttr(state, s_class);
+    if (of_class == NULL)
+        return NULL;
+    PyObject *checked = PyObject_CallMethodObjArgs(guard, s_check_write, operation, of_class, NULL);
+    Py_DECREF(of_class);
+    if (checked == NULL)
+        return NULL;
+    Py_DECREF(checked);
+    Py_RETURN_NONE;
+}
+
+/* check_write(state, key[, prefix]): the check of a write to the mapped attribute ``key`` of
+ * ``state``'s object (``prefix + key`` names the operation in a refusal: set_committed_value's).
+ * Nothing for an object of no session or of an unguarded one. */
+static PyObject *
+check_write(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "check_write(state, key[, prefix])");
+        return NULL;
+    }
+    PyObject *guard = guard_of_state(args[0]);
+    if (guard == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *result;
+    int pass = write_passes((GuardState *)guard);
+    if (pass < 0)
+        result = NULL;
+    else if (pass) {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
+    else {
+        PyObject *operation = nargs == 3 ? PyUnicode_Concat(args[2], args[1]) : args[1];
+        if (nargs == 3 && operation == NULL)
+            result = NULL;
+        else {
+            result = full_write_check(guard, operation, args[0]);
+            if (nargs == 3)
+                Py_DECREF(operation);
+        }
+    }
+    Py_DECREF(guard);
+    return result;
+}
+
+/* ---- an identity map's set of modified states (sessionscope._guard._handles) ------------ */
+
+/* A set whose add() checks the unit flagging an object as modified: SQLAlchemy adds a state the
+ * first time it changes, which is also all that flag_dirty() does (it fires no attribute event).
+ * A refused flag changes nothing: SQLAlchemy set state.modified just before adding it here. */
+typedef struct {
+    PySetObject set;
+    PyObject *guard;
+} FlaggingChecked;
+
+static PyObject *s_flag_dirty, *s_modified;
+
+static PyObject *
+flagging_add(FlaggingChecked *self, PyObject *state)
+{
+    PyObject *guard = self->guard;
+    if (guard == NULL || !PyObject_TypeCheck(guard, &GuardStateType)) {
+        PyErr_SetString(PyExc_TypeError, "FlaggingChecked.guard is not a SessionGuard");
+        return NULL;
+    }
+    Py_INCREF(guard);
+    int pass = write_passes((GuardState *)guard);
+    if (pass == 0) {
+        PyObject *checked = full_write_check(guard, s_flag_dirty, state);
+        pass = checked == NULL ? -1 : 1;
+        Py_XDECREF(checked);
+    }
+    Py_DECREF(guard);
+    if (pass < 0) {
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        int contains = PySet_Contains((PyObject *)self, state);
+        if (contains == 0 && PyObject_SetAttr(state, s_modified, Py_False) < 0)
+            contains = -1;
+        if (contains < 0) { /* (the refusal stays the error raised) */
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, traceback);
+        return NULL;
+    }
+    if (PySet_Add((PyObject *)self, state) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static int
+flagging_traverse(FlaggingChecked *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->guard);
+    return PySet_Type.tp_traverse((PyObject *)self, visit, arg);
+}
+
+static int
+flagging_clear(FlaggingChecked *self)
+{
+    Py_CLEAR(self->guard);
+    return PySet_Type.tp_clear((PyObject *)self);
+}
+
+static void
+flagging_dealloc(FlaggingChecked *self)
+{
+    Py_CLEAR(self->guard);
+    PySet_Type.tp_dealloc((PyObject *)self);
+}
+
+static PyMethodDef flagging_methods[] = {
+    {"add", (PyCFunction)flagging_add, METH_O, "Add a modified state, checked (flag_dirty)."},
+    {NULL},
+};
+
+static PyMemberDef flagging_members[] = {
+    {"guard", T_OBJECT, offsetof(FlaggingChecked, guard), 0, "the session's SessionGuard"},
+    {NULL},
+};
+
+static PyTypeObject FlaggingCheckedType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sessionscope._speedups.FlaggingChecked",
+    .tp_doc = "An identity map's set of modified states, checking the unit that flags one.",
+    .tp_basicsize = sizeof(FlaggingChecked),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)flagging_dealloc,
+    .tp_traverse = (traverseproc)flagging_traverse,
+    .tp_clear = (inquiry)flagging_clear,
+    .tp_methods = flagging_methods,
+    .tp_members = flagging_members,
+};
 
 /* ---- a result's rows, checked again when another unit resumes the iteration ----------------- */
 
@@ -743,7 +887,7 @@ static PyMethodDef module_methods[] = {
     {"configure_results", configure_results, METH_VARARGS,
      "configure_results(current_task_of_loop, recheck): what a result's rows check calls."},
     {"check_write", (PyCFunction)(void (*)(void))check_write, METH_FASTCALL,
-     "check_write(state, key): the check of a write to a mapped attribute."},
+     "check_write(state, key[, prefix]): the check of a write to a mapped attribute."},
     {NULL},
 };
 
@@ -767,10 +911,13 @@ PyInit__speedups(void)
     INTERN(s_session_id, "session_id");
     INTERN(s_class, "class_");
     INTERN(s_check_write, "check_write");
+    INTERN(s_flag_dirty, "(flag_dirty)");
+    INTERN(s_modified, "modified");
     if ((zero = PyLong_FromLong(0)) == NULL)
         return NULL;
+    FlaggingCheckedType.tp_base = &PySet_Type;
     if (PyType_Ready(&CheckedMethodType) < 0 || PyType_Ready(&GuardStateType) < 0 ||
-        PyType_Ready(&RowsCheckedOnResumeType) < 0)
+        PyType_Ready(&RowsCheckedOnResumeType) < 0 || PyType_Ready(&FlaggingCheckedType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)
@@ -794,8 +941,15 @@ PyInit__speedups(void)
         Py_DECREF(module);
         return NULL;
     }
+    Py_INCREF(&FlaggingCheckedType);
+    if (PyModule_AddObject(module, "FlaggingChecked", (PyObject *)&FlaggingCheckedType) < 0) {
+        Py_DECREF(&FlaggingCheckedType);
+        Py_DECREF(module);
+        return NULL;
+    }
     PyModule_AddIntConstant(module, "KIND_PLAIN", KIND_PLAIN);
     PyModule_AddIntConstant(module, "KIND_RETURNING", KIND_RETURNING);
     PyModule_AddIntConstant(module, "KIND_FETCH", KIND_FETCH);
+    PyModule_AddIntConstant(module, "KIND_LAZY_LOAD", KIND_LAZY_LOAD);
     return module;
 }

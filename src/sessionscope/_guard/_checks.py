@@ -101,9 +101,7 @@ def _wrapped(checked_method: Any, method: F) -> F:
 # -- the same, in Python ---------------------------------------------------------------------
 
 
-def _checked_in_python(
-    name: str, method: F, *, hook: Hook | None = None, fetch: bool = False
-) -> F:
+def _checked_in_python(name: str, method: F, *, hook: Hook | None = None, fetch: bool = False) -> F:
     """The three kinds in one closure: the C wrapper's code, line for line."""
 
     @functools.wraps(method)

@@ -47,6 +47,7 @@ from ._guarded_class import (
     is_guarded_class,
 )
 from ._results import guard_filter, result_namespace
+from ._state import speedups
 
 _modules = sys.modules
 
@@ -188,8 +189,9 @@ class _IdentityMapSlot:
             value._modified = modified
 
 
-class _FlaggingChecked(set):  # type: ignore[type-arg]
-    """An identity map's set of modified states, checking the unit that flags an object."""
+class _FlaggingCheckedInPython(set):  # type: ignore[type-arg]
+    """An identity map's set of modified states, checking the unit that flags an object (the C
+    module's ``FlaggingChecked`` is the same, in C)."""
 
     __slots__ = ("guard",)
     guard: Any
@@ -208,6 +210,9 @@ class _FlaggingChecked(set):  # type: ignore[type-arg]
                 state.modified = False
             raise
         set.add(self, state)
+
+
+_FlaggingChecked: Any = _FlaggingCheckedInPython if speedups is None else speedups.FlaggingChecked
 
 
 def watch_flagging(identity_map: Any, guard: Any) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy.orm import strategies
 
 from .._units._asyncio import _get_running_loop
 from .._work import work_var
+from ._state import speedups
 
 LAZY_LOAD = "(lazy load)"
 """The operation's prefix in refusals: ``"(lazy load)author"`` reads "lazy-loaded Book.author"."""
@@ -74,7 +75,16 @@ def _load_checked(
 
 
 def _checked_load(load: Callable[..., Any], key: str, guard_of_state: GuardOfState) -> Any:
-    """An attribute's loader callable (a bound ``_load_for_state``), checked."""
+    """An attribute's loader callable (a bound ``_load_for_state``), checked.
+
+    With the C module, the C wrapper finds the state's guard as ``_writes.guard_of_state`` does
+    (the only ``guard_of_state`` there is), and runs ``_load_checked``'s steps.
+    """
+    if speedups is not None:
+        checked_in_c = speedups.CheckedMethod(LAZY_LOAD + key, load, speedups.KIND_LAZY_LOAD)
+        functools.update_wrapper(checked_in_c, load)
+        setattr(checked_in_c, _WRAPPED, True)
+        return checked_in_c
 
     @functools.wraps(load)
     def checked(state: Any, *args: Any, **kw: Any) -> Any:

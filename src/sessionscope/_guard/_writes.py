@@ -96,7 +96,7 @@ def guard_of_state(state: Any) -> SessionGuard | None:
     return None
 
 
-def _check_in_python(state: Any, key: str) -> None:
+def _check_in_python(state: Any, key: str, prefix: str = "") -> None:
     session_id = state.session_id
     if session_id is not None:
         ref = _guard_of_session_id.get(session_id)
@@ -105,8 +105,9 @@ def _check_in_python(state: Any, key: str) -> None:
             if guard is None:
                 return
             # SessionGuard.check_write()'s fast paths, inlined (writes are an ORM workload's most
-            # frequent check): SQLAlchemy's own writes inside a call of the session, and the
-            # owner's writes in a thread or greenlet while nobody is inside
+            # frequent check): SQLAlchemy's own writes inside a call of the session (the
+            # loaders' set_committed_value() too: no name is made), and the owner's writes in a
+            # thread or greenlet while nobody is inside
             if guard.depth and getcurrent() is guard.entered:
                 return
             work = work_var.get()
@@ -118,35 +119,18 @@ def _check_in_python(state: Any, key: str) -> None:
                 and "trio" not in _modules
             ):
                 return
-            guard.check_write(key, state.class_)
+            guard.check_write(prefix + key, state.class_)
 
 
-_check: Callable[[Any, str], None] = _check_in_python
-"""The check every listener below calls: the C module's ``check_write`` (the same, in C) when
-it is built, else ``_check_in_python``."""
+_check: Callable[..., None] = _check_in_python
+"""``_check(state, key[, prefix])``, the check every listener below calls: the C module's
+``check_write`` (the same, in C) when it is built, else ``_check_in_python``. ``prefix + key``
+names the operation in a refusal."""
 if speedups is not None:
     speedups.configure_writes(_guard_of_session_id)
     _check = speedups.check_write
 
-
-def _check_committed_value(state: Any, key: str) -> None:
-    session_id = state.session_id
-    if session_id is not None:
-        ref = _guard_of_session_id.get(session_id)
-        if ref is not None:
-            guard = ref()
-            if guard is None or (guard.depth and getcurrent() is guard.entered):
-                return  # (the loaders' calls are inside the session's: no name is made)
-            work = work_var.get()
-            if (
-                work is not None
-                and work is guard.fast_key()
-                and guard.inside.get(0) is None
-                and _get_running_loop() is None
-                and "trio" not in _modules
-            ):
-                return  # the owner, nobody inside (as in _check)
-            guard.check_write("(set_committed_value)" + key, state.class_)
+_COMMITTED = "(set_committed_value)"
 
 
 def _patch_set_committed_value() -> None:
@@ -164,7 +148,7 @@ def _patch_set_committed_value() -> None:
             def checked(
                 self: Any, state: Any, dict_: Any, value: Any, _original: Any = original
             ) -> Any:
-                _check_committed_value(state, self.key)
+                _check(state, self.key, _COMMITTED)
                 return _original(self, state, dict_, value)
 
             checked._sessionscope_checked = True  # type: ignore[attr-defined]
