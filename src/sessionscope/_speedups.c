@@ -78,6 +78,23 @@ is_nested(GuardState *guard, PyObject *current)
     return guard->depth && guard->entered == current;
 }
 
+/* 1 when the running unit is a thread or a greenlet: no asyncio loop runs here and trio is not
+ * imported (where the owner's fast path applies; tasks go through admit()) */
+static int
+outside_tasks(void)
+{
+    PyObject *loop = PyObject_CallNoArgs(running_loop_func);
+    if (loop == NULL)
+        return -1;
+    int no_loop = loop == Py_None;
+    Py_DECREF(loop);
+    if (!no_loop)
+        return 0;
+    int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
+                                          : PySequence_Contains(modules_dict, s_trio);
+    return trio < 0 ? -1 : !trio;
+}
+
 /* SessionGuard.admit()'s fast path: the owner's work, in a thread or greenlet (no loop, no
  * trio), and the slot free or its own. 1: entered (depth taken); 0: not the fast path. */
 static int
@@ -103,17 +120,9 @@ enter_as_owner(GuardState *guard, PyObject *current)
     Py_DECREF(key);
     if (!same)
         goto done;
-    PyObject *loop = PyObject_CallNoArgs(running_loop_func);
-    if (loop == NULL)
-        goto error;
-    int no_loop = loop == Py_None;
-    Py_DECREF(loop);
-    if (!no_loop)
-        goto done;
-    int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
-                                          : PySequence_Contains(modules_dict, s_trio);
-    if (trio != 0) {
-        if (trio < 0)
+    int outside = outside_tasks();
+    if (outside <= 0) {
+        if (outside < 0)
             goto error;
         goto done;
     }
@@ -540,21 +549,7 @@ write_passes(GuardState *guard)
         }
         pass = holder == NULL || holder == Py_None;
     }
-    if (pass) {
-        PyObject *loop = PyObject_CallNoArgs(running_loop_func);
-        if (loop == NULL)
-            return -1;
-        pass = loop == Py_None;
-        Py_DECREF(loop);
-    }
-    if (pass) {
-        int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
-                                              : PySequence_Contains(modules_dict, s_trio);
-        if (trio < 0)
-            return -1;
-        pass = !trio;
-    }
-    return pass;
+    return pass ? outside_tasks() : 0;
 }
 
 /* SessionGuard.check_write(operation, state.class_): the full check (a refusal raises) */
