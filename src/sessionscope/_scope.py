@@ -34,7 +34,6 @@ from sqlalchemy import exc as sa_exc
 
 from ._async_session_end import close_shielded
 from ._guard import Mode, cleanup, install
-from ._guard._guarded_class import GUARD_ATTRIBUTE
 from ._session_end import seal
 from ._units import Unit, current_unit, describe_unit
 from ._work import WorkUnit, current_work, unit_and_work
@@ -294,33 +293,25 @@ class SessionScope(Generic[S]):
         state = self._state
         assert state is not None
         session: Any = state.session
-        # The owner ending its own session holds it once for the commit and the close (their
-        # checks are then nested ones); anything unusual is left to each call's own check.
-        guard = session.__dict__.get(GUARD_ATTRIBUTE)
-        held = guard is not None and guard.hold_as_owner()
         try:
-            try:
-                if commit:
-                    session.commit()
-            except BaseException:
-                failing = True
-                raise
-            finally:
-                state.ended = True
-                try:
-                    try:  # (_close_and_seal(), inlined)
-                        session.close()
-                    finally:
-                        seal(session)
-                except Exception:
-                    if not failing:
-                        raise
-                    log.exception("sessionscope: closing a scope's session failed")
-                finally:
-                    self._reset_var()
+            if commit:
+                session.commit()
+        except BaseException:
+            failing = True
+            raise
         finally:
-            if held:
-                guard.leave()
+            state.ended = True
+            try:
+                try:  # (_close_and_seal(), inlined)
+                    session.close()
+                finally:
+                    seal(session)
+            except Exception:
+                if not failing:
+                    raise
+                log.exception("sessionscope: closing a scope's session failed")
+            finally:
+                self._reset_var()
 
     def ending(self, *, commit: bool, failing: bool) -> Steps:
         """The steps that end this scope, for :func:`_run` or :func:`_run_async`."""

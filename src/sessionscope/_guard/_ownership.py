@@ -210,30 +210,6 @@ class SessionGuard(GuardState):
         self.depth += 1
         return True
 
-    def hold_as_owner(self) -> bool:
-        """Take the slot for a run of the owner's calls (a scope's end: commit, then close), so
-        that each call inside is a nested one (one comparison) instead of a full check.
-
-        Only on the owner's fast path (its work, no loop, no trio, nobody inside): otherwise
-        nothing is taken, False is returned, and each call is checked as usual (with the usual
-        errors). :meth:`leave` after.
-        """
-        work = work_var.get()
-        if (
-            work is None
-            or work is not self.fast_key()
-            or self.depth
-            or _get_running_loop() is not None
-            or "trio" in _modules
-        ):
-            return False
-        current = getcurrent()
-        if self.inside.setdefault(0, current) is not current:
-            return False
-        self.entered = current
-        self.depth += 1
-        return True
-
     def leave(self) -> None:
         self.depth -= 1
         if not self.depth:
