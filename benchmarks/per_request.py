@@ -303,6 +303,13 @@ def markdown(results: Sequence[Result]) -> str:
     return "\n".join(rows)
 
 
+def guard_checks_in_c() -> bool:
+    """Whether sessionscope's guard checks run in its C module (built, and not turned off)."""
+    from sessionscope._guard import _checks
+
+    return _checks.IN_C
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -318,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"One light ORM request (get, select of {SELECTED} rows, commit) per operation;"
         f" {settings.rounds} interleaved rounds; ns per request = median of rounds"
         f" ({'thread CPU time' if args.cpu else 'wall time'}); ratio = median of per-round"
-        " ratios\n"
+        f" ratios; the guard's checks in {'C' if guard_checks_in_c() else 'Python'}\n"
     )
     results = []
     for label in DATABASES:

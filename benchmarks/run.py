@@ -35,6 +35,7 @@ import guard_overhead
 import sqlalchemy
 from _timing import FULL, QUICK, SMOKE, Comparison, Settings
 from guard_overhead import GuardCase, GuardResult
+from per_request import guard_checks_in_c
 from registry_lookup import LIVE_UNIT_COUNTS, Case, build_cases, run_case
 from unit_memory import ROWS, MemoryResult, measure_memory
 
@@ -155,6 +156,8 @@ def environment() -> dict[str, str]:
         "sqlalchemy": sqlalchemy.__version__,
         "greenlet": greenlet.__version__,
         "sessionscope": sessionscope.__version__,
+        # the guard's checks: the C module's, or the Python ones (not built, or turned off)
+        "guard_checks": "C" if guard_checks_in_c() else "Python",
     }
 
 
