@@ -20,6 +20,7 @@ from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 import sessionscope
+from sessionscope import _registry
 from sessionscope._guard import _checks, _state
 from sessionscope._guard._guarded_class import guarded_class
 from sessionscope._guard._install import guard_of
@@ -32,6 +33,7 @@ def test_the_checks_run_in_c_where_the_module_is_built() -> None:
     if NO_EXTENSIONS:
         assert not _checks.IN_C
         assert _state.GuardState is _state.PythonGuardState
+        assert _registry.unit_session is _registry._unit_session_in_python
         return
     if _state.speedups is None:
         if os.environ.get("CI") == "true":  # every CI stack builds it: gcc is on the machine
@@ -40,6 +42,9 @@ def test_the_checks_run_in_c_where_the_module_is_built() -> None:
     assert _checks.IN_C
     assert _state.GuardState is _state.speedups.GuardState
     assert type(guarded_class(Session).__dict__["add"]).__name__ == "CheckedMethod"
+    # the registries' lookup too: a proxied call, Session() and registry() run no Python frame
+    assert _registry.unit_session is _state.speedups.unit_session
+    assert type(_registry.UnitRegistry.__dict__["__call__"]).__name__ == "method_descriptor"
 
 
 def test_sessionscope_no_extensions_keeps_the_c_module_out() -> None:

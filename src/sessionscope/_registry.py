@@ -14,6 +14,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy.util import ScopedRegistry
 
+from ._guard._checks import IN_C  # noqa: F401 - configures the C module first
+from ._guard._state import speedups
 from ._scope import ScopeState
 from ._unit_local import UnitLocal
 from ._units import unit_outside_tasks
@@ -41,12 +43,12 @@ class _FastLookup(Protocol[S]):
     def _miss(self) -> S: ...
 
 
-def unit_session(holder: _FastLookup[S]) -> S:
+def _unit_session_in_python(holder: _FastLookup[S]) -> S:
     """The current unit's session: the hot path under every proxied call.
 
     It is ``UnitRegistry.__call__`` and, unchanged, the ``_proxied`` getter of sessionscope's
     scoped sessions, so a proxied call costs one Python frame as in SQLAlchemy (a call costs as
-    much as this whole lookup). It mirrors ``UnitLocal.get`` (the running code's unit of work,
+    much as this whole lookup); the C module's ``unit_session`` takes the same steps in none. It mirrors ``UnitLocal.get`` (the running code's unit of work,
     see ``_work``): anything unusual (no session yet, trio, a child task) goes to
     ``holder._miss()``. An ended or pre-fork work holds no values, so it misses too.
     """
@@ -71,6 +73,14 @@ def unit_session(holder: _FastLookup[S]) -> S:
     return holder._miss()
 
 
+unit_session: Callable[[_FastLookup[S]], S] = _unit_session_in_python
+"""The lookup: the C module's ``unit_session`` (the same steps, in C, without a Python frame)
+when it is built, else ``_unit_session_in_python``."""
+if speedups is not None:
+    speedups.configure_lookup(current_task_of_loop)
+    unit_session = speedups.unit_session
+
+
 class UnitRegistry(Generic[S]):
     """One session per concurrent unit (see :func:`sessionscope.current_unit`)."""
 
@@ -91,7 +101,7 @@ class UnitRegistry(Generic[S]):
         self._on_create = on_create
         self._adopt_set = adopt_set
 
-    __call__ = unit_session
+    __call__ = _unit_session_in_python  # (the C one, as a method, below the class)
 
     def _miss(self, _depth: int = 3) -> S:
         """The lookup's slow path. ``_depth``: how many frames from ``on_create``'s up are
@@ -153,6 +163,10 @@ class UnitRegistry(Generic[S]):
     def __len__(self) -> int:
         """How many units hold an implicit session now."""
         return len(self._local)
+
+
+if speedups is not None:
+    UnitRegistry.__call__ = speedups.lookup_method(UnitRegistry)  # type: ignore[method-assign]
 
 
 class ScopefuncRegistry(ScopedRegistry[S]):

@@ -39,6 +39,16 @@ static PyObject *work_var = NULL;          /* sessionscope._work.work_var */
 static PyObject *running_loop_func = NULL; /* asyncio.events._get_running_loop */
 static PyObject *modules_dict = NULL;      /* sys.modules */
 static PyObject *ended_state = NULL;       /* _ownership.ENDED */
+static int configured = 0;                 /* configure() was called: the above are set */
+
+static int
+not_configured(void)
+{
+    PyErr_SetString(PyExc_RuntimeError,
+                    "sessionscope._speedups is used before configure() (sessionscope._guard."
+                    "_checks calls it on import)");
+    return -1;
+}
 static PyObject *guards_by_session = NULL; /* _writes._guard_of_session_id */
 static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_loop */
 static PyObject *recheck_func = NULL;      /* _results._recheck */
@@ -212,6 +222,8 @@ static PyObject *
 checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (!configured && not_configured() < 0)
+        return NULL;
     if (nargs < 1) /* called on the class without an instance: the function's own error */
         return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
     PyObject *found;
@@ -483,6 +495,8 @@ static PyTypeObject GuardStateType = {
 static PyObject *
 guard_of_state(PyObject *state)
 {
+    if (!configured && not_configured() < 0)
+        return NULL;
     if (guards_by_session == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "sessionscope._speedups: configure_writes() first");
         return NULL;
@@ -620,6 +634,8 @@ static PyObject *s_flag_dirty, *s_modified;
 static PyObject *
 flagging_add(FlaggingChecked *self, PyObject *state)
 {
+    if (!configured && not_configured() < 0)
+        return NULL;
     PyObject *guard = self->guard;
     if (guard == NULL || !PyObject_TypeCheck(guard, &GuardStateType)) {
         PyErr_SetString(PyExc_TypeError, "FlaggingChecked.guard is not a SessionGuard");
@@ -760,6 +776,8 @@ same_unit_as_before(RowsCheckedOnResume *self)
 static PyObject *
 rows_next(RowsCheckedOnResume *self)
 {
+    if (!configured && not_configured() < 0)
+        return NULL;
     int same = same_unit_as_before(self);
     if (same < 0)
         return NULL;
@@ -851,6 +869,155 @@ configure_results(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---- the registries' lookup (sessionscope._registry.unit_session) ----------------------- */
+
+static PyObject *lookup_task_of_loop = NULL; /* _units._asyncio.current_task_of_loop */
+static PyObject *s_scope_var, *s_key, *s_session_for_use, *s_values, *s_task, *s_miss;
+
+/* Whether the error set is one the lookup treats as "not here": no session under the key, or a
+ * pool job's ended work (held by a weak proxy). Cleared if so. */
+static int
+clear_miss_error(void)
+{
+    if (PyErr_ExceptionMatches(PyExc_KeyError) || PyErr_ExceptionMatches(PyExc_ReferenceError)) {
+        PyErr_Clear();
+        return 1;
+    }
+    return 0;
+}
+
+/* The current unit's session: the hot path under every proxied call, as unit_session() in
+ * _registry.py (which says why each step is there); anything unusual goes to holder._miss(). */
+static PyObject *
+lookup(PyObject *holder)
+{
+    if (!configured && not_configured() < 0)
+        return NULL;
+    if (lookup_task_of_loop == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sessionscope._speedups: configure_lookup() first");
+        return NULL;
+    }
+    PyObject *scope_var = PyObject_GetAttr(holder, s_scope_var);
+    if (scope_var == NULL)
+        return NULL;
+    if (!PyContextVar_CheckExact(scope_var)) {
+        Py_DECREF(scope_var);
+        PyErr_SetString(PyExc_TypeError, "unit_session: _scope_var is a ContextVar");
+        return NULL;
+    }
+    PyObject *scope;
+    int got = PyContextVar_Get(scope_var, Py_None, &scope);
+    Py_DECREF(scope_var);
+    if (got < 0)
+        return NULL;
+    if (scope != Py_None) {
+        PyObject *session = PyObject_CallMethodNoArgs(scope, s_session_for_use);
+        Py_DECREF(scope);
+        return session;
+    }
+    Py_DECREF(scope);
+    PyObject *work;
+    if (PyContextVar_Get(work_var, Py_None, &work) < 0)
+        return NULL;
+    if (work != Py_None) {
+        PyObject *loop = PyObject_CallNoArgs(running_loop_func);
+        if (loop == NULL)
+            goto error;
+        int here = 0;
+        if (loop == Py_None) { /* a thread or greenlet: in the work of its context */
+            int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
+                                                  : PySequence_Contains(modules_dict, s_trio);
+            here = trio < 0 ? -1 : !trio;
+        }
+        else { /* only the task that opened the work */
+            PyObject *task = PyObject_CallOneArg(lookup_task_of_loop, loop);
+            if (task == NULL)
+                here = -1;
+            else {
+                PyObject *work_task = PyObject_GetAttr(work, s_task);
+                if (work_task == NULL)
+                    here = clear_miss_error() ? 0 : -1;
+                else {
+                    here = task == work_task;
+                    Py_DECREF(work_task);
+                }
+                Py_DECREF(task);
+            }
+        }
+        Py_DECREF(loop);
+        if (here < 0)
+            goto error;
+        if (here) {
+            PyObject *found = NULL;
+            PyObject *values = PyObject_GetAttr(work, s_values);
+            if (values != NULL) {
+                PyObject *key = PyObject_GetAttr(holder, s_key);
+                if (key != NULL) {
+                    if (PyDict_CheckExact(values)) {
+                        found = PyDict_GetItemWithError(values, key); /* borrowed */
+                        if (found != NULL)
+                            Py_INCREF(found);
+                        else if (!PyErr_Occurred())
+                            PyErr_SetObject(PyExc_KeyError, key);
+                    }
+                    else
+                        found = PyObject_GetItem(values, key);
+                    Py_DECREF(key);
+                }
+                Py_DECREF(values);
+            }
+            if (found != NULL) {
+                Py_DECREF(work);
+                return found;
+            }
+            if (!clear_miss_error())
+                goto error;
+        }
+    }
+    Py_DECREF(work);
+    return PyObject_CallMethodNoArgs(holder, s_miss);
+error:
+    Py_DECREF(work);
+    return NULL;
+}
+
+static PyObject *
+unit_session(PyObject *module, PyObject *holder)
+{
+    return lookup(holder);
+}
+
+static PyObject *
+unit_session_method(PyObject *self, PyObject *unused)
+{
+    return lookup(self);
+}
+
+static PyMethodDef unit_session_method_def = {
+    "__call__", unit_session_method, METH_NOARGS,
+    "Return the current unit's session (the registry's lookup, in C).",
+};
+
+/* lookup_method(cls): unit_session as a method of ``cls`` (a method descriptor: it binds, and
+ * ``registry()`` calls it without a bound method) */
+static PyObject *
+lookup_method(PyObject *module, PyObject *cls)
+{
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "lookup_method(cls): a class");
+        return NULL;
+    }
+    return PyDescr_NewMethod((PyTypeObject *)cls, &unit_session_method_def);
+}
+
+static PyObject *
+configure_lookup(PyObject *module, PyObject *task_of_loop)
+{
+    Py_INCREF(task_of_loop);
+    Py_XSETREF(lookup_task_of_loop, task_of_loop);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 configure(PyObject *module, PyObject *args)
 {
@@ -871,12 +1038,19 @@ configure(PyObject *module, PyObject *args)
     Py_XSETREF(modules_dict, modules);
     Py_INCREF(ended);
     Py_XSETREF(ended_state, ended);
+    configured = 1;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(getcurrent, work_var, get_running_loop, modules, ended): what the checks read."},
+    {"configure_lookup", configure_lookup, METH_O,
+     "configure_lookup(current_task_of_loop): what the registries' lookup calls in tasks."},
+    {"unit_session", unit_session, METH_O,
+     "unit_session(holder): the current unit's session (sessionscope._registry.unit_session)."},
+    {"lookup_method", lookup_method, METH_O,
+     "lookup_method(cls): unit_session as a method of cls, for its __call__."},
     {"configure_writes", configure_writes, METH_O,
      "configure_writes(guards): the dict of session ids to borrow tokens check_write() reads."},
     {"configure_results", configure_results, METH_VARARGS,
@@ -906,6 +1080,12 @@ PyInit__speedups(void)
     INTERN(s_session_id, "session_id");
     INTERN(s_class, "class_");
     INTERN(s_check_write, "check_write");
+    INTERN(s_scope_var, "_scope_var");
+    INTERN(s_key, "_key");
+    INTERN(s_session_for_use, "session_for_use");
+    INTERN(s_values, "values");
+    INTERN(s_task, "task");
+    INTERN(s_miss, "_miss");
     INTERN(s_flag_dirty, "(flag_dirty)");
     INTERN(s_modified, "modified");
     if ((zero = PyLong_FromLong(0)) == NULL)
