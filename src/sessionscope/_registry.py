@@ -48,9 +48,10 @@ def _unit_session_in_python(holder: _FastLookup[S]) -> S:
 
     It is ``UnitRegistry.__call__`` and, unchanged, the ``_proxied`` getter of sessionscope's
     scoped sessions, so a proxied call costs one Python frame as in SQLAlchemy (a call costs as
-    much as this whole lookup); the C module's ``unit_session`` takes the same steps in none. It mirrors ``UnitLocal.get`` (the running code's unit of work,
-    see ``_work``): anything unusual (no session yet, trio, a child task) goes to
-    ``holder._miss()``. An ended or pre-fork work holds no values, so it misses too.
+    much as this whole lookup); the C module's ``unit_session`` takes the same steps in none.
+    It mirrors ``UnitLocal.get`` (the running code's unit of work, see ``_work``): anything
+    unusual (no session yet, trio, a child task) goes to ``holder._miss()``. An ended or
+    pre-fork work holds no values, so it misses too.
     """
     scope = holder._scope_var.get()
     if scope is not None:
