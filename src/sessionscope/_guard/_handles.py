@@ -29,7 +29,6 @@ unit using it is refused before anything reaches the driver, and a call made ins
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -48,8 +47,6 @@ from ._guarded_class import (
 )
 from ._results import guard_filter, result_namespace
 from ._state import speedups
-
-_modules = sys.modules
 
 F = TypeVar("F", bound=Callable[..., Any])
 

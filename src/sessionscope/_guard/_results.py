@@ -21,7 +21,6 @@ are all covered by the same few checks.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -30,7 +29,6 @@ from greenlet import getcurrent
 from .._units._asyncio import _get_running_loop, current_task_of_loop
 from ._checks import checked_fetch
 from ._guarded_class import GUARD_ATTRIBUTE, checked_subclass, is_guarded_class
-from ._ownership import ENDED
 from ._state import speedups
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,15 +44,6 @@ RESULT_FETCHES = (
 ITERATION = "_iter_impl"  # what ``iter(result)`` returns (SQLAlchemy 2.0 and 2.1)
 FILTERS = ("scalars", "mappings")
 CHECK = "(result)"
-_modules = sys.modules
-
-
-def _is_plain_data(result: Any, guard: Any) -> bool:
-    return bool(
-        result._soft_closed
-        or guard.state == ENDED
-        or (guard.depth and getcurrent() is guard.entered)  # the session's own fetch
-    )
 
 
 def _checked_iter_impl(method: F, guard_of: Callable[[Any], Any]) -> F:
