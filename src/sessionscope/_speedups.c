@@ -53,7 +53,9 @@ static PyObject *guards_by_session = NULL; /* _writes._guard_of_session_id */
 static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_loop */
 static PyObject *recheck_func = NULL;      /* _results._recheck */
 
-static PyObject *s_guard, *s_admit, *s_session_id, *s_class, *s_check_write, *s_run_after_leave, *s_trio, *s_soft_closed, *zero;
+/* interned attribute names, and 0 (the slot's key) */
+static PyObject *s_guard, *s_admit, *s_session_id, *s_class, *s_check_write, *s_run_after_leave,
+    *s_trio, *s_soft_closed, *zero;
 
 typedef struct {
     PyObject_HEAD
@@ -247,7 +249,8 @@ checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, Py
     PyObject *current = PyObject_CallNoArgs(getcurrent_func);
     if (current == NULL)
         goto finish;
-    if (is_nested(guard, current)) { /* the session's own call, inside a call of its unit: its handles stay inside */
+    if (is_nested(guard, current)) {
+        /* the session's own call, inside a call of its unit: what it hands out stays inside */
         result = PyObject_Vectorcall(self->method, args, nargsf, kwnames);
         goto finish;
     }
