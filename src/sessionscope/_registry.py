@@ -14,7 +14,6 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy.util import ScopedRegistry
 
-from ._guard._checks import IN_C  # noqa: F401 - configures the C module first
 from ._guard._state import speedups
 from ._scope import ScopeState
 from ._unit_local import UnitLocal

@@ -46,7 +46,7 @@ not_configured(void)
 {
     PyErr_SetString(PyExc_RuntimeError,
                     "sessionscope._speedups is used before configure() (sessionscope._guard."
-                    "_checks calls it on import)");
+                    "_state calls it on import)");
     return -1;
 }
 static PyObject *guards_by_session = NULL; /* _writes._guard_of_session_id */
@@ -444,9 +444,7 @@ state_traverse(GuardState *self, visitproc visit, void *arg)
     Py_VISIT(self->fast_key);
     Py_VISIT(self->state);
     Py_VISIT(self->after_leave);
-#if PY_VERSION_HEX >= 0x03090000
-    Py_VISIT(Py_TYPE(self)); /* a heap subclass's instances keep their type alive */
-#endif
+    Py_VISIT(Py_TYPE(self)); /* SessionGuard's instances keep their (heap) type alive */
     return 0;
 }
 

@@ -34,8 +34,7 @@ from greenlet import getcurrent
 
 from .._units._asyncio import _get_running_loop
 from .._work import work_var
-from ._ownership import ENDED
-from ._state import speedups
+from ._state import ENDED, speedups
 
 F = TypeVar("F", bound=Callable[..., Any])
 Hook = Callable[[Any, Any], None]
@@ -43,14 +42,7 @@ Hook = Callable[[Any, Any], None]
 _modules = sys.modules
 
 
-def _configured(speedups: Any) -> Any:
-    """The C module, told what the checks read (the same objects the Python checks use)."""
-    if speedups is not None:
-        speedups.configure(getcurrent, work_var, _get_running_loop, _modules, ENDED)
-    return speedups
-
-
-_speedups = _configured(speedups)
+_speedups = speedups
 IN_C = _speedups is not None
 """Whether guarded calls are checked by the C module (for tests and the benchmarks' headers)."""
 

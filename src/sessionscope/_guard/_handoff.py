@@ -29,7 +29,8 @@ from .._arguments import expect_session
 from .._units import current_unit, describe_unit
 from ..exc import ConcurrentUseError, CrossUnitError, background
 from ._install import guard_of
-from ._ownership import HANDED_OFF, SHARED, SessionGuard
+from ._ownership import SessionGuard
+from ._state import HANDED_OFF, SHARED
 
 S = TypeVar("S")
 

@@ -40,12 +40,10 @@ from ..exc import (
 )
 from ._lineage import BorrowToken, inherits, is_cleanup, lend_from_here
 from ._site import Site, describe_site, warn_at_application
-from ._state import GuardState
+from ._state import ENDED, HANDED_OFF, OWNED, SHARED, GuardState
 
 Mode = Literal["raise", "warn", "off"]
 MODES: tuple[Mode, ...] = ("raise", "warn", "off")
-
-OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
 
 
 try:  # SQLAlchemy >= 2.0.22: a closed session can refuse further use (what scopes seal)

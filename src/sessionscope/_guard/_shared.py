@@ -29,7 +29,7 @@ from .._units._thread import ThreadUnit, current_thread_unit
 from ..exc import ConcurrentUseError, CrossUnitError, background
 from ._handoff import _check_nobody_inside, _check_owner_is_current
 from ._install import guard_of, install
-from ._ownership import SHARED
+from ._state import SHARED
 
 S = TypeVar("S")
 

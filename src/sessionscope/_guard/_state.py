@@ -11,24 +11,38 @@ test suite runs both.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from greenlet import getcurrent
+
+from .._units._asyncio import _get_running_loop
+from .._work import work_var
+
 NO_EXTENSIONS_VARIABLE = "SESSIONSCOPE_NO_EXTENSIONS"
+
+OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
+"""The values of a guard's ``state``."""
 
 
 def _load_speedups() -> Any:
+    """The C module, told what its checks read (the objects the Python checks use), or None.
+
+    Configured here, where it is loaded, so that no user of :data:`speedups` finds it unready.
+    """
     if os.environ.get(NO_EXTENSIONS_VARIABLE):
         return None
     try:
         from .. import _speedups  # type: ignore[attr-defined]
     except ImportError:  # not built (no compiler at install time): the Python checks
         return None
+    _speedups.configure(getcurrent, work_var, _get_running_loop, sys.modules, ENDED)
     return _speedups
 
 
 speedups: Any = _load_speedups()
-"""The C module, or None."""
+"""The C module, configured, or None."""
 
 
 class PythonGuardState:
