@@ -2,7 +2,7 @@
 sessions, run as is against run under ``python -m sessionscope audit``, side by side.
 
 The audit changes a whole process (every ``Session`` is guarded from its ``__init__``, and the
-guard's write listeners are on every mapped attribute), so the two contenders are two worker
+guard's write checks are on SQLAlchemy's attribute implementations), so the two contenders are two worker
 processes answering the same requests, interleaved round by round as ``guard_overhead``'s
 listener cases are:
 
@@ -15,8 +15,8 @@ listener cases are:
 The workload is ``guard_overhead.UnitOfWork`` (new session, add, flush, identity-map hit and miss,
 lazy loads both ways, attribute writes, a select, commit, ``remove()``). Before timing, each worker
 counts one unit of work by engine and session events (the two must do the same work), says
-whether its session refuses another thread (only the audited one may: the audit is on) and how
-many write listeners ``Book.title`` has (none in the plain worker). The issue's target: the
+whether its session refuses another thread (only the audited one may: the audit is on) and
+whether writes to ``Book.title`` are checked (not in the plain worker). The issue's target: the
 audited worker at most 1.10x the plain one.
 """
 
@@ -137,8 +137,8 @@ def verify(checks: dict[str, Check]) -> None:
         problems.append(f"the workers did different work: {checks}")
     if (checks[PLAIN].guarded, checks[AUDITED].guarded) != (False, True):
         problems.append(f"only the audited worker's sessions should refuse a thread: {checks}")
-    if (checks[PLAIN].write_listeners > 0, checks[AUDITED].write_listeners > 0) != (False, True):
-        problems.append(f"the guard's write listeners in the audited worker only: {checks}")
+    if (checks[PLAIN].write_checks > 0, checks[AUDITED].write_checks > 0) != (False, True):
+        problems.append(f"the guard's write checks in the audited worker only: {checks}")
     if problems:
         raise RuntimeError(f"{LABEL}: " + "; ".join(problems))
 

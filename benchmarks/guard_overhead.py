@@ -15,16 +15,18 @@ rounds, inside one fresh thread:
   statement included) and fetched row by row with ``fetchone()`` (a check per row), and
   ``session.connection().execute(select 1)`` (ns per call).
 
-The attribute-write listeners are process-wide: once any session has been guarded, every write to
-a mapped attribute calls them, and for objects of unguarded sessions (``"off"``, SQLAlchemy's) they
-return after a dict lookup. So in this process the ``"off"`` and SQLAlchemy contenders pay for
-them too. The *listener cases* show that share: ``guard="off"`` in a worker process where the
-guard was never used (no listeners) against a worker where it was, interleaved the same way.
+The checks on writes to mapped attributes are process-wide: once any session has been guarded,
+every write to a mapped attribute is checked where SQLAlchemy's attribute implementations make it,
+and for objects of unguarded sessions (``"off"``, SQLAlchemy's) the check returns after a dict
+lookup. So in this process the ``"off"`` and SQLAlchemy contenders pay for them too. The *listener
+cases* (named for the attribute events that did this before) show that share: ``guard="off"`` in
+a worker process where the guard was never used (no write checks) against a worker where it was,
+interleaved the same way.
 
 Before a contender is timed it is checked: one unit of work is counted through engine and session
 events (statements, lazy loads, commits, rows added), its session is used from another thread
-(only ``"raise"`` may refuse), and the listeners on ``Book.title`` are counted. A contender that
-did not do the work, or a guard that is not on (or not off), stops the benchmark.
+(only ``"raise"`` may refuse), and whether writes to ``Book.title`` are checked is looked at. A
+contender that did not do the work, or a guard that is not on (or not off), stops the benchmark.
 
 Run as ``python guard_overhead.py --worker never|used`` it is such a worker: it answers requests
 on stdin (one JSON object a line) with one JSON line on stdout.
@@ -339,9 +341,9 @@ def refuses_other_threads(registry: Any) -> bool:
     return bool(refused)
 
 
-def write_listeners() -> int:
-    """Listeners on ``Book.title``'s set event: the guard's, once it has been used; else none."""
-    return len(list(Book.title.dispatch.set))
+def write_checks() -> int:
+    """1 if writes to ``Book.title`` are checked (the guard was used in the process), else 0."""
+    return int(getattr(type(Book.title.impl).set, "_sessionscope_checked", False))
 
 
 @dataclass(frozen=True)
@@ -349,13 +351,13 @@ class Check:
     """What a contender was seen to do before it was timed."""
 
     guarded: bool  # its session refused another thread
-    write_listeners: int
+    write_checks: int
     work: WorkDone | None  # the unit of work cases only
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Check:
         work = d["work"] and WorkDone(**d["work"])
-        return cls(d["guarded"], d["write_listeners"], work)
+        return cls(d["guarded"], d["write_checks"], work)
 
 
 def verify(case: GuardCase, checks: Mapping[str, Check]) -> None:
@@ -371,9 +373,9 @@ def verify(case: GuardCase, checks: Mapping[str, Check]) -> None:
     guarded = {name: check.guarded for name, check in checks.items()}
     if guarded != {name: name == RAISE for name in checks}:
         problems.append(f"only guard='raise' should refuse another thread: {guarded}")
-    listeners = {name: check.write_listeners for name, check in checks.items()}
+    listeners = {name: check.write_checks for name, check in checks.items()}
     if any(bool(n) != (name != NEVER) for name, n in listeners.items()):
-        problems.append(f"write listeners in all but the {NEVER!r} worker expected: {listeners}")
+        problems.append(f"write checks in all but the {NEVER!r} worker expected: {listeners}")
     if problems:
         raise RuntimeError(f"{case.label}: " + "; ".join(problems))
 
@@ -402,7 +404,7 @@ class LocalSampler:
         work = None
         if isinstance(self.subject.value, UnitOfWork):
             work = count_work(self.subject.value, database, maker)
-        self.check = Check(guarded, write_listeners(), work)
+        self.check = Check(guarded, write_checks(), work)
         # A loop of its own, so that its specialised bytecode only ever sees this contender.
         self.loop = compile_loop(case.expr, unroll)
         self.loop.__globals__.update(NAMES)
@@ -561,7 +563,7 @@ def run_cases(cases: Sequence[GuardCase], settings: Settings) -> Iterator[GuardR
 def serve(variant: str) -> None:
     """The worker: ``guard="off"`` sessions, in a process where the guard was used or never."""
     if variant == WORKERS[USED]:
-        sessionscope.guard(Session(), "raise").close()  # installs the write listeners for good
+        sessionscope.guard(Session(), "raise").close()  # installs the write checks for good
     cases = {case.op: case for case in CASES if case.listener}
     samplers: dict[tuple[str, int], LocalSampler] = {}
     for line in sys.stdin:

@@ -204,7 +204,7 @@ def run_guard(cases: Sequence[GuardCase], settings: Settings) -> list[GuardResul
         "\nShare-nothing guard: sessionscope guard='raise', guard='off' and SQLAlchemy's"
         " scoped_session,\none shared database, interleaved rounds in one thread (a unit of work:"
         f" samples >= {workload_ms:g} ms, not unrolled).\n'off' and SQLAlchemy pay for the guard's"
-        " write listeners here; the listener cases compare guard='off'\nin a process that never"
+        " write checks here; the listener cases compare guard='off'\nin a process that never"
         " used the guard against one that did. raise/off above 1.10 on the unit of work is"
         " flagged.\n"
     )

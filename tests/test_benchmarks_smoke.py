@@ -85,8 +85,8 @@ def test_guard_cases_yield_timings_after_checking_the_work() -> None:
     for result in results:
         if result.case.listener:
             contenders: tuple[str, ...] = (guard_overhead.NEVER, guard_overhead.USED)
-            # the "never" worker really ran without the guard's listeners, the other with them
-            assert {name: c.write_listeners > 0 for name, c in result.checks.items()} == {
+            # the "never" worker really ran without the guard's write checks, the other with them
+            assert {name: c.write_checks > 0 for name, c in result.checks.items()} == {
                 guard_overhead.NEVER: False,
                 guard_overhead.USED: True,
             }

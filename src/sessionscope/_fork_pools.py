@@ -82,16 +82,14 @@ def remember_session(session: Session) -> None:
     ``bind``, no per-mapper binds) was remembered already: one weak-reference call, no WeakSet.
     """
     global _last_bind
-    attributes = session.__dict__
-    bind = attributes.get("bind")
-    if (
-        bind is not None
-        and _last_bind is not None
-        and _last_bind() is bind
-        and not (attributes.get("binds") or attributes.get("_Session__binds"))
-    ):
+    # read as attributes, never through __dict__ (see _guard._checks.checked_assignment)
+    bind = getattr(session, "bind", None)
+    per_key = getattr(session, "binds", None)  # SQLAlchemy 2.1
+    if per_key is None:
+        per_key = getattr(session, "_Session__binds", None)  # 2.0
+    if bind is not None and _last_bind is not None and _last_bind() is bind and not per_key:
         return
-    binds = _binds_of(attributes)
+    binds = _binds_of({"bind": bind, "binds": per_key})
     _remember(binds)
     if len(binds) == 1 and bind is not None:
         try:

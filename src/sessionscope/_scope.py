@@ -25,6 +25,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import Callable, Generator
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -32,11 +33,14 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import exc as sa_exc
 
+from . import _fork
 from ._async_session_end import close_shielded
 from ._guard import Mode, cleanup, install
+from ._guard._site import Site
 from ._session_end import seal
 from ._units import Unit, current_unit, describe_unit
-from ._work import WorkUnit, current_work, unit_and_work
+from ._units._asyncio import _get_running_loop
+from ._work import WorkUnit, current_work, unit_and_work, work_var
 from .exc import CrossUnitError, ScopeEndedError, background
 
 S = TypeVar("S")
@@ -47,6 +51,10 @@ Step = Callable[[], Any]
 """One database operation of a scope's end: called by :func:`_run`, called and awaited by
 :func:`_run_async`."""
 Steps = Generator[Step, None, None]
+Within = tuple[Unit, WorkUnit, Site | None]
+"""What a request's boundary passes to :meth:`SessionScope.enter`: the unit and the unit of work
+it has just opened, and the "created at" site of its sessions (None: looked for as usual)."""
+_modules = sys.modules
 
 _IN_ORDER = (
     "Scopes end in the reverse order they began: leave nested `with`/`async with` blocks first, "
@@ -135,19 +143,26 @@ class SessionScope(Generic[S]):
         self._guard = guard
         self._lookup = lookup
 
-    def enter(self, _callers: int = 1) -> S:
+    def enter(self, _callers: int = 1, within: Within | None = None) -> S:
         """Open the scope, or find the scope to join; shared by the sync and async protocols.
 
         A nested scope's savepoint is begun by the caller (awaited for an AsyncSession), which
         then calls :meth:`work_in`. ``_callers``: how many of the frames calling this one are
         sessionscope's (``__enter__``: 2), where the search for the "created at" site starts.
+        ``within``: (unit, work, site) when the caller has just opened the running unit of work
+        itself (a request's boundary): then nothing is looked up, and the session's "created
+        at" site is ``site`` (the integration's, found once) unless that is None.
         """
         if self._entered_by is not None:
             raise sa_exc.InvalidRequestError(
                 "This Session.scope() was already entered; call Session.scope() again for "
                 "another block."
             )
-        unit, work = unit_and_work()  # (one lookup of the running task for both)
+        if within is None:
+            unit, work = unit_and_work()  # (one lookup of the running task for both)
+            site = None
+        else:
+            unit, work, site = within
         self._entered_by, self._entered_in = unit, work
         outer = self._var.get()
         if outer is not None and not outer.ended and not self._new:
@@ -162,6 +177,7 @@ class SessionScope(Generic[S]):
         session = install(
             self._factory(**self._session_kw),
             self._guard,
+            site=site,
             on_hand_off=_stays_in_its_scope,
             work=work,
             depth=_callers + 1,
@@ -211,12 +227,21 @@ class SessionScope(Generic[S]):
             left_open = self._leave_stack()
         # the unit of work that entered it (its jobs included: FastAPI enters a sync dependency's
         # scope in one pool job and exits it in another), or one nested in it
-        exiting_work = current_work()
-        assert self._entered_in is not None
-        if exiting_work is not self._entered_in and (
-            exiting_work is None or not exiting_work.within(self._entered_in)
+        entered_in = self._entered_in
+        assert entered_in is not None
+        exiting_work = work_var.get()
+        if (  # current_work() is entered_in, the usual answer, tested without its calls
+            exiting_work is not entered_in
+            or entered_in.ended
+            or entered_in.generation != _fork.generation
+            or _get_running_loop() is not None
+            or "trio" in _modules
         ):
-            return False, True, self._cross_unit(current_unit())
+            exiting_work = current_work()
+            if exiting_work is not entered_in and (
+                exiting_work is None or not exiting_work.within(entered_in)
+            ):
+                return False, True, self._cross_unit(current_unit())
         if left_open:
             return False, True, self._ended_before_nested(left_open)
         return self._commit and exc_type is None, exc_type is not None, None

@@ -114,7 +114,7 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
             expect_flags("Session.scope()", new=new, commit=commit)
         return SessionScope(  # (_open_scope(), inlined: once per request)
             self._scope_var,
-            self.session_factory,
+            self._make_session if self.session_factory is self._made_by else self.session_maker(),
             new=new,
             commit=commit,
             session_kw=kw,

@@ -16,10 +16,17 @@
  *   KIND_FETCH     a result's fetch: plain data (a soft-closed result, an ended guard) passes
  *   KIND_LAZY_LOAD a relationship's loader, called with the object's state: the guard is that of
  *                  the state's session (none: the load runs unchecked), admitted with its class
+ *   KIND_ASSIGNMENT a guarded session class's `__setattr__`: an attribute named in `hook` (a
+ *                  frozenset) goes to `method(session, name, value)`, which checks and assigns;
+ *                  any other is assigned as `object.__setattr__` does, with nothing else run
+ *   KIND_WRITE     a method of SQLAlchemy's attribute implementations that writes, called as
+ *                  `method(impl, state, ...)`: `check_write(state, impl.key, name)` first (not
+ *                  a session's method: the guard is that of the state's session, if any)
  *
  * The guard is found as `self._sessionscope_guard` (an instance attribute, or a property for
- * engine transactions). SessionGuard derives from GuardState below, so the fields every check
- * reads are C fields here and plain attributes in Python.
+ * engine transactions); None (a guarded session's class default, while its `__init__` runs)
+ * means not guarded yet: the call runs unchecked. SessionGuard derives from GuardState below, so
+ * the fields every check reads are C fields here and plain attributes in Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,9 +36,17 @@
 #define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
 #endif
 
-enum { KIND_PLAIN = 0, KIND_RETURNING = 1, KIND_FETCH = 2, KIND_LAZY_LOAD = 3 };
+enum {
+    KIND_PLAIN = 0,
+    KIND_RETURNING = 1,
+    KIND_FETCH = 2,
+    KIND_LAZY_LOAD = 3,
+    KIND_ASSIGNMENT = 4,
+    KIND_WRITE = 5
+};
 
 static PyObject *guard_of_state(PyObject *state);
+static int check_write_of(PyObject *state, PyObject *key, PyObject *prefix);
 
 /* configured once by configure(): what the Python fast path reads from its module globals */
 static PyObject *getcurrent_func = NULL;   /* greenlet.getcurrent */
@@ -54,7 +69,7 @@ static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_lo
 static PyObject *recheck_func = NULL;      /* _results._recheck */
 
 /* interned attribute names, and 0 (the slot's key) */
-static PyObject *s_guard, *s_admit, *s_session_id, *s_class, *s_check_write, *s_run_after_leave,
+static PyObject *s_impl_key, *s_guard, *s_admit, *s_session_id, *s_class, *s_check_write, *s_run_after_leave,
     *s_trio, *s_soft_closed, *zero;
 
 typedef struct {
@@ -228,6 +243,30 @@ checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, Py
         return NULL;
     if (nargs < 1) /* called on the class without an instance: the function's own error */
         return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+    if (self->kind == KIND_WRITE) {
+        if (nargs < 2) /* not called as SQLAlchemy calls it: the method's own error */
+            return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+        PyObject *key = PyObject_GetAttr(args[0], s_impl_key);
+        if (key == NULL)
+            return NULL;
+        int checked_ok = check_write_of(args[1], key, self->name);
+        Py_DECREF(key);
+        if (checked_ok < 0)
+            return NULL;
+        return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+    }
+    if (self->kind == KIND_ASSIGNMENT) {
+        if (nargs != 3 || kwnames != NULL || !PyUnicode_Check(args[1]))
+            return PyObject_Vectorcall(self->method, args, nargsf, kwnames); /* its own error */
+        int checked_name = PySet_Contains(self->hook, args[1]);
+        if (checked_name < 0)
+            return NULL;
+        if (checked_name)
+            return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+        if (PyObject_GenericSetAttr(args[0], args[1], args[2]) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
     PyObject *found;
     if (self->kind == KIND_LAZY_LOAD) {
         found = guard_of_state(args[0]);
@@ -239,6 +278,10 @@ checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, Py
     }
     else if ((found = PyObject_GetAttr(args[0], s_guard)) == NULL)
         return NULL;
+    if (found == Py_None) { /* a guarded class's session whose guard is not set yet */
+        Py_DECREF(found);
+        return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+    }
     if (!PyObject_TypeCheck(found, &GuardStateType)) {
         PyErr_Format(PyExc_TypeError, "%R carries %R, not a SessionGuard", args[0], found);
         Py_DECREF(found);
@@ -337,8 +380,12 @@ checked_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "UO|iO:CheckedMethod", keywords, &name, &method,
                                      &kind, &hook))
         return NULL;
-    if (kind < KIND_PLAIN || kind > KIND_LAZY_LOAD) {
-        PyErr_SetString(PyExc_ValueError, "CheckedMethod: kind is 0, 1, 2 or 3");
+    if (kind < KIND_PLAIN || kind > KIND_WRITE) {
+        PyErr_SetString(PyExc_ValueError, "CheckedMethod: kind is 0 to 5");
+        return NULL;
+    }
+    if (kind == KIND_ASSIGNMENT && !PyFrozenSet_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "CheckedMethod: an assignment needs a frozenset of names");
         return NULL;
     }
     if (kind == KIND_RETURNING && !PyCallable_Check(hook)) {
@@ -585,6 +632,32 @@ full_write_check(PyObject *guard, PyObject *operation, PyObject *state)
 /* check_write(state, key[, prefix]): the check of a write to the mapped attribute ``key`` of
  * ``state``'s object (``prefix + key`` names the operation in a refusal: set_committed_value's).
  * Nothing for an object of no session or of an unguarded one. */
+static int
+check_write_of(PyObject *state, PyObject *key, PyObject *prefix)
+{
+    PyObject *guard = guard_of_state(state);
+    if (guard == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    int outcome = write_passes((GuardState *)guard);
+    if (outcome > 0)
+        outcome = 0;
+    else if (outcome == 0) {
+        int prefixed = prefix != NULL && PyUnicode_GET_LENGTH(prefix) > 0;
+        PyObject *operation = prefixed ? PyUnicode_Concat(prefix, key) : key;
+        if (operation == NULL)
+            outcome = -1;
+        else {
+            PyObject *result = full_write_check(guard, operation, state);
+            outcome = result == NULL ? -1 : 0;
+            Py_XDECREF(result);
+            if (prefixed)
+                Py_DECREF(operation);
+        }
+    }
+    Py_DECREF(guard);
+    return outcome;
+}
+
 static PyObject *
 check_write(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -592,32 +665,9 @@ check_write(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "check_write(state, key[, prefix])");
         return NULL;
     }
-    PyObject *guard = guard_of_state(args[0]);
-    if (guard == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;
-    }
-    PyObject *result;
-    int pass = write_passes((GuardState *)guard);
-    if (pass < 0)
-        result = NULL;
-    else if (pass) {
-        Py_INCREF(Py_None);
-        result = Py_None;
-    }
-    else {
-        PyObject *operation = nargs == 3 ? PyUnicode_Concat(args[2], args[1]) : args[1];
-        if (nargs == 3 && operation == NULL)
-            result = NULL;
-        else {
-            result = full_write_check(guard, operation, args[0]);
-            if (nargs == 3)
-                Py_DECREF(operation);
-        }
-    }
-    Py_DECREF(guard);
-    return result;
+    if (check_write_of(args[0], args[1], nargs == 3 ? args[2] : NULL) < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 /* ---- an identity map's set of modified states (sessionscope._guard._handles) ------------ */
@@ -1074,6 +1124,7 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     INTERN(s_guard, "_sessionscope_guard");
+    INTERN(s_impl_key, "key");
     INTERN(s_admit, "admit");
     INTERN(s_run_after_leave, "run_after_leave");
     INTERN(s_trio, "trio");
@@ -1127,5 +1178,7 @@ PyInit__speedups(void)
     PyModule_AddIntConstant(module, "KIND_RETURNING", KIND_RETURNING);
     PyModule_AddIntConstant(module, "KIND_FETCH", KIND_FETCH);
     PyModule_AddIntConstant(module, "KIND_LAZY_LOAD", KIND_LAZY_LOAD);
+    PyModule_AddIntConstant(module, "KIND_ASSIGNMENT", KIND_ASSIGNMENT);
+    PyModule_AddIntConstant(module, "KIND_WRITE", KIND_WRITE);
     return module;
 }

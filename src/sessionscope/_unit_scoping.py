@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from . import _fork_pools
 from ._arguments import expect_flags, refuse
-from ._guard import Mode, check_mode, install
+from ._guard import Mode, born_guarded, check_mode, install
 from ._registry import ScopefuncRegistry, UnitRegistry, unit_session
 from ._scope import ScopeState, SessionScope, scoped_decorator
 from ._work import WorkUnit
@@ -35,6 +35,8 @@ class UnitScoping(Generic[S]):
     session_factory: Callable[..., S]
     _scope_var: ContextVar[ScopeState[S] | None]
     _key: str
+    _make_session: Callable[..., S]
+    _made_by: Callable[..., S]
     guard_mode: Mode
     """How this registry's sessions (implicit and scopes') are guarded: raise, warn or off."""
 
@@ -49,6 +51,8 @@ class UnitScoping(Generic[S]):
         self.session_factory = session_factory
         self.guard_mode = check_mode(guard, f"{type(self).__name__}()", "guard")
         _fork_pools.remember_factory(session_factory)  # even for guard="off"
+        make = self._make_session = born_guarded(session_factory, self.guard_mode)
+        self._made_by = session_factory
         self._scope_var = ContextVar("sessionscope.scope", default=None)
 
         def adopt_set(session: S, work: WorkUnit | None = None, depth: int = 2) -> None:
@@ -57,16 +61,22 @@ class UnitScoping(Generic[S]):
 
         if scopefunc:
             self.registry = ScopefuncRegistry(
-                self._created_by(session_factory, adopt_set), scopefunc, self._scope_var, adopt_set
+                self._created_by(make, adopt_set), scopefunc, self._scope_var, adopt_set
             )
             # Keys that never match: a subclass that kept the fast _proxied still answers right.
             self._key = ""
         else:
-            self.registry = UnitRegistry(
-                session_factory, self._scope_var, on_unit_end, adopt_set, adopt_set
-            )
+            self.registry = UnitRegistry(make, self._scope_var, on_unit_end, adopt_set, adopt_set)
             self._key = self.registry._key
         forget = self.registry.forget  # one bound method for all the registry's sessions
+
+    def session_maker(self) -> Callable[..., S]:
+        """What the registry's scopes make their sessions with: ``session_factory``'s sessions,
+        born guarded (:func:`~sessionscope._guard.born_guarded`), also after it is replaced."""
+        if self.session_factory is not self._made_by:
+            self._made_by = self.session_factory
+            self._make_session = born_guarded(self.session_factory, self.guard_mode)
+        return self._make_session
 
     @staticmethod
     def _created_by(factory: Callable[[], S], on_create: Callable[[S], None]) -> Callable[[], S]:
@@ -104,7 +114,7 @@ class UnitScoping(Generic[S]):
         """
         return kind(
             self._scope_var,
-            self.session_factory,
+            self.session_maker(),
             new=new,
             commit=commit,
             session_kw=session_kw,

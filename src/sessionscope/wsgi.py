@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._arguments import expect_flags, refuse
 from ._expect_registry import expect_registry
+from ._guard._site import Site, application_site
 from ._scoping import scoped_session
 from ._work import unit_of_work
 
@@ -79,12 +80,17 @@ class RequestScope:
         "scope",
         "session",
         "commit",
+        "site",
         "ended",
         "_token",
         "__weakref__",
     )
 
-    def __init__(self, registry: scoped_session[Any], *, commit: bool) -> None:
+    def __init__(
+        self, registry: scoped_session[Any], *, commit: bool, site: Site | None = None
+    ) -> None:
+        """``site``: where the integration was set up, what its sessions were "created at" (a
+        request's own stack is the server's); None to look for it as for any session."""
         self.context = contextvars.copy_context()
         self.registry = registry
         self.work: UnitOfWork = unit_of_work()
@@ -92,14 +98,16 @@ class RequestScope:
         self.scope: SessionScope[Any] = registry.scope(new=True, commit=False)
         self.session: Session | None = None
         self.commit = commit
+        self.site = site
         self.ended = False
         self._token: contextvars.Token[weakref.ref[RequestScope] | None] | None = None
 
     def open(self) -> None:
         """Enter the unit of work, then the scope, in the running context."""
-        self.work.__enter__()
+        work = self.work.__enter__()
         try:
-            self.session = self.scope.__enter__()
+            # (the scope is new: no savepoint to begin; the unit and work were just looked up)
+            self.session = self.scope.enter(1, (work.root_unit(), work, self.site))
         except BaseException:
             self.ended = True
             self.work.__exit__(*sys.exc_info())
@@ -166,9 +174,12 @@ class SessionScopeMiddleware:
         self.app = app
         self.session: scoped_session[Any] = session
         self.commit = commit
+        self.site = application_site()
+        """Where the application set the middleware up: its requests' sessions were "created"
+        there (what their own stacks show is the server's loop)."""
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        request = RequestScope(self.session, commit=self.commit)
+        request = RequestScope(self.session, commit=self.commit, site=self.site)
         return request.context.run(self._run, request, environ, start_response)
 
     def _run(

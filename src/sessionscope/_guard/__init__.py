@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from ._handoff import adopt, hand_off
-from ._install import check_mode, guard, guard_of, install
+from ._install import born_guarded, check_mode, guard, guard_of, install
 from ._lineage import cleanup
 from ._ownership import Mode
 from ._shared import SharedSession
@@ -20,6 +20,7 @@ __all__ = [
     "Mode",
     "SharedSession",
     "adopt",
+    "born_guarded",
     "check_mode",
     "cleanup",
     "guard",

@@ -83,6 +83,36 @@ def checked_fetch(name: str, method: F) -> F:
     return _checked_in_python(name, method, fetch=True)
 
 
+def checked_assignment(
+    names: frozenset[str],
+    assign: Callable[[Any, str, Any], None],
+    base_setattr: Callable[[Any, str, Any], None],
+) -> Callable[[Any, str, Any], None]:
+    """A guarded session class's ``__setattr__``: assigning one of ``names`` is
+    ``assign(session, name, value)`` (which checks, then assigns); any other assignment is
+    ``base_setattr``'s, the session class's own.
+
+    Why not a descriptor per checked name: a data descriptor's ``__set__`` writes through the
+    instance's ``__dict__``, and CPython keeps a managed dict's values inline only until its
+    ``__dict__`` is asked for; after that, and on an instance whose class was switched, every
+    attribute read of the session in SQLAlchemy's own code runs unspecialized (about four times
+    as slow). The C version assigns other names as ``object.__setattr__`` does, so it is only
+    used when that is the class's own ``__setattr__``.
+    """
+    if _speedups is not None and base_setattr is object.__setattr__:
+        return _speedups.CheckedMethod(  # type: ignore[no-any-return]
+            "__setattr__", assign, _speedups.KIND_ASSIGNMENT, names
+        )
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if name in names:
+            assign(self, name, value)
+        else:
+            base_setattr(self, name, value)
+
+    return __setattr__
+
+
 def _wrapped(checked_method: Any, method: F) -> F:
     """The C wrapper with the method's name, docstring and ``__wrapped__`` (introspection,
     ``inspect.signature``), as ``functools.wraps`` gives the Python one."""
@@ -99,6 +129,8 @@ def _checked_in_python(name: str, method: F, *, hook: Hook | None = None, fetch:
     @functools.wraps(method)
     def checked(self: Any, *args: Any, **kw: Any) -> Any:
         guard = self._sessionscope_guard
+        if guard is None:  # a guarded class's session whose guard is not set yet (its __init__)
+            return method(self, *args, **kw)
         current = getcurrent()
         if guard.depth and current is guard.entered:
             # a call SQLAlchemy makes inside a call of the unit inside (autoflush, close ->

@@ -35,9 +35,10 @@ from typing import Any, TypeVar
 from greenlet import getcurrent
 from sqlalchemy.engine import Connection, Result, Transaction
 from sqlalchemy.engine.result import FilterResult
+from sqlalchemy.event.base import dispatcher as event_dispatcher
 from sqlalchemy.orm import SessionTransaction
 
-from ._checks import checked_returning
+from ._checks import checked_assignment, checked_returning
 from ._guarded_class import (
     GUARD_ATTRIBUTE,
     GUARDED_METHODS,
@@ -106,6 +107,8 @@ from another unit can fail half-way), and ``no_autoflush``, which switches autof
 
 WRITE_CHECKED_ATTRIBUTES = ("info", "autoflush", "expire_on_commit")
 """Read freely (configuration and the application's own dict), checked when assigned."""
+_ASSIGNMENT_CHECKED = frozenset((*WRITE_CHECKED_ATTRIBUTES, "identity_map"))
+"""What a guarded session's ``__setattr__`` hands to :func:`_assign`."""
 
 
 # -- the session -------------------------------------------------------------------------------
@@ -117,7 +120,9 @@ def _handing_out(method: F) -> F:
     @functools.wraps(method)
     def handing_out(self: Any, *args: Any, **kw: Any) -> Any:
         handle = method(self, *args, **kw)
-        guard_handle(handle, self.__dict__[GUARD_ATTRIBUTE])
+        guard = self._sessionscope_guard
+        if guard is not None:  # (None: a guarded class's session, guarded once made)
+            guard_handle(handle, guard)
         return handle
 
     return handing_out  # type: ignore[return-value]
@@ -134,7 +139,9 @@ def _handing_out_methods(base: type, names: tuple[str, ...]) -> dict[str, Any]:
 def _handing_out_property(descriptor: Any) -> property:
     def get(self: Any) -> Any:
         handle = descriptor.__get__(self, type(self))
-        guard_handle(handle, self.__dict__[GUARD_ATTRIBUTE])
+        guard = self._sessionscope_guard
+        if guard is not None:
+            guard_handle(handle, guard)
         return handle
 
     return property(get, doc=getattr(descriptor, "__doc__", None))
@@ -144,46 +151,64 @@ def _checked_property(name: str, descriptor: Any) -> property:
     """A read-checked property over any descriptor (SQLAlchemy uses its own for some)."""
 
     def get(self: Any) -> Any:
-        self.__dict__[GUARD_ATTRIBUTE].check_use(f".{name}")
+        guard = self._sessionscope_guard
+        if guard is not None:
+            guard.check_use(f".{name}")
         return descriptor.__get__(self, type(self))
 
     return property(get, doc=getattr(descriptor, "__doc__", None))
 
 
-class _WriteChecked:
-    """An attribute read straight from the instance dict and checked when assigned.
+class _InlineDispatch:
+    """``dispatch`` of a guarded session class: SQLAlchemy's, kept as a plain attribute.
 
-    A descriptor with ``__set__`` and no ``__get__``: Python then reads the instance's own dict
-    (no call, no cost), and only assignment goes through here.
+    SQLAlchemy's ``dispatcher`` makes a session's own dispatch on first use and stores it with
+    ``obj.__dict__["dispatch"] = ...``. On CPython 3.11, asking for an instance's ``__dict__``
+    turns its inline attribute values into a dict that the attribute-read specializations of
+    SQLAlchemy's own code cannot use: every read of the session (``self._transaction``,
+    ``self.identity_map``, ...) then takes the generic path. The same dispatch, stored as an
+    attribute, keeps them inline. The class attribute (listening on the class) is SQLAlchemy's.
     """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
 
-    def __set__(self, obj: Any, value: Any) -> None:
-        guard = obj.__dict__.get(GUARD_ATTRIBUTE)
-        if guard is not None:
-            guard.check_use(f"={self.name}")
-        obj.__dict__[self.name] = value
+    def __get__(self, obj: Any, cls: type | None = None) -> Any:
+        if obj is None:
+            return self.dispatcher.__get__(None, cls)
+        dispatch = self.dispatcher.dispatch._for_instance(obj)
+        object.__setattr__(obj, "dispatch", dispatch)
+        return dispatch
 
 
-class _IdentityMapSlot:
-    """``session.identity_map``: read freely; each map the session gets reports flagged objects.
+def _inline_dispatch(base: type) -> dict[str, Any]:
+    for klass in base.__mro__:
+        dispatcher = klass.__dict__.get("dispatch")
+        if dispatcher is not None:
+            if isinstance(dispatcher, event_dispatcher):
+                return {"dispatch": _InlineDispatch(dispatcher)}
+            return {}  # (a class of the application's own making: left as it is)
+    return {}
 
-    SQLAlchemy replaces the map on ``close()`` and ``expunge_all()``. Objects enter the map's
-    ``_modified`` set the first time they change, which is also what ``flag_dirty()`` does (it
-    fires no attribute event): the set of a guarded session's map checks that step.
+
+def _assign(base_setattr: Callable[[Any, str, Any], None]) -> Callable[[Any, str, Any], None]:
+    """What a guarded session does when one of its assignment-checked attributes is assigned.
+
+    ``info``, ``autoflush`` and ``expire_on_commit`` are checked (reads stay free). A new
+    ``identity_map`` (SQLAlchemy makes one on ``close()`` and ``expunge_all()``) gets its set of
+    modified states checked: objects enter it the first time they change, which is also what
+    ``flag_dirty()`` does (it fires no attribute event).
     """
 
-    def __set__(self, obj: Any, value: Any) -> None:
-        attributes = obj.__dict__
-        attributes["identity_map"] = value
-        guard = attributes.get(GUARD_ATTRIBUTE)
-        if guard is not None and type(value._modified) is not _FlaggingChecked:
-            # watch_flagging(), inlined: every close() of a guarded session gets here
-            modified = _FlaggingChecked(value._modified)
-            modified.guard = guard
-            value._modified = modified
+    def assign(session: Any, name: str, value: Any) -> None:
+        guard = session._sessionscope_guard
+        if guard is not None and name != "identity_map":
+            guard.check_use(f"={name}")
+        base_setattr(session, name, value)
+        if guard is not None and name == "identity_map":
+            watch_flagging(value, guard)
+
+    return assign
 
 
 class _FlaggingCheckedInPython(set):  # type: ignore[type-arg]
@@ -230,18 +255,18 @@ def session_namespace(base: type) -> dict[str, Any]:
             if name in klass.__dict__:
                 namespace[name] = _checked_property(name, klass.__dict__[name])
                 break
-    for name in WRITE_CHECKED_ATTRIBUTES:
-        namespace[name] = _WriteChecked(name)
-    namespace["identity_map"] = _IdentityMapSlot()
+    base_setattr: Callable[[Any, str, Any], None] = base.__setattr__  # type: ignore[assignment]
+    namespace["__setattr__"] = checked_assignment(
+        _ASSIGNMENT_CHECKED, _assign(base_setattr), base_setattr
+    )
+    namespace[GUARD_ATTRIBUTE] = None  # (until install() sets the instance's own)
+    namespace.update(_inline_dispatch(base))
     return namespace
 
 
 def guard_session_state(session: Any, guard: Any) -> None:
-    """Finish guarding a session that was created (and filled its dict) before its class switch.
-
-    ``info`` is memoized by SQLAlchemy into the instance dict on first read, which the
-    write-checked descriptor leaves to it.
-    """
+    """Finish guarding a session that was created (and began a transaction) before its class
+    switch."""
     watch_flagging(session.identity_map, guard)
     # a session guarded while in a transaction: what it may have handed out already
     transaction = session._transaction

@@ -20,7 +20,13 @@ from .. import _fork_pools
 from .._arguments import refuse, what_it_is
 from .._work import WorkUnit
 from . import _writes
-from ._guarded_class import _CACHE_ATTRIBUTE, GUARD_ATTRIBUTE, guarded_class, unguarded_class
+from ._guarded_class import (
+    _CACHE_ATTRIBUTE,
+    GUARD_ATTRIBUTE,
+    guarded_class,
+    is_guarded_class,
+    unguarded_class,
+)
 from ._handles import guard_session_state, watch_flagging
 from ._ownership import MODES, Mode, SessionGuard
 from ._site import Site, application_site
@@ -36,10 +42,10 @@ def check_mode(mode: object, call: str = "sessionscope.guard()", name: str = "mo
 
 
 def _sync_session_or_none(session: Any) -> Session | None:
-    if isinstance(session, AsyncSession):
-        return session.sync_session
     if isinstance(session, Session):
         return session
+    if isinstance(session, AsyncSession):
+        return session.sync_session
     return None
 
 
@@ -62,7 +68,7 @@ def guard_of(session: Any) -> SessionGuard | None:
     sync = _sync_session_or_none(session)
     if sync is None:
         return None
-    guard: SessionGuard | None = sync.__dict__.get(GUARD_ATTRIBUTE)
+    guard: SessionGuard | None = getattr(sync, GUARD_ATTRIBUTE, None)
     return guard
 
 
@@ -83,13 +89,16 @@ def install(
     "created at" site) may start, counted from this function's caller (``1``): callers whose own
     frames up to there are all sessionscope's say so, and the walk is shorter.
     """
-    sync = _sync_session_or_none(session)
-    if sync is None:
+    if isinstance(session, Session):  # (_sync_session_or_none(), inlined: once per session)
+        sync: Session = session
+    elif isinstance(session, AsyncSession):
+        sync = session.sync_session
+    else:
         return session
     _fork_pools.remember_session(sync)  # whatever the mode: a forked child drops their pools
     if mode == "off":
         return session
-    existing: SessionGuard | None = sync.__dict__.get(GUARD_ATTRIBUTE)
+    existing: SessionGuard | None = getattr(sync, GUARD_ATTRIBUTE, None)
     if existing is not None:  # made by a guarded sessionmaker: keep its mode, learn the registry
         if existing.on_hand_off is None:
             existing.on_hand_off = on_hand_off
@@ -97,12 +106,11 @@ def install(
     guard = SessionGuard(mode, type(session).__name__, site or application_site(depth + 1), work)
     guard.on_hand_off = on_hand_off
     guard.session_ref = weakref.ref(session)
-    sync.info  # noqa: B018 - memoized now: the guarded class only checks its assignment
-    sync.__dict__[GUARD_ATTRIBUTE] = guard
     cls = type(sync)
-    guarded = cls.__dict__.get(_CACHE_ATTRIBUTE) or guarded_class(cls)
-    if cls is not guarded:
-        sync.__class__ = guarded
+    if not is_guarded_class(cls):  # made by its own class (not born guarded): switched
+        sync.__class__ = cls.__dict__.get(_CACHE_ATTRIBUTE) or guarded_class(cls)
+    # an attribute like any other (never through __dict__: see _checks.checked_assignment)
+    sync._sessionscope_guard = guard  # type: ignore[attr-defined]
     if sync._transaction is None:  # a new session: guard_session_state(), the short way
         watch_flagging(sync.identity_map, guard)
     else:
@@ -115,16 +123,85 @@ def install(
 
 def _set_mode(session: Any, mode: Mode) -> None:
     sync = sync_session_of(session)
-    guard: SessionGuard | None = sync.__dict__.get(GUARD_ATTRIBUTE)
+    guard: SessionGuard | None = getattr(sync, GUARD_ATTRIBUTE, None)
     if guard is None:
         install(session, mode, site=application_site())
     elif mode == "off":
         guard.mode = "off"  # its handles (connection, transactions, results) keep a reference
+        del sync._sessionscope_guard  # type: ignore[attr-defined]
         sync.__class__ = unguarded_class(type(sync))
-        del sync.__dict__[GUARD_ATTRIBUTE]
         _writes.unregister(sync.hash_key)
     else:
         guard.mode = mode
+
+
+class _MakerView:
+    """A sessionmaker's ``kw`` with another ``class_``: what its own ``__call__`` reads."""
+
+    __slots__ = ("kw", "class_")
+
+    def __init__(self, kw: dict[str, Any], class_: type[Any]) -> None:
+        self.kw = kw
+        self.class_ = class_
+
+
+def born_guarded(factory: Callable[..., T], mode: Mode) -> Callable[..., T]:
+    """What a registry or scope calls to make a session of ``factory`` (guarded in ``mode``).
+
+    For a ``sessionmaker`` or ``async_sessionmaker`` (whose ``__call__`` is SQLAlchemy's), a
+    callable making the same session, but as the guarded class from the start: the maker's own
+    ``__call__`` runs on its ``kw`` (read at each call, so ``configure()`` applies) with the
+    guarded class as ``class_`` (for an AsyncSession, as its ``sync_session_class``). A session
+    switched to its guarded class after it was made works the same, but on CPython 3.11 its
+    attribute values are laid out for the class it was made by, and reads of it in SQLAlchemy's
+    own code cannot be specialized any more. With ``mode="off"`` the session is SQLAlchemy's,
+    with its dispatch made up front as a plain attribute (:func:`inline_dispatch`). Any other
+    factory is returned as it is; ``install()`` switches what it makes.
+    """
+    maker_call: Any = type(factory).__call__
+    if maker_call is not sessionmaker.__call__ and maker_call is not async_sessionmaker.__call__:
+        return factory
+    maker: Any = factory
+    call: Any = maker_call  # (SQLAlchemy's own __call__, run on a view of the maker)
+
+    if mode == "off":
+
+        def make_unguarded(**kw: Any) -> T:
+            session = maker(**kw)
+            sync = _sync_session_or_none(session)
+            if sync is not None:
+                inline_dispatch(sync)
+            return session  # type: ignore[no-any-return]
+
+        return make_unguarded
+
+    def make(**kw: Any) -> T:
+        made = maker.class_
+        if isinstance(made, type) and issubclass(made, Session):
+            view = _MakerView(maker.kw, guarded_class(made))
+        elif isinstance(made, type) and issubclass(made, AsyncSession):
+            sync_class = maker.kw.get("sync_session_class") or made.sync_session_class
+            kw_guarded = {**maker.kw, "sync_session_class": guarded_class(sync_class)}
+            view = _MakerView(kw_guarded, made)
+        else:
+            return maker(**kw)  # type: ignore[no-any-return]
+        return call(view, **kw)  # type: ignore[no-any-return]
+
+    return make
+
+
+def inline_dispatch(session: Session) -> None:
+    """Give a new session its own event dispatch now, as a plain attribute.
+
+    SQLAlchemy makes it on first use and stores it with ``session.__dict__["dispatch"] = ...``;
+    on CPython 3.11 asking for an instance's ``__dict__`` turns its inline attribute values into
+    a dict that the specialized attribute reads of SQLAlchemy's own code cannot use (the guarded
+    classes do the same through ``_handles._InlineDispatch``). Only for a session whose class's
+    ``__init__`` is SQLAlchemy's: nothing can have made its dispatch yet.
+    """
+    cls: Any = type(session)
+    if cls.__init__ is Session.__init__:
+        session.dispatch = cls.dispatch._for_instance(session)
 
 
 _MAKER_MODE = "_sessionscope_guard_mode"

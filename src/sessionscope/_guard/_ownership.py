@@ -169,7 +169,7 @@ class SessionGuard(GuardState):
         if self.owner_ref() is not work:
             return  # handed off, shared, or ended already
         session = self.session_ref()
-        if session is None or session.__dict__.get("_close_state") is _SEALED:
+        if session is None or getattr(session, "_close_state", None) is _SEALED:
             # gone, or closed for good by its scope (a sealed session holds nothing, and was
             # not left open): what the close below would conclude, without its calls
             self.disown(ENDED)

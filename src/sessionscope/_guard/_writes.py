@@ -2,18 +2,20 @@
 
 Lazy loads and expired-attribute refreshes reach the session and are checked there; a plain
 write (``user.name = ...``, ``del user.name``, ``parent.children.append(child)``, ``parent.children
-= [...]``) does not, so SQLAlchemy's attribute events ``set``, ``remove``, ``append`` and
-``bulk_replace`` are listened to on every mapped attribute, once guarding is first used. A listener
-costs one dict lookup for objects of unguarded sessions (keyed by SQLAlchemy's ``session_id``) and
-nothing more for objects attached to no session.
+= [...]``) does not, so the methods of SQLAlchemy's attribute implementations that write are
+checked, once guarding is first used (see :func:`_patch_writing_methods`), and so is the
+``modified`` event of every mapped attribute (``flag_modified()``). A check costs one dict lookup
+for objects of unguarded sessions (keyed by SQLAlchemy's ``session_id``) and nothing more for
+objects attached to no session.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from greenlet import getcurrent
@@ -21,8 +23,8 @@ from sqlalchemy import event
 from sqlalchemy.event.api import _event_key
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import attributes as orm_attributes
-from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_RESULT
+from sqlalchemy.orm import dynamic as orm_dynamic
+from sqlalchemy.orm import writeonly as orm_writeonly
 from sqlalchemy.orm.mapper import _all_registries
 
 from .. import _fork
@@ -82,8 +84,6 @@ _fork.on_fork_in_child(_forget_owners_after_fork)
 _listened: weakref.WeakKeyDictionary[type, set[str]] = weakref.WeakKeyDictionary()
 """Mapped class -> attribute names whose writes are checked already."""
 
-_NO_PARENT = (None, NO_VALUE, PASSIVE_NO_RESULT)
-
 
 def guard_of_state(state: Any) -> SessionGuard | None:
     """The guard of the session an object's state is attached to; None if none or unguarded."""
@@ -131,75 +131,71 @@ if speedups is not None:
     _check = speedups.check_write
 
 _COMMITTED = "(set_committed_value)"
+_WRITING_METHODS = {
+    "set": "",
+    "delete": "",
+    "fire_append_event": "",
+    "fire_remove_event": "",
+    "fire_pre_remove_event": "",
+    "set_committed_value": _COMMITTED,
+}
+"""The methods of SQLAlchemy's attribute implementations that write (and the prefix naming the
+operation in a refusal): every write to a mapped attribute reaches one of them first."""
 
 
-def _patch_set_committed_value() -> None:
-    """``set_committed_value()`` writes an attribute and fires no event: check it at its impl.
+def _write_checked(method: Callable[..., Any], prefix: str) -> Callable[..., Any]:
+    """``method(impl, state, ...)``, after ``_check(state, impl.key, prefix)``."""
+    if speedups is not None:
+        wrapper = speedups.CheckedMethod(prefix, method, speedups.KIND_WRITE)
+        functools.update_wrapper(wrapper, method)
+        return wrapper  # type: ignore[no-any-return]
 
-    SQLAlchemy's loaders call it too, inside the session's own calls, where the check is one
-    comparison; for objects of unguarded sessions it is one dict lookup.
+    @functools.wraps(method)
+    def checked(self: Any, state: Any, *args: Any, **kw: Any) -> Any:
+        _check(state, self.key, prefix)
+        return method(self, state, *args, **kw)
+
+    return checked
+
+
+def _impl_classes() -> Iterator[type]:
+    names = vars(orm_attributes)  # SQLAlchemy 2.1 names the base _AttributeImpl, 2.0 AttributeImpl
+    base: type = names.get("_AttributeImpl") or names["AttributeImpl"]
+    for module in (orm_attributes, orm_writeonly, orm_dynamic):
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, base):
+                yield value
+
+
+def _patch_writing_methods() -> None:
+    """Check writes where SQLAlchemy's attribute implementations make them.
+
+    ``obj.attr = value``, ``del obj.attr``, a collection's append/remove (by the application or
+    a backref) and ``parent.children = [...]`` all reach an implementation's ``set``,
+    ``delete`` or ``fire_*_event`` before anything changes; ``set_committed_value()`` (which
+    SQLAlchemy's loaders call too, inside the session's own calls) fires no event at all. Checked
+    here, once per class, a write to an object of no session costs one attribute read, one of an
+    unguarded session one dict lookup. (Attribute events would do, but any listener makes every
+    write of every object in the process run SQLAlchemy's event loop in Python: about twice as
+    slow as without, guarded or not.)
     """
-    for impl_class in vars(orm_attributes).values():
-        if isinstance(impl_class, type) and "set_committed_value" in impl_class.__dict__:
-            original = impl_class.__dict__["set_committed_value"]
-            if getattr(original, "_sessionscope_checked", False):
+    for impl_class in set(_impl_classes()):
+        for name, prefix in _WRITING_METHODS.items():
+            original = impl_class.__dict__.get(name)
+            if original is None or getattr(original, "_sessionscope_checked", False):
                 continue
-
-            def checked(
-                self: Any, state: Any, dict_: Any, value: Any, _original: Any = original
-            ) -> Any:
-                _check(state, self.key, _COMMITTED)
-                return _original(self, state, dict_, value)
-
+            checked = _write_checked(original, prefix)
             checked._sessionscope_checked = True  # type: ignore[attr-defined]
-            impl_class.set_committed_value = checked  # type: ignore[attr-defined]
+            setattr(impl_class, name, checked)
 
 
-def _listeners_for(key: str, impl: Any) -> dict[str, Callable[..., Any]]:
-    """The raw listeners checking writes to one attribute, by event name.
-
-    Registered as SQLAlchemy registers its own raw listeners: ``set`` and ``append`` return the
-    value to store, and collection events pass a ``key`` keyword. SQLAlchemy clears the "has a
-    parent" flag of an object being removed or replaced *before* running listeners (for
-    delete-orphan); a refused write puts it back, so that it changes nothing.
-    """
-
-    def on_set(state: Any, value: Any, previous: Any, initiator: Any, **_: Any) -> Any:
-        try:
-            _check(state, key)
-        except BaseException:
-            if impl.trackparent and previous is not value and previous not in _NO_PARENT:
-                impl.sethasparent(instance_state(previous), state, True)
-            raise
-        return value
-
-    def on_remove(state: Any, value: Any, initiator: Any, **_: Any) -> None:
-        try:
-            _check(state, key)
-        except BaseException:
-            if impl.trackparent and value not in _NO_PARENT:
-                impl.sethasparent(instance_state(value), state, True)
-            raise
-
-    def on_append(state: Any, value: Any, initiator: Any, **_: Any) -> Any:
-        _check(state, key)
-        return value
-
-    def on_bulk_replace(state: Any, values: Any, initiator: Any, **_: Any) -> None:
-        # before SQLAlchemy swaps in the new collection, which it does before append/remove
-        _check(state, key)
+def _on_modified(key: str) -> Callable[..., None]:
+    """The raw listener checking ``flag_modified()`` of one attribute (it fires an event only)."""
 
     def on_modified(state: Any, initiator: Any, **_: Any) -> None:
-        _check(state, key)  # flag_modified()
+        _check(state, key)
 
-    listeners: dict[str, Callable[..., Any]] = {
-        "set": on_set,
-        "remove": on_remove,
-        "modified": on_modified,
-    }
-    if impl.collection:
-        listeners.update(append=on_append, bulk_replace=on_bulk_replace)
-    return listeners
+    return on_modified
 
 
 def _listen_to(mapper: Mapper[Any]) -> None:
@@ -209,12 +205,9 @@ def _listen_to(mapper: Mapper[Any]) -> None:
             continue
         done.add(key)
         _lazy_loads.wrap_attribute_loader(attribute.impl, guard_of_state)
-        for name, listener in _listeners_for(key, attribute.impl).items():
-            # First in line, before SQLAlchemy's own backref and cascade listeners, so that a
-            # refused write has changed nothing (no backref set, nothing cascaded into the
-            # session). ``event.listen`` does not take ``insert`` for attribute events; this is
-            # what it does for ``raw=True`` listeners, plus ``insert``.
-            _event_key(attribute, name, listener).base_listen(insert=True)
+        # First in line, before any other listener, as a raw listener (``event.listen`` does not
+        # take ``insert`` for attribute events; this is what it does for ``raw=True``, plus it).
+        _event_key(attribute, "modified", _on_modified(key)).base_listen(insert=True)
 
 
 def _on_mapper_configured(mapper: Mapper[Any], class_: type) -> None:
@@ -228,7 +221,7 @@ def _install() -> None:
         if _installed:
             return
         event.listen(Mapper, "mapper_configured", _on_mapper_configured)
-        _patch_set_committed_value()
+        _patch_writing_methods()
         _lazy_loads.install(guard_of_state)
         for registry in _all_registries():
             for mapper in registry.mappers:
