@@ -2,9 +2,9 @@
 sessions, run as is against run under ``python -m sessionscope audit``, side by side.
 
 The audit changes a whole process (every ``Session`` is guarded from its ``__init__``, and the
-guard's write checks are on SQLAlchemy's attribute implementations), so the two contenders are two worker
-processes answering the same requests, interleaved round by round as ``guard_overhead``'s
-listener cases are:
+guard's write checks are on SQLAlchemy's attribute implementations), so the two contenders are
+two worker processes answering the same requests, interleaved round by round as
+``guard_overhead``'s listener cases are:
 
 - ``plain``: ``python audit_overhead.py --worker`` (SQLAlchemy's own thread-local
   ``scoped_session`` over a ``sessionmaker``: the program as its authors wrote it), started with

@@ -47,6 +47,7 @@ enum {
 
 static PyObject *guard_of_state(PyObject *state);
 static int check_write_of(PyObject *state, PyObject *key, PyObject *prefix);
+static int watch_flagging(PyObject *identity_map, PyObject *guard);
 
 /* configured once by configure(): what the Python fast path reads from its module globals */
 static PyObject *getcurrent_func = NULL;   /* greenlet.getcurrent */
@@ -69,7 +70,7 @@ static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_lo
 static PyObject *recheck_func = NULL;      /* _results._recheck */
 
 /* interned attribute names, and 0 (the slot's key) */
-static PyObject *s_impl_key, *s_guard, *s_admit, *s_session_id, *s_class, *s_check_write, *s_run_after_leave,
+static PyObject *s_identity_map, *s__modified, *s_impl_key, *s_guard, *s_admit, *s_session_id, *s_class, *s_check_write, *s_run_after_leave,
     *s_trio, *s_soft_closed, *zero;
 
 typedef struct {
@@ -261,8 +262,28 @@ checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, Py
         int checked_name = PySet_Contains(self->hook, args[1]);
         if (checked_name < 0)
             return NULL;
-        if (checked_name)
-            return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+        if (checked_name) {
+            /* _handles._assign()'s usual cases: a session whose guard is not set yet (its
+             * __init__), and a new identity map (every close()): no check, no Python frame */
+            PyObject *guard = PyObject_GetAttr(args[0], s_guard);
+            if (guard == NULL)
+                return NULL;
+            int is_map = 0;
+            if (guard != Py_None) {
+                is_map = PyUnicode_Compare(args[1], s_identity_map) == 0;
+                if (!is_map) {
+                    Py_DECREF(guard);
+                    return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+                }
+            }
+            int rc = PyObject_GenericSetAttr(args[0], args[1], args[2]);
+            if (rc == 0 && is_map)
+                rc = watch_flagging(args[2], guard);
+            Py_DECREF(guard);
+            if (rc < 0)
+                return NULL;
+            Py_RETURN_NONE;
+        }
         if (PyObject_GenericSetAttr(args[0], args[1], args[2]) < 0)
             return NULL;
         Py_RETURN_NONE;
@@ -717,6 +738,42 @@ flagging_add(FlaggingChecked *self, PyObject *state)
     Py_RETURN_NONE;
 }
 
+static PyTypeObject FlaggingCheckedType;
+
+/* _handles.watch_flagging(identity_map, guard): the map's set of modified states, checked */
+static int
+watch_flagging(PyObject *identity_map, PyObject *guard)
+{
+    PyObject *modified = PyObject_GetAttr(identity_map, s__modified);
+    if (modified == NULL)
+        return -1;
+    if (Py_IS_TYPE(modified, &FlaggingCheckedType)) {
+        Py_DECREF(modified);
+        return 0;
+    }
+    PyObject *watched = PyObject_CallOneArg((PyObject *)&FlaggingCheckedType, modified);
+    Py_DECREF(modified);
+    if (watched == NULL)
+        return -1;
+    Py_INCREF(guard);
+    Py_XSETREF(((FlaggingChecked *)watched)->guard, guard);
+    int rc = PyObject_SetAttr(identity_map, s__modified, watched);
+    Py_DECREF(watched);
+    return rc;
+}
+
+static PyObject *
+watch_flagging_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "watch_flagging(identity_map, guard)");
+        return NULL;
+    }
+    if (watch_flagging(args[0], args[1]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static int
 flagging_traverse(FlaggingChecked *self, visitproc visit, void *arg)
 {
@@ -1108,6 +1165,8 @@ static PyMethodDef module_methods[] = {
      "configure_results(current_task_of_loop, recheck): what a result's rows check calls."},
     {"check_write", (PyCFunction)(void (*)(void))check_write, METH_FASTCALL,
      "check_write(state, key[, prefix]): the check of a write to a mapped attribute."},
+    {"watch_flagging", (PyCFunction)(void (*)(void))watch_flagging_py, METH_FASTCALL,
+     "watch_flagging(identity_map, guard): the map's set of modified states, checked."},
     {NULL},
 };
 
@@ -1125,6 +1184,8 @@ PyInit__speedups(void)
 {
     INTERN(s_guard, "_sessionscope_guard");
     INTERN(s_impl_key, "key");
+    INTERN(s_identity_map, "identity_map");
+    INTERN(s__modified, "_modified");
     INTERN(s_admit, "admit");
     INTERN(s_run_after_leave, "run_after_leave");
     INTERN(s_trio, "trio");

@@ -25,7 +25,6 @@ thread or greenlet is not the request. :class:`SessionScopeMiddleware` marks the
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import sys
 import weakref
@@ -37,7 +36,7 @@ from ._arguments import expect_flags, refuse
 from ._expect_registry import expect_registry
 from ._guard._site import Site, application_site
 from ._scoping import scoped_session
-from ._work import unit_of_work
+from ._work import UnitOfWork
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from ._scope import SessionScope
-    from ._work import UnitOfWork
 
 __all__ = ["SessionScopeMiddleware"]
 
@@ -93,7 +91,7 @@ class RequestScope:
         request's own stack is the server's); None to look for it as for any session."""
         self.context = contextvars.copy_context()
         self.registry = registry
-        self.work: UnitOfWork = unit_of_work()
+        self.work = UnitOfWork()  # (unit_of_work() without its argument check)
         # new=True: a request is independent of any scope around the server (a test's, say)
         self.scope: SessionScope[Any] = registry.scope(new=True, commit=False)
         self.session: Session | None = None
@@ -140,8 +138,10 @@ class RequestScope:
         self.ended = True
         token, self._token = self._token, None
         if token is not None:
-            with contextlib.suppress(ValueError):  # ended from another context: nothing to reset
+            try:  # noqa: SIM105 - (contextlib.suppress is a context manager more, per request)
                 _current.reset(token)
+            except ValueError:  # ended from another context: nothing to reset
+                pass
         try:
             self.scope.__exit__(*exc_info)
         finally:

@@ -237,11 +237,18 @@ class _FlaggingCheckedInPython(set):  # type: ignore[type-arg]
 _FlaggingChecked: Any = _FlaggingCheckedInPython if speedups is None else speedups.FlaggingChecked
 
 
-def watch_flagging(identity_map: Any, guard: Any) -> None:
+def _watch_flagging_in_python(identity_map: Any, guard: Any) -> None:
     if type(identity_map._modified) is not _FlaggingChecked:
         modified = _FlaggingChecked(identity_map._modified)
         modified.guard = guard
         identity_map._modified = modified
+
+
+watch_flagging: Callable[[Any, Any], None] = (
+    _watch_flagging_in_python if speedups is None else speedups.watch_flagging
+)
+"""Check the flagging of objects in an identity map of a guarded session (every session made,
+and every map its ``close()`` makes: in C when the module is built)."""
 
 
 def session_namespace(base: type) -> dict[str, Any]:
