@@ -10,7 +10,7 @@ reaches the session ("lazy-loaded Book.author"), and every step inside is the se
 SQLAlchemy has no event for a lazy load. Its loader strategy's entry point,
 ``LazyLoader._load_for_state`` (``_LazyLoader`` in 2.1; private, with the same signature in 2.0
 and 2.1), is reached two ways: as the attribute's loader callable, a bound method taken when the
-mapper was configured (wrapped per attribute, as the write listeners are added), and through
+mapper was configured (wrapped per attribute, as each mapper is configured), and through
 per-query loader options, which look it up on the class (wrapped once). An object of an
 unguarded session costs one dict lookup.
 """
