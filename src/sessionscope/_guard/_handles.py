@@ -202,11 +202,14 @@ def _assign(base_setattr: Callable[[Any, str, Any], None]) -> Callable[[Any, str
 
     def assign(session: Any, name: str, value: Any) -> None:
         guard = session._sessionscope_guard
-        if guard is not None and name != "identity_map":
-            guard.check_use(f"={name}")
-        base_setattr(session, name, value)
-        if guard is not None and name == "identity_map":
+        if guard is None:  # (its __init__ is running: not guarded yet)
+            base_setattr(session, name, value)
+        elif name == "identity_map":
+            base_setattr(session, name, value)
             watch_flagging(value, guard)
+        else:
+            guard.check_use(f"={name}")
+            base_setattr(session, name, value)
 
     return assign
 

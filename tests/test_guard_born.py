@@ -1,0 +1,174 @@
+"""Sessions born as their guarded class, and writes checked in SQLAlchemy's attribute code.
+
+The registries and scopes make a sessionmaker's sessions as the guarded class from the start
+(``_install.born_guarded``), running the maker's own ``__call__`` on its ``kw``; their event
+dispatch is a plain attribute; writes to mapped attributes are checked where SQLAlchemy's
+attribute implementations make them. What a user could see of that is tested here: the maker's
+configuration still applies, listeners still fire, a maker with its own ``__call__`` is still
+guarded, and a write-only collection (its own attribute implementation) is still checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, ForeignKey, String, event, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    WriteOnlyMapped,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+import sessionscope
+from sessionscope._guard._guarded_class import is_guarded_class
+from sessionscope._guard._install import guard_of
+from tests.models import Row
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Shelf(_Base):
+    __tablename__ = "ss_born_shelves"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    books: WriteOnlyMapped[Book] = relationship()
+
+
+class Book(_Base):
+    __tablename__ = "ss_born_books"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(100))
+    shelf_id: Mapped[int | None] = mapped_column(ForeignKey("ss_born_shelves.id"))
+
+
+@pytest.fixture
+def shelves(engine: Engine) -> Iterator[Engine]:
+    _Base.metadata.create_all(engine)
+    try:
+        yield engine
+    finally:
+        _Base.metadata.drop_all(engine)
+
+
+def in_thread(fn: Callable[[], Any]) -> BaseException | None:
+    """Run ``fn`` in a new thread (another unit); the exception it raised, if any."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as error:  # noqa: BLE001 - returned to the test
+            raised.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return raised[0] if raised else None
+
+
+def test_a_makers_sessions_are_born_guarded_and_configure_still_applies(engine: Engine) -> None:
+    made_as: list[type] = []
+
+    class RecordingSession(Session):
+        def __init__(self, **kw: Any) -> None:
+            made_as.append(type(self))  # the class the session is made as, before any install
+            super().__init__(**kw)
+
+    maker = sessionmaker(engine, class_=RecordingSession)
+    Scoped = sessionscope.scoped_session(maker)
+    Scoped.configure(expire_on_commit=False, info={"configured": True})
+    with Scoped.scope(info={"scope": 1}) as session:
+        assert made_as == [type(session)] and is_guarded_class(type(session))  # born, not switched
+        assert issubclass(type(session), maker.class_)
+        assert session.expire_on_commit is False
+        assert session.info == {"configured": True, "scope": 1}  # merged as the maker merges
+        assert isinstance(in_thread(lambda: session.get(Row, 1)), sessionscope.CrossUnitError)
+    implicit = Scoped()
+    assert is_guarded_class(type(implicit)) and guard_of(implicit) is not None
+    assert implicit.expire_on_commit is False
+    Scoped.remove()
+
+
+def test_listeners_on_the_maker_and_on_the_session_fire(engine: Engine) -> None:
+    maker = sessionmaker(engine)
+    Scoped = sessionscope.scoped_session(maker)
+    fired: list[str] = []
+    event.listen(maker, "after_commit", lambda s: fired.append("maker"))
+    with Scoped.scope() as session:
+        event.listen(session, "after_commit", lambda s: fired.append("session"))
+        session.add(Row(owner="listeners", n=1))
+    assert sorted(fired) == ["maker", "session"]
+    with Scoped.scope() as other:  # a session's own listener stays its own
+        other.add(Row(owner="listeners", n=2))
+    assert sorted(fired) == ["maker", "maker", "session"]
+
+
+def test_a_maker_with_its_own_call_is_still_guarded(engine: Engine) -> None:
+    class CountingMaker(sessionmaker[Session]):
+        made = 0
+
+        def __call__(self, **kw: Any) -> Session:
+            CountingMaker.made += 1
+            return super().__call__(**kw)
+
+    Scoped = sessionscope.scoped_session(CountingMaker(engine))
+    with Scoped.scope() as session:
+        assert CountingMaker.made == 1  # its __call__ ran: the session was switched, not born
+        assert guard_of(session) is not None
+        assert isinstance(in_thread(lambda: session.get(Row, 1)), sessionscope.CrossUnitError)
+
+
+def test_guard_off_on_a_born_guarded_session_makes_it_the_makers_again(engine: Engine) -> None:
+    maker = sessionmaker(engine)
+    Scoped = sessionscope.scoped_session(maker)
+    session = Scoped()
+    sessionscope.guard(session, "off")
+    assert type(session) is maker.class_ and guard_of(session) is None
+    assert in_thread(lambda: session.scalars(select(Row)).all()) is None
+    Scoped.remove()
+
+
+def test_a_write_only_collection_is_checked_where_it_writes(shelves: Engine) -> None:
+    Scoped = sessionscope.scoped_session(sessionmaker(shelves))
+    with Scoped.scope() as session:
+        shelf = Shelf()
+        session.add(shelf)
+        session.flush()
+        refused = in_thread(lambda: shelf.books.add(Book(title="from another unit")))
+        assert isinstance(refused, sessionscope.CrossUnitError)
+        shelf.books.add(Book(title="the owner's"))  # the owner writes freely
+    with Scoped.scope() as session:
+        titles = session.scalars(select(Book.title)).all()
+    assert titles == ["the owner's"]  # the refused write changed nothing
+
+
+def test_an_async_makers_sync_session_class_is_kept_and_guarded() -> None:
+
+    class MySession(Session):
+        pass
+
+    async def main() -> None:
+        engine = create_async_engine("sqlite+aiosqlite://")
+        try:
+            Scoped = sessionscope.async_scoped_session(
+                async_sessionmaker(engine, sync_session_class=MySession)
+            )
+            async with Scoped.scope() as session:
+                assert isinstance(session, AsyncSession)
+                assert isinstance(session.sync_session, MySession)
+                assert is_guarded_class(type(session.sync_session))
+                assert guard_of(session) is not None
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
