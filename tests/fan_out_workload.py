@@ -37,8 +37,14 @@ def _others(session: Any, parent: Parent) -> int:
     return sum(1 for key in session.identity_map if key != mine)
 
 
-def sync_work(registry: Any) -> Callable[[Parent], tuple[Child, int]]:
+def sync_work(
+    registry: Any, started: list[int] | None = None
+) -> Callable[[Parent], tuple[Child, int]]:
+    """``started``: as for :func:`async_work` (``list.append`` is atomic across threads)."""
+
     def work(parent: Parent) -> tuple[Child, int]:
+        if started is not None:
+            started.append(parent.id)
         session = registry()
         if parent not in session:
             raise AssertionError("the item did not arrive in the unit's own session")
@@ -48,6 +54,8 @@ def sync_work(registry: Any) -> Callable[[Parent], tuple[Child, int]]:
         parent.name += "+"
         session.flush()
         if parent.name.startswith(FAIL):
+            if started is not None:
+                started.append(-len(started))
             raise ValueError(f"item {parent.id} failed after flushing")
         session.commit()
         return child, others

@@ -114,17 +114,26 @@ def test_threads_over_a_thousand_items_on_postgresql(pg_schema: str) -> None:
 
 
 def test_a_failing_item_stops_the_rest_and_leaves_no_rows(engine: Engine) -> None:
+    """No item starts once item 21 has failed; how many ran before it failed depends on the
+    database: on SQLite, item 21's flush busy-waits for the one write lock, and the thread
+    beside it, committing item after item, can overtake it many times (CI once saw 48)."""
     seed(engine, 300, fail_at=(20,))
     Session = sessionscope.scoped_session(sessionmaker(engine))
     items = items_of(Session)
+    started: list[int] = []
     with pytest.raises(ValueError, match="item 21 failed after flushing"):
-        sessionscope.fan_out(sync_work(Session), items, session=Session, limit=2)
+        sessionscope.fan_out(sync_work(Session, started), items, session=Session, limit=2)
     Session.remove()
     facts = stored(engine)
-    assert 21 not in facts["children"] and 21 not in facts["renamed"]
-    assert set(facts["children"].values()) <= {1}
+    failure = next(n for n in started if n < 0)
+    before, after = started[: started.index(failure)], started[started.index(failure) + 1 :]
+    assert len(before) == -failure and 21 in before  # (the record is right)
+    # the thread beside it may start one item between the failure and its report to fan_out
+    assert len(after) <= 1
+    assert len(started) < 300 - 2  # so most items never ran
+    # every item that started and did not fail landed, exactly once; item 21's flushed row did not
+    assert facts["children"] == {n: 1 for n in before + after if n != 21}
     assert set(facts["children"]) == facts["renamed"]
-    assert len(facts["children"]) < 40  # the items after the failure did not start
     assert facts["idle_in_transaction"] == 0
     assert engine.pool.checkedout() == 0
 
@@ -451,6 +460,7 @@ def test_greenlets_under_gevent(db: str, tmp_path: Path, request: pytest.Fixture
     assert facts["merged_back"] and facts["others"] == 0
     assert facts["children"] == 1000 and facts["each_once"]
     assert facts["failure"] == "item 11 failed after flushing"
-    assert not facts["failed_item_landed"] and facts["after_failure"] < 30
+    assert not facts["failed_item_landed"] and facts["landed_as_started"]
+    assert facts["started_after_failure"] <= 1 and facts["started"] < 300 - 2
     assert facts["ran_concurrently"]
     assert facts["idle_in_transaction"] == 0 and facts["checkedout"] == 0

@@ -66,14 +66,20 @@ def main(url: str) -> dict[str, object]:
 
     seed(engine, 300, fail_at=(10,))
     items = list(Session.scalars(select(Parent).order_by(Parent.id)))
+    started: list[int] = []
     try:
-        sessionscope.fan_out(work, items, via="greenlets", limit=2, session=Session)
+        sessionscope.fan_out(
+            sync_work(Session, started), items, via="greenlets", limit=2, session=Session
+        )
     except ValueError as error:
         facts["failure"] = str(error)
     Session.remove()
     landed = stored(engine)
     facts["failed_item_landed"] = 11 in landed["children"] or 11 in landed["renamed"]
-    facts["after_failure"] = len(landed["children"])
+    failure = next(n for n in started if n < 0)
+    facts["started_after_failure"] = len(started) - started.index(failure) - 1
+    facts["started"] = len(started) - 1
+    facts["landed_as_started"] = landed["children"] == {n: 1 for n in started if n > 0 and n != 11}
     time.sleep(0)
     facts["idle_in_transaction"] = landed["idle_in_transaction"]
     facts["checkedout"] = engine.pool.checkedout()
