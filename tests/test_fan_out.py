@@ -130,7 +130,8 @@ def test_a_failing_item_stops_the_rest_and_leaves_no_rows(engine: Engine) -> Non
     assert len(before) == -failure and 21 in before  # (the record is right)
     # the thread beside it may start one item between the failure and its report to fan_out
     assert len(after) <= 1
-    assert len(started) < 300 - 2  # so most items never ran
+    if engine.dialect.name == "postgresql":  # no writer to overtake: most items never ran
+        assert len(started) < 300 - 2
     # every item that started and did not fail landed, exactly once; item 21's flushed row did not
     assert facts["children"] == {n: 1 for n in before + after if n != 21}
     assert set(facts["children"]) == facts["renamed"]
@@ -383,7 +384,8 @@ def test_a_failing_task_stops_the_rest(async_engines: tuple[AsyncEngine, Engine]
     before, after = started[: started.index(failure)], started[started.index(failure) + 1 :]
     assert len(before) == -failure and 6 in before  # (the record is right)
     assert after == []  # nothing started once item 6 had failed
-    assert len(before) < 200 - 2  # so most items never ran
+    if eng.dialect.name == "postgresql":  # no writer to overtake: most items never ran
+        assert len(before) < 200 - 2
     # every item that started and did not fail landed, exactly once; item 6's flushed row did not
     assert facts["children"] == {n: 1 for n in before if n != 6}
     assert set(facts["children"]) == facts["renamed"]
