@@ -366,7 +366,7 @@ def test_a_long_lived_unit_making_session_after_session_keeps_no_trace_of_closed
             Session.remove()
         work = sessionscope._work.current_work()
         assert work is not None
-        lengths.append(len(work.owned or ()))
+        lengths.append(len(work.owned_guards()))
 
     thread = threading.Thread(target=consumer)
     thread.start()

@@ -22,13 +22,7 @@ from typing import Any, Generic, TypeVar
 from greenlet import greenlet
 
 from . import _fork
-from ._work import (
-    WorkUnit,
-    current_or_new_work,
-    current_work,
-    forget_after_fork,
-    register_end_hook,
-)
+from ._work import WorkUnit, current_or_new_work, current_work, holds_values, register_end_hook
 
 T = TypeVar("T")
 
@@ -38,12 +32,19 @@ _all_locals: weakref.WeakSet[UnitLocal[Any]] = weakref.WeakSet()
 
 
 class UnitLocal(Generic[T]):
-    """One value per unit of work, with ``on_end(value)`` called when the work ends."""
+    """One value per unit of work, with ``on_end(value)`` called when the work ends.
+
+    The values live in the works themselves; the local only counts them (``len()``) and keeps
+    weak references to the works of raw greenlets, the only units whose end may go unannounced
+    (see :meth:`_sweep`). A weak reference per task or thread would be one more object per live
+    unit for the garbage collector to walk, for nothing: their ends are announced.
+    """
 
     def __init__(self, on_end: Callable[[T], None]) -> None:
         self._key = f"_sessionscope_local_{next(_ids)}"
         self._on_end = on_end
-        self._holders: weakref.WeakSet[WorkUnit] = weakref.WeakSet()
+        self._count = 0
+        self._greenlet_holders: weakref.WeakSet[WorkUnit] = weakref.WeakSet()
         self._sweep_at = _SWEEP_MIN
         register_end_hook(self._key, self)
         _all_locals.add(self)
@@ -63,11 +64,15 @@ class UnitLocal(Generic[T]):
         """
         if work is None:
             work = current_or_new_work()
-        if self._key not in work.values:
-            if len(self._holders) >= self._sweep_at:
-                self._sweep()
-            self._holders.add(work)
-        work.values[self._key] = value
+        values = work.values
+        if self._key not in values:
+            self._count += 1
+            holds_values(work)
+            if type(work.root) is weakref.ref:  # a greenlet's (see WorkUnit.root)
+                if len(self._greenlet_holders) >= self._sweep_at:
+                    self._sweep()
+                self._greenlet_holders.add(work)
+        values[self._key] = value
 
     def pop(self, work: WorkUnit | None = None) -> T | None:
         """Forget the current unit of work's value without ending it; return it (or None).
@@ -78,35 +83,40 @@ class UnitLocal(Generic[T]):
             work = current_work()
             if work is None:
                 return None
-        self._holders.discard(work)
         value: T | None = work.values.pop(self._key, None)
+        if value is not None:
+            self._forget(work)
         return value
 
     def __len__(self) -> int:
         """How many units of work hold a value right now."""
-        return len(self._holders)
+        return self._count
 
     def work_ended(self, work: WorkUnit, value: T) -> None:
         """Called by ``work`` as it ends, with the value it held under this local's key."""
-        self._holders.discard(work)
+        self._forget(work)
         self._on_end(value)
+
+    def _forget(self, work: WorkUnit) -> None:
+        self._count -= 1
+        if type(work.root) is weakref.ref:
+            self._greenlet_holders.discard(work)
 
     def _sweep(self) -> None:
         """End works whose raw greenlet finished but is still referenced by the application."""
-        for work in list(self._holders):
+        for work in list(self._greenlet_holders):
             root = work.root_unit()
             if isinstance(root, greenlet) and root.dead:
                 work.end()
-        self._sweep_at = max(_SWEEP_MIN, 2 * len(self._holders))
+        self._sweep_at = max(_SWEEP_MIN, 2 * len(self._greenlet_holders))
 
 
 def _forget_parent_works() -> list[Any]:
-    """In a forked child the parent's works hold nothing: their values are parked untouched."""
-    works: set[WorkUnit] = set()
+    """In a forked child no local counts the parent's works (``_work`` empties them)."""
     for local in list(_all_locals):
-        works.update(local._holders)
-        local._holders = weakref.WeakSet()
-    return forget_after_fork(list(works))
+        local._count = 0
+        local._greenlet_holders = weakref.WeakSet()
+    return []
 
 
 _fork.on_fork_in_child(_forget_parent_works)

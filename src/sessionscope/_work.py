@@ -59,6 +59,20 @@ _end_hooks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary(
 """What to do with a value a :class:`WorkUnit` holds under a key when it ends (``UnitLocal``)."""
 
 
+_holding_values: dict[int, weakref.ref[WorkUnit]] = {}
+"""The works holding a registry value, by id (until they end): what a forked child empties.
+
+A weak reference without a callback is the one CPython shares per object (the guard's
+``owner_ref`` is that same object), so this costs no object per unit, where a ``WeakSet`` made
+one per unit for the collector to walk.
+"""
+
+
+def holds_values(work: WorkUnit) -> None:
+    """Tell that ``work`` holds a registry value now (``UnitLocal.set``)."""
+    _holding_values[id(work)] = weakref.ref(work)
+
+
 def register_end_hook(key: str, owner: Any) -> None:
     """Tell work units that values under ``key`` end through ``owner.work_ended(work, value)``."""
     _end_hooks[key] = owner
@@ -108,7 +122,8 @@ class WorkUnit:
         self.ended = False
         self.generation = _fork.generation
         self.explicit = explicit
-        self.owned: list[weakref.ref[Any]] | None = None
+        self.owned: weakref.ref[Any] | list[weakref.ref[Any]] | None = None
+        """The guarded sessions this work owns (see :meth:`owns`): one reference, or a list."""
         self.prune_owned_at = _MIN_PRUNE
         self.parent = parent
         """The work this one runs inside (test harnesses nest them): its sessions may be used."""
@@ -134,18 +149,32 @@ class WorkUnit:
         """Remember a guarded session this work owns (a weak reference to its guard, which is its
         borrow token), to close it when the work ends.
 
-        A long-lived work (a thread's, making session after session with ``Session()`` and
+        Most units of work own one session: it is kept as it is, and a list is made for a second
+        one (an object less per unit, which counts when 100,000 units are alive at once). A
+        long-lived work (a thread's, making session after session with ``Session()`` and
         ``remove()``) would keep a dead reference per session: once the list has doubled since
         it was last pruned, the dead ones are dropped (amortised O(1) per session).
         """
         owned = self.owned
         if owned is None:
-            self.owned = [guard_ref]
+            self.owned = guard_ref
+            return
+        if not isinstance(owned, list):
+            self.owned = [owned, guard_ref]
             return
         owned.append(guard_ref)
         if len(owned) >= self.prune_owned_at:
             owned[:] = [ref for ref in owned if ref() is not None]
             self.prune_owned_at = max(_MIN_PRUNE, 2 * len(owned))
+
+    def owned_guards(self) -> list[weakref.ref[Any]]:
+        """What :meth:`owns` was given (a new list: the caller may end sessions meanwhile)."""
+        owned = self.owned
+        if owned is None:
+            return []
+        if isinstance(owned, list):
+            return list(owned)
+        return [owned]
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -159,14 +188,16 @@ class WorkUnit:
         if self.ended:
             return
         self.ended = True
+        _holding_values.pop(id(self), None)
         values, self.values = self.values, {}
         self.task = None  # a task's context holds its work: no cycle left behind
-        owned, self.owned = self.owned, None
+        owned = self.owned_guards()
+        self.owned = None
         for key, value in values.items():
             hook = _end_hooks.get(key)
             if hook is not None:
                 _run_hook(self, collected, hook.work_ended, self, value)
-        for ref in owned or ():
+        for ref in owned:
             guard = ref()
             if guard is not None:
                 _run_hook(self, collected, guard.owner_ended, self)
@@ -199,6 +230,10 @@ class WorkUnit:
     def unit_ended(self, *_: Any) -> None:
         """The end signal of the unit that opened an implicit work (a task, a gevent greenlet)."""
         run_outside_hub(self.end)
+
+    __call__ = unit_ended
+    """The work is its own end-of-unit callback (``add_done_callback(work)``, ``rawlink(work)``):
+    no bound method is made and kept per unit."""
 
     def __del__(self, _interpreter: dict[str, bool] = INTERPRETER) -> None:
         # Freed with the last context holding it: a thread's context in the ending thread, a
@@ -242,7 +277,7 @@ def current_work() -> WorkUnit | None:
 def work_of_task(task: Any) -> WorkUnit | None:
     """:func:`current_work` for a caller that has just looked up the running task (or None)."""
     work: Any = work_var.get()
-    if type(work) is weakref.ProxyType:  # a pool job's work (see current_or_new_work)
+    if type(work) is weakref.CallableProxyType:  # a pool job's work (see _hold_in_the_pool_thread)
         try:
             work = work.myself()
         except ReferenceError:
@@ -336,7 +371,7 @@ def _hold_in_the_pool_thread(work: WorkUnit) -> None:
     previous job left.
     """
     previous = replace_last_job(work)
-    work.via = weakref.proxy(work)
+    work.via = weakref.proxy(work)  # (a CallableProxyType: a WorkUnit is callable)
     work_var.set(work.via)
     _job_token.set(_JobToken(work))
     if previous is not None:
@@ -444,18 +479,25 @@ def unit_of_work(*, lend_to_tasks: bool = False) -> UnitOfWork:
     return UnitOfWork(lend_to_tasks=lend_to_tasks)
 
 
-def forget_after_fork(works: list[WorkUnit]) -> list[Any]:
-    """In a forked child: the parent's ``works`` hold nothing, and nothing of theirs is touched.
+def _forget_works_after_fork() -> list[Any]:
+    """In a forked child: the parent's works hold nothing, and nothing of theirs is touched.
 
     (Works holding no registry value need nothing: their generation is the parent's, so
     :func:`current_work` never returns them, and their guards are refused in the child.)
     """
     abandoned: list[Any] = []
-    for work in works:
+    for ref in list(_holding_values.values()):
+        work = ref()
+        if work is None:
+            continue
         abandoned.extend(work.values.values())
         work.values = {}
         work.owned = None
         work.task = None
         work.ended = True
         abandoned.append(work)
+    _holding_values.clear()
     return abandoned
+
+
+_fork.on_fork_in_child(_forget_works_after_fork)

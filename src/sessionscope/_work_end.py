@@ -64,7 +64,7 @@ async def end_awaited(work: WorkUnit) -> None:
 
 def _sessions_of(work: WorkUnit) -> list[Any]:
     sessions = list(work.values.values())
-    for ref in work.owned or ():
+    for ref in work.owned_guards():
         guard = ref()
         session = guard.session_ref() if guard is not None else None
         if session is not None:
@@ -108,7 +108,7 @@ async def close_lent_async_sessions(loop: asyncio.AbstractEventLoop) -> None:
                 hook = _end_hooks.get(key)
                 if hook is not None:
                     hook.work_ended(work, value)
-        for ref in list(work.owned or ()):
+        for ref in work.owned_guards():
             guard = ref()
             if guard is not None and isinstance(guard.session_ref(), AsyncSession):
                 guard.owner_ended(work)

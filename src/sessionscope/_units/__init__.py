@@ -113,7 +113,8 @@ def describe_unit(unit: Unit) -> str:
 
 
 def watch_unit_end(unit: Unit, listener: Any) -> None:
-    """Arrange for ``listener.unit_ended()`` to be called once ``unit`` has ended.
+    """Arrange for ``listener.unit_ended()`` to be called once ``unit`` has ended (a task's or a
+    gevent/eventlet greenlet's end signal calls ``listener(unit)``: the work unit's ``__call__``).
 
     Must be called from ``unit`` itself; listeners make a second signal harmless. Raw greenlets
     have no end signal: their unit of work ends when their context is freed, or in a sweep (see

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
+from contextvars import Context
 from typing import Any
 
 _get_running_loop = asyncio.events._get_running_loop
@@ -36,8 +37,15 @@ def running_task() -> asyncio.Task[Any] | None:
 
 
 def watch_end(task: asyncio.Task[Any], listener: Any) -> None:
-    """Call ``listener.unit_ended(task)`` on the task's loop once it is done (any outcome)."""
-    task.add_done_callback(listener.unit_ended)
+    """Call ``listener.unit_ended(task)`` on the task's loop once it is done (any outcome).
+
+    The listener is called as it is (a callable: the work unit) and in an empty context:
+    ``add_done_callback()`` would otherwise copy the task's context, which keeps the context's
+    mapping as it was then alive until the task ends, one more object per live task for the
+    collector to walk. Nothing sessionscope runs at the end reads the task's variables (its
+    unit of work has ended: no context may use it any more).
+    """
+    task.add_done_callback(listener, context=Context())
 
 
 def describe(task: asyncio.Task[Any]) -> str:

@@ -76,9 +76,9 @@ def watch_end(unit: greenlet, listener: Any) -> None:
     their unit of work ends as their context is freed with them (``_work``), or in a sweep.
     """
     if hasattr(unit, "rawlink"):  # gevent.Greenlet
-        unit.rawlink(listener.unit_ended)
+        unit.rawlink(listener)
     elif hasattr(unit, "link") and hasattr(unit, "_exit_event"):  # eventlet GreenThread
-        unit.link(listener.unit_ended)
+        unit.link(listener)
 
 
 def describe(unit: greenlet) -> str:
