@@ -68,7 +68,7 @@ def run_outside_hub(callback: Callable[[], None]) -> None:
         spawn(callback)
 
 
-def watch_end(unit: greenlet, listener: Any) -> None:
+def watch_end(unit: greenlet, listener: Any) -> bool:
     """Call ``listener.unit_ended()`` when a gevent or eventlet greenlet finishes or is killed.
 
     Those announce their end (``rawlink`` / ``link``), so the session is closed as the greenlet
@@ -77,8 +77,11 @@ def watch_end(unit: greenlet, listener: Any) -> None:
     """
     if hasattr(unit, "rawlink"):  # gevent.Greenlet
         unit.rawlink(listener)
-    elif hasattr(unit, "link") and hasattr(unit, "_exit_event"):  # eventlet GreenThread
+        return True
+    if hasattr(unit, "link") and hasattr(unit, "_exit_event"):  # eventlet GreenThread
         unit.link(listener)
+        return True
+    return False
 
 
 def describe(unit: greenlet) -> str:
