@@ -99,6 +99,29 @@ def test_a_makers_sessions_are_born_guarded_and_configure_still_applies(engine: 
     Scoped.remove()
 
 
+def test_a_maker_changed_between_sessions_makes_the_next_one_as_it_is_now(engine: Engine) -> None:
+    """The guarded view of a maker is reused from session to session: one whose options are
+    configured in place, whose ``kw`` is replaced or whose class is replaced is followed."""
+
+    class Other(Session):
+        pass
+
+    maker = sessionmaker(engine)
+    Scoped = sessionscope.scoped_session(maker)
+    with Scoped.scope() as first:
+        assert first.autoflush is True and not isinstance(first, Other)
+    maker.configure(autoflush=False)  # in place
+    with Scoped.scope() as second:
+        assert second.autoflush is False
+    maker.kw = {**maker.kw, "expire_on_commit": False}  # replaced
+    with Scoped.scope() as third:
+        assert third.autoflush is False and third.expire_on_commit is False
+    maker.class_ = Other
+    with Scoped.scope() as fourth:
+        assert isinstance(fourth, Other) and is_guarded_class(type(fourth))
+        assert isinstance(in_thread(lambda: fourth.get(Row, 1)), sessionscope.CrossUnitError)
+
+
 def test_listeners_on_the_maker_and_on_the_session_fire(engine: Engine) -> None:
     maker = sessionmaker(engine)
     Scoped = sessionscope.scoped_session(maker)

@@ -175,10 +175,18 @@ def born_guarded(factory: Callable[..., T], mode: Mode) -> Callable[..., T]:
 
         return make_unguarded
 
+    last: tuple[Any, _MakerView | None] = (None, None)  # (class_, its view), replaced as one
+
     def make(**kw: Any) -> T:
+        nonlocal last
         made = maker.class_
-        if isinstance(made, type) and issubclass(made, Session):
+        made_before, view = last
+        if made is made_before and view is not None and view.kw is maker.kw:
+            pass  # (the usual call: the same class and options as the last, no check needed)
+        elif isinstance(made, type) and issubclass(made, Session):
+            # (the view holds the maker's own kw: configure() updates it in place)
             view = _MakerView(maker.kw, guarded_class(made))
+            last = (made, view)
         elif isinstance(made, type) and issubclass(made, AsyncSession):
             sync_class = maker.kw.get("sync_session_class") or made.sync_session_class
             kw_guarded = {**maker.kw, "sync_session_class": guarded_class(sync_class)}
