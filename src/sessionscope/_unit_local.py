@@ -35,10 +35,9 @@ class UnitLocal(Generic[T]):
     """One value per unit of work, with ``on_end(value)`` called when the work ends.
 
     The values live in the works themselves; the local only counts them (``len()``) and keeps
-    weak references to the works of raw greenlets (and boundaries opened in them), the only ones
-    whose end may go unannounced (see :meth:`_sweep`). A weak reference per task, thread or
-    gevent greenlet would be one more object per live unit for the garbage collector to walk,
-    for nothing: their ends are announced.
+    weak references to the works of raw greenlets, the only units whose end may go unannounced
+    (see :meth:`_sweep`). A weak reference per task or thread would be one more object per live
+    unit for the garbage collector to walk, for nothing: their ends are announced.
     """
 
     def __init__(self, on_end: Callable[[T], None]) -> None:
@@ -69,7 +68,7 @@ class UnitLocal(Generic[T]):
         if self._key not in values:
             self._count += 1
             holds_values(work)
-            if type(work.root) is weakref.ref and not work.end_announced:  # a raw greenlet's
+            if type(work.root) is weakref.ref:  # a greenlet's (see WorkUnit.root)
                 if len(self._greenlet_holders) >= self._sweep_at:
                     self._sweep()
                 self._greenlet_holders.add(work)
@@ -100,7 +99,7 @@ class UnitLocal(Generic[T]):
 
     def _forget(self, work: WorkUnit) -> None:
         self._count -= 1
-        if type(work.root) is weakref.ref and not work.end_announced:
+        if type(work.root) is weakref.ref:
             self._greenlet_holders.discard(work)
 
     def _sweep(self) -> None:

@@ -103,7 +103,6 @@ class WorkUnit:
         "parent",
         "lends",
         "via",
-        "end_announced",
         "__weakref__",
     )
 
@@ -132,8 +131,6 @@ class WorkUnit:
         """Whether asyncio tasks the opening thread runs may take the work over, one at a time."""
         self.via: Any = None
         """What a pool job's context holds instead of the work (a weak proxy); else None."""
-        self.end_announced = False
-        """Whether the unit's end signal ends this implicit work (all but a raw greenlet's)."""
 
     # -- who -----------------------------------------------------------------------------------
 
@@ -323,8 +320,7 @@ def open_implicit_work(unit: Unit, task: Any) -> WorkUnit:
     None), which has none: set in its context, ended with it."""
     work = WorkUnit(unit, task, explicit=False)
     work_var.set(work)
-    # a task's end, a gevent/eventlet greenlet's, a thread's (weakly); a raw greenlet has none
-    work.end_announced = watch_unit_end(unit, work)
+    watch_unit_end(unit, work)  # a task's end, a gevent/eventlet greenlet's, a thread's (weakly)
     if isinstance(unit, ThreadUnit) and is_pool_worker():
         _hold_in_the_pool_thread(work)
     return work

@@ -112,17 +112,15 @@ def describe_unit(unit: Unit) -> str:
     return description
 
 
-def watch_unit_end(unit: Unit, listener: Any) -> bool:
+def watch_unit_end(unit: Unit, listener: Any) -> None:
     """Arrange for ``listener.unit_ended()`` to be called once ``unit`` has ended (a task's or a
     gevent/eventlet greenlet's end signal calls ``listener(unit)``: the work unit's ``__call__``).
 
     Must be called from ``unit`` itself; listeners make a second signal harmless. Raw greenlets
     have no end signal: their unit of work ends when their context is freed, or in a sweep (see
-    ``UnitLocal``). A thread holds its listeners weakly (see ``_thread.watch_end``). Returns
-    whether the end will be announced (False for a raw greenlet).
+    ``UnitLocal``). A thread holds its listeners weakly (see ``_thread.watch_end``).
     """
-    announced: bool = _model_of(unit).watch_end(unit, listener)
-    return announced
+    _model_of(unit).watch_end(unit, listener)
 
 
 _fork.on_fork_in_child(_thread.renew_after_fork)

@@ -36,7 +36,7 @@ def running_task() -> asyncio.Task[Any] | None:
     return current_task_of_loop(loop)
 
 
-def watch_end(task: asyncio.Task[Any], listener: Any) -> bool:
+def watch_end(task: asyncio.Task[Any], listener: Any) -> None:
     """Call ``listener.unit_ended(task)`` on the task's loop once it is done (any outcome).
 
     The listener is called as it is (a callable: the work unit) and in an empty context:
@@ -46,7 +46,6 @@ def watch_end(task: asyncio.Task[Any], listener: Any) -> bool:
     unit of work has ended: no context may use it any more).
     """
     task.add_done_callback(listener, context=Context())
-    return True
 
 
 def describe(task: asyncio.Task[Any]) -> str:

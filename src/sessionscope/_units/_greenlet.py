@@ -68,7 +68,7 @@ def run_outside_hub(callback: Callable[[], None]) -> None:
         spawn(callback)
 
 
-def watch_end(unit: greenlet, listener: Any) -> bool:
+def watch_end(unit: greenlet, listener: Any) -> None:
     """Call ``listener.unit_ended()`` when a gevent or eventlet greenlet finishes or is killed.
 
     Those announce their end (``rawlink`` / ``link``), so the session is closed as the greenlet
@@ -77,11 +77,8 @@ def watch_end(unit: greenlet, listener: Any) -> bool:
     """
     if hasattr(unit, "rawlink"):  # gevent.Greenlet
         unit.rawlink(listener)
-        return True
-    if hasattr(unit, "link") and hasattr(unit, "_exit_event"):  # eventlet GreenThread
+    elif hasattr(unit, "link") and hasattr(unit, "_exit_event"):  # eventlet GreenThread
         unit.link(listener)
-        return True
-    return False
 
 
 def describe(unit: greenlet) -> str:

@@ -145,7 +145,7 @@ def replace_last_job(work: Any) -> Any:
     return previous
 
 
-def watch_end(unit: Any, listener: UnitEndListener) -> bool:
+def watch_end(unit: Any, listener: UnitEndListener) -> None:
     """Call ``listener.unit_ended()`` in the current thread (``unit``) when it ends.
 
     Weakly: a pool job's unit of work is freed (and ended) long before its thread ends, and must
@@ -156,7 +156,6 @@ def watch_end(unit: Any, listener: UnitEndListener) -> bool:
     if sentinel is None:
         sentinel = _per_thread.sentinel = _ThreadEndSentinel()
     sentinel.listeners.add(listener)
-    return True
 
 
 def describe(unit: Any) -> str:

@@ -46,7 +46,7 @@ class _TaskEndInstrument:
 _instruments: weakref.WeakKeyDictionary[Any, _TaskEndInstrument] = weakref.WeakKeyDictionary()
 
 
-def watch_end(task: Any, listener: Any) -> bool:
+def watch_end(task: Any, listener: Any) -> None:
     """Call ``listener.unit_ended()`` in trio's run loop when ``task`` exits."""
     import trio
 
@@ -56,7 +56,6 @@ def watch_end(task: Any, listener: Any) -> bool:
         instrument = _instruments[runner] = _TaskEndInstrument()
         trio.lowlevel.add_instrument(instrument)  # type: ignore[arg-type]  # duck-typed, as trio allows
     instrument.listeners.setdefault(task, []).append(listener)
-    return True
 
 
 def describe(task: Any) -> str:
