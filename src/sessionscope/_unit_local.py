@@ -35,9 +35,11 @@ class UnitLocal(Generic[T]):
     """One value per unit of work, with ``on_end(value)`` called when the work ends.
 
     The values live in the works themselves; the local only counts them (``len()``) and keeps
-    weak references to the works of raw greenlets, the only units whose end may go unannounced
-    (see :meth:`_sweep`). A weak reference per task or thread would be one more object per live
-    unit for the garbage collector to walk, for nothing: their ends are announced.
+    weak references to the works of greenlets: a raw greenlet's end goes unannounced, and the
+    sweep (:meth:`_sweep`) also ends a finished gevent greenlet's work before the hub runs its
+    link, which keeps fewer sessions alive at once (docs/design.md, "How the end of a unit is
+    seen"). A weak reference per task or thread would be one more object per live unit for the
+    garbage collector to walk, for nothing: their ends are announced.
     """
 
     def __init__(self, on_end: Callable[[T], None]) -> None:
@@ -103,7 +105,8 @@ class UnitLocal(Generic[T]):
             self._greenlet_holders.discard(work)
 
     def _sweep(self) -> None:
-        """End works whose raw greenlet finished but is still referenced by the application."""
+        """End the works of greenlets that finished (a raw one still referenced by the
+        application, a gevent one whose link the hub has not run yet)."""
         for work in list(self._greenlet_holders):
             root = work.root_unit()
             if isinstance(root, greenlet) and root.dead:
