@@ -70,8 +70,8 @@ static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_lo
 static PyObject *recheck_func = NULL;      /* _results._recheck */
 
 /* interned attribute names, and 0 (the slot's key) */
-static PyObject *s_identity_map, *s__modified, *s_impl_key, *s_guard, *s_admit, *s_session_id, *s_class, *s_check_write, *s_run_after_leave,
-    *s_trio, *s_soft_closed, *zero;
+static PyObject *s_identity_map, *s__modified, *s_impl_key, *s_guard, *s_admit, *s_session_id,
+    *s_class, *s_check_write, *s_run_after_leave, *s_trio, *s_soft_closed, *zero;
 
 typedef struct {
     PyObject_HEAD
@@ -684,6 +684,10 @@ check_write(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 && nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "check_write(state, key[, prefix])");
+        return NULL;
+    }
+    if (nargs == 3 && !PyUnicode_Check(args[2])) { /* check_write_of reads its length */
+        PyErr_SetString(PyExc_TypeError, "check_write: the prefix is a str");
         return NULL;
     }
     if (check_write_of(args[0], args[1], nargs == 3 ? args[2] : NULL) < 0)
