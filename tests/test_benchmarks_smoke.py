@@ -275,7 +275,7 @@ def test_per_request_benchmark_yields_figures_for_each_database(
 def test_unit_cost_benchmark_yields_figures_for_each_kind_of_unit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``unit_cost.py --smoke``: every kind of unit, both contenders, timed."""
+    """``unit_cost.py --smoke``: every kind of unit, every contender, timed."""
     import unit_cost
 
     out = tmp_path / "unit_cost.json"
@@ -283,8 +283,34 @@ def test_unit_cost_benchmark_yields_figures_for_each_kind_of_unit(
     report = json.loads(out.read_text())
     assert [row["kind"] for row in report["results"]] == list(unit_cost.KINDS)
     for row in report["results"]:
-        assert set(row["us_per_unit"]) == {unit_cost.SQLALCHEMY, unit_cost.SESSIONSCOPE}
-        assert min(row["us_per_unit"].values()) > 0 and row["ratio"] > 0
+        assert set(row["us_per_unit"]) == {
+            unit_cost.SQLALCHEMY,
+            unit_cost.SESSIONSCOPE,
+            unit_cost.SESSIONSCOPE_REMOVE,
+        }
+        assert min(row["us_per_unit"].values()) > 0
+        assert row["ratio"] > 0 and row["ratio_with_remove"] > 0
+    assert report["markdown"] in capsys.readouterr().out
+
+
+def test_guard_in_tasks_benchmark_times_each_call_in_both_modes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``guard_in_tasks.py --smoke``: each call timed with the guard on and off (its check that
+    the guarded session refuses an earlier task passed, or it would have raised)."""
+    import guard_in_tasks
+
+    out = tmp_path / "guard_in_tasks.json"
+    assert guard_in_tasks.main(["--smoke", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["case"] for row in report["results"]] == [
+        "session.get(), identity-map hit",
+        "attribute write",
+        "await AsyncSession.get(), identity-map hit",
+    ]
+    for row in report["results"]:
+        assert set(row["ns_per_call"]) == {"raise", "off"}
+        assert min(row["ns_per_call"].values()) > 0 and row["ratio"] > 0
     assert report["markdown"] in capsys.readouterr().out
 
 

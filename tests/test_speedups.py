@@ -8,6 +8,7 @@ out, the C wrapper's introspection, and a failing call leaving the guard's slot 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import subprocess
@@ -180,3 +181,79 @@ def test_writes_and_row_iteration_are_checked_by_the_same_rules(engine: Engine) 
     session.commit()
     assert session.scalar(select(Row.owner).where(Row.n == 0)) == "c"
     session.close()
+
+
+def test_the_task_that_opened_the_work_is_checked_without_python(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a task, the owner's calls and writes take the C fast path as a thread's do (no
+    ``admit()``, no ``check_write()`` in Python), holding the slot by the task; other tasks still
+    go through ``admit()``: a child made after the session borrows it, a task made before is
+    refused."""
+    if not _checks.IN_C:
+        pytest.skip("the Python checks: a task's calls go through admit() by design")
+    from sessionscope._guard._ownership import SessionGuard
+
+    python_checks: list[str] = []
+    admit, check_write = SessionGuard.admit, SessionGuard.check_write
+
+    def counted_admit(self: SessionGuard, *args: Any) -> bool:
+        python_checks.append("admit")
+        return admit(self, *args)
+
+    def counted_check_write(self: SessionGuard, *args: Any) -> None:
+        python_checks.append("check_write")
+        check_write(self, *args)
+
+    monkeypatch.setattr(SessionGuard, "admit", counted_admit)
+    monkeypatch.setattr(SessionGuard, "check_write", counted_check_write)
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    inside_during_call: list[object] = []
+    refused: list[BaseException] = []
+    borrowed: list[int] = []
+
+    async def main() -> None:
+        made = asyncio.Event()
+        handed: list[Session] = []
+
+        async def made_before() -> None:  # not a borrower: its context predates the session
+            await made.wait()
+            try:
+                handed[0].execute(text("select 1"))
+            except BaseException as error:  # noqa: BLE001 - handed back to the test
+                refused.append(error)
+
+        early = asyncio.create_task(made_before())
+        session = Scoped()
+        guard = guard_of(session)
+        assert guard is not None
+
+        def look(*args: Any) -> None:
+            inside_during_call.append(guard.inside.get(0))
+
+        row = Row(owner="a", n=1)
+        session.add(row)
+        session.flush()
+        event.listen(session, "do_orm_execute", look)
+        session.execute(select(Row))
+        event.remove(session, "do_orm_execute", look)
+        row.owner = "b"  # a write by the owner task
+        assert python_checks == []
+        assert inside_during_call == [asyncio.current_task()]
+
+        async def child() -> None:  # a borrower: made after the session, the owner not inside
+            borrowed.append(session.execute(text("select 1")).scalar_one())
+
+        await asyncio.create_task(child())
+        assert python_checks and set(python_checks) == {"admit"}
+        admitted_child = len(python_checks)
+        handed.append(session)
+        made.set()
+        await early
+        assert len(python_checks) > admitted_child  # (the early task's refusal)
+        session.rollback()
+        Scoped.remove()
+
+    asyncio.run(main())
+    assert borrowed == [1]
+    assert len(refused) == 1 and type(refused[0]) is sessionscope.CrossUnitError, refused

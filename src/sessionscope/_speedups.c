@@ -66,12 +66,13 @@ not_configured(void)
     return -1;
 }
 static PyObject *guards_by_session = NULL; /* _writes._guard_of_session_id */
+static PyObject *lookup_task_of_loop = NULL; /* _units._asyncio.current_task_of_loop */
 static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_loop */
 static PyObject *recheck_func = NULL;      /* _results._recheck */
 
 /* interned attribute names, and 0 (the slot's key) */
 static PyObject *s_identity_map, *s__modified, *s_impl_key, *s_guard, *s_admit, *s_session_id,
-    *s_class, *s_check_write, *s_run_after_leave, *s_trio, *s_soft_closed, *zero;
+    *s_class, *s_check_write, *s_run_after_leave, *s_trio, *s_soft_closed, *s_task, *zero;
 
 typedef struct {
     PyObject_HEAD
@@ -106,25 +107,52 @@ is_nested(GuardState *guard, PyObject *current)
     return guard->depth && guard->entered == current;
 }
 
-/* 1 when the running unit is a thread or a greenlet: no asyncio loop runs here and trio is not
- * imported (where the owner's fast path applies; tasks go through admit()) */
+/* Who holds the slot when the running code is the owner's unit itself (SessionGuard.admit()'s
+ * fast path): in a thread or greenlet (no asyncio loop runs here, trio is not imported), the
+ * current greenlet; in an asyncio task, the running task, if it is the one that opened ``work``
+ * (a child task is a unit of its own). 1: ``*running`` is set (a new reference); 0: not the fast
+ * path (trio, a task that did not open the work, the lookup not configured yet); -1: error. */
 static int
-outside_tasks(void)
+owner_unit(PyObject *work, PyObject *current, PyObject **running)
 {
     PyObject *loop = PyObject_CallNoArgs(running_loop_func);
     if (loop == NULL)
         return -1;
-    int no_loop = loop == Py_None;
-    Py_DECREF(loop);
-    if (!no_loop)
+    if (loop == Py_None) {
+        Py_DECREF(loop);
+        int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
+                                              : PySequence_Contains(modules_dict, s_trio);
+        if (trio)
+            return trio < 0 ? -1 : 0;
+        *running = Py_NewRef(current);
+        return 1;
+    }
+    if (lookup_task_of_loop == NULL) {
+        Py_DECREF(loop);
         return 0;
-    int trio = PyDict_Check(modules_dict) ? PyDict_Contains(modules_dict, s_trio)
-                                          : PySequence_Contains(modules_dict, s_trio);
-    return trio < 0 ? -1 : !trio;
+    }
+    PyObject *task = PyObject_CallOneArg(lookup_task_of_loop, loop);
+    Py_DECREF(loop);
+    if (task == NULL)
+        return -1;
+    PyObject *work_task = PyObject_GetAttr(work, s_task);
+    if (work_task == NULL) {
+        Py_DECREF(task);
+        return -1;
+    }
+    int opened_it = task == work_task;
+    Py_DECREF(work_task);
+    if (!opened_it) {
+        Py_DECREF(task);
+        return 0;
+    }
+    *running = task;
+    return 1;
 }
 
-/* SessionGuard.admit()'s fast path: the owner's work, in a thread or greenlet (no loop, no
- * trio), and the slot free or its own. 1: entered (depth taken); 0: not the fast path. */
+/* SessionGuard.admit()'s fast path: the owner's work, run by its own unit (a thread, a greenlet,
+ * or the task that opened it), and the slot free or its own. 1: entered (depth taken); 0: not
+ * the fast path. */
 static int
 enter_as_owner(GuardState *guard, PyObject *current)
 {
@@ -148,21 +176,25 @@ enter_as_owner(GuardState *guard, PyObject *current)
     Py_DECREF(key);
     if (!same)
         goto done;
-    int outside = outside_tasks();
-    if (outside <= 0) {
-        if (outside < 0)
+    PyObject *running = NULL;
+    int owners = owner_unit(work, current, &running);
+    if (owners <= 0) {
+        if (owners < 0)
             goto error;
         goto done;
     }
     PyObject *inside = guard->inside;
-    if (inside == NULL || !PyDict_Check(inside))
+    if (inside == NULL || !PyDict_Check(inside)) {
+        Py_DECREF(running);
         goto done;
+    }
     Py_INCREF(inside);
-    PyObject *holder = PyDict_SetDefault(inside, zero, current); /* borrowed */
+    PyObject *holder = PyDict_SetDefault(inside, zero, running); /* borrowed */
     Py_DECREF(inside);
+    Py_DECREF(running); /* (the slot holds it while it is inside) */
     if (holder == NULL)
         goto error;
-    if (holder != current)
+    if (holder != running)
         goto done;
     if (!guard->depth) { /* before depth: who sees depth > 0 sees who entered */
         Py_INCREF(current);
@@ -594,45 +626,55 @@ guard_of_state(PyObject *state)
 }
 
 /* SessionGuard.check_write()'s first steps: SQLAlchemy's own writes inside a call of the session,
- * and the owner's writes in a thread or greenlet while nobody is inside. 1: the write passes
- * here; 0: the full check must run. */
+ * and the owner's writes by its own unit (a thread, a greenlet, the task that opened its work)
+ * while nobody is inside. 1: the write passes here; 0: the full check must run. */
 static int
 write_passes(GuardState *guard)
 {
     PyObject *current = PyObject_CallNoArgs(getcurrent_func);
     if (current == NULL)
         return -1;
-    int nested = is_nested(guard, current);
-    Py_DECREF(current);
-    if (nested)
+    if (is_nested(guard, current)) {
+        Py_DECREF(current);
         return 1;
+    }
     PyObject *work;
-    if (PyContextVar_Get(work_var, Py_None, &work) < 0)
+    if (PyContextVar_Get(work_var, Py_None, &work) < 0) {
+        Py_DECREF(current);
         return -1;
+    }
     int pass = 0;
     if (work != Py_None && guard->fast_key != NULL) {
         PyObject *fast_key = guard->fast_key;
         Py_INCREF(fast_key);
         PyObject *owner_key = PyObject_CallNoArgs(fast_key);
         Py_DECREF(fast_key);
-        if (owner_key == NULL) {
-            Py_DECREF(work);
-            return -1;
-        }
+        if (owner_key == NULL)
+            goto error;
         pass = owner_key == work;
         Py_DECREF(owner_key);
     }
-    Py_DECREF(work);
     if (pass) {
         PyObject *holder = NULL;
         if (guard->inside != NULL && PyDict_Check(guard->inside)) {
             holder = PyDict_GetItemWithError(guard->inside, zero); /* borrowed */
             if (holder == NULL && PyErr_Occurred())
-                return -1;
+                goto error;
         }
         pass = holder == NULL || holder == Py_None;
     }
-    return pass ? outside_tasks() : 0;
+    if (pass) {
+        PyObject *running = NULL;
+        pass = owner_unit(work, current, &running);
+        Py_XDECREF(running);
+    }
+    Py_DECREF(work);
+    Py_DECREF(current);
+    return pass;
+error:
+    Py_DECREF(work);
+    Py_DECREF(current);
+    return -1;
 }
 
 /* SessionGuard.check_write(operation, state.class_): the full check (a refusal raises) */
@@ -983,8 +1025,7 @@ configure_results(PyObject *module, PyObject *args)
 
 /* ---- the registries' lookup (sessionscope._registry.unit_session) ----------------------- */
 
-static PyObject *lookup_task_of_loop = NULL; /* _units._asyncio.current_task_of_loop */
-static PyObject *s_scope_var, *s_key, *s_session_for_use, *s_values, *s_task, *s_miss;
+static PyObject *s_scope_var, *s_key, *s_session_for_use, *s_values, *s_miss;
 
 /* Whether the error set is one the lookup treats as "not here": no session under the key, or a
  * pool job's ended work (held by a weak proxy). Cleared if so. */
