@@ -72,7 +72,8 @@ static PyObject *recheck_func = NULL;      /* _results._recheck */
 
 /* interned attribute names, and 0 (the slot's key) */
 static PyObject *s_identity_map, *s__modified, *s_impl_key, *s_guard, *s_admit, *s_session_id,
-    *s_class, *s_check_write, *s_run_after_leave, *s_trio, *s_soft_closed, *s_task, *zero;
+    *s_class, *s_check_write, *s_run_after_leave, *s_trio, *s_soft_closed, *s_task, *s_thread,
+    *s__loop, *zero;
 
 typedef struct {
     PyObject_HEAD
@@ -107,6 +108,59 @@ is_nested(GuardState *guard, PyObject *current)
     return guard->depth && guard->entered == current;
 }
 
+#if PY_VERSION_HEX < 0x030C0000
+/* On CPython 3.10 and 3.11 asyncio's _get_running_loop() makes a getpid() system call whenever a
+ * loop runs in the thread (to ignore a loop inherited through fork()), most of what a task's
+ * check would cost. A work opened by an asyncio task is recognised without it: this is the thread
+ * that opened the work (where its task's loop runs) and the task is the current one of its own
+ * loop (one loop runs in a thread at a time). 1: it is (``*running`` is the task, a new
+ * reference); 0: not known here, owner_unit() looks as on newer versions; -1: error. */
+static int
+running_task_of_work(PyObject *work, PyObject **running)
+{
+    if (lookup_task_of_loop == NULL)
+        return 0;
+    PyObject *work_task = PyObject_GetAttr(work, s_task);
+    if (work_task == NULL)
+        return -1;
+    int known = 0;
+    if (work_task == Py_None)
+        goto done;
+    PyObject *thread = PyObject_GetAttr(work, s_thread);
+    if (thread == NULL)
+        goto error;
+    unsigned long opened_in = PyLong_AsUnsignedLong(thread);
+    Py_DECREF(thread);
+    if (opened_in == (unsigned long)-1 && PyErr_Occurred())
+        goto error;
+    if (opened_in != PyThread_get_thread_ident())
+        goto done;
+    PyObject *loop = PyObject_GetAttr(work_task, s__loop);
+    if (loop == NULL) { /* not an asyncio task (trio's) */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            goto error;
+        PyErr_Clear();
+        goto done;
+    }
+    PyObject *current_task = PyObject_CallOneArg(lookup_task_of_loop, loop);
+    Py_DECREF(loop);
+    if (current_task == NULL)
+        goto error;
+    known = current_task == work_task;
+    Py_DECREF(current_task);
+    if (known) {
+        *running = work_task; /* (our reference passes to the caller) */
+        return 1;
+    }
+done:
+    Py_DECREF(work_task);
+    return known;
+error:
+    Py_DECREF(work_task);
+    return -1;
+}
+#endif
+
 /* Who holds the slot when the running code is the owner's unit itself (SessionGuard.admit()'s
  * fast path): in a thread or greenlet (no asyncio loop runs here, trio is not imported), the
  * current greenlet; in an asyncio task, the running task, if it is the one that opened ``work``
@@ -115,6 +169,11 @@ is_nested(GuardState *guard, PyObject *current)
 static int
 owner_unit(PyObject *work, PyObject *current, PyObject **running)
 {
+#if PY_VERSION_HEX < 0x030C0000
+    int known = running_task_of_work(work, running);
+    if (known != 0)
+        return known;
+#endif
     PyObject *loop = PyObject_CallNoArgs(running_loop_func);
     if (loop == NULL)
         return -1;
@@ -1243,6 +1302,8 @@ PyInit__speedups(void)
     INTERN(s_session_for_use, "session_for_use");
     INTERN(s_values, "values");
     INTERN(s_task, "task");
+    INTERN(s_thread, "thread");
+    INTERN(s__loop, "_loop");
     INTERN(s_miss, "_miss");
     INTERN(s_flag_dirty, "(flag_dirty)");
     INTERN(s_modified, "modified");

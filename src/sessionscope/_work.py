@@ -35,6 +35,7 @@ import gc
 import logging
 import sys
 import weakref
+from _thread import get_ident
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -103,6 +104,7 @@ class WorkUnit:
         "parent",
         "lends",
         "via",
+        "thread",
         "__weakref__",
     )
 
@@ -131,6 +133,10 @@ class WorkUnit:
         """Whether asyncio tasks the opening thread runs may take the work over, one at a time."""
         self.via: Any = None
         """What a pool job's context holds instead of the work (a weak proxy); else None."""
+        self.thread = get_ident()
+        """The thread that opened the work: a task's runs its loop. The C check uses it to see
+        the task that opened the work without asking asyncio for the running loop (a system
+        call on Python 3.10 and 3.11)."""
 
     # -- who -----------------------------------------------------------------------------------
 
