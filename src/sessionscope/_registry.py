@@ -77,7 +77,6 @@ unit_session: Callable[[_FastLookup[S]], S] = _unit_session_in_python
 """The lookup: the C module's ``unit_session`` (the same steps, in C, without a Python frame)
 when it is built, else ``_unit_session_in_python``."""
 if speedups is not None:
-    speedups.configure_lookup(current_task_of_loop)
     unit_session = speedups.unit_session
 
 

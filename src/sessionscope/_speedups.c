@@ -53,6 +53,7 @@ static int watch_flagging(PyObject *identity_map, PyObject *guard);
 static PyObject *getcurrent_func = NULL;   /* greenlet.getcurrent */
 static PyObject *work_var = NULL;          /* sessionscope._work.work_var */
 static PyObject *running_loop_func = NULL; /* asyncio.events._get_running_loop */
+static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_loop */
 static PyObject *modules_dict = NULL;      /* sys.modules */
 static PyObject *ended_state = NULL;       /* _ownership.ENDED */
 static int configured = 0;                 /* configure() was called: the above are set */
@@ -66,8 +67,6 @@ not_configured(void)
     return -1;
 }
 static PyObject *guards_by_session = NULL; /* _writes._guard_of_session_id */
-static PyObject *lookup_task_of_loop = NULL; /* _units._asyncio.current_task_of_loop */
-static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_loop */
 static PyObject *recheck_func = NULL;      /* _results._recheck */
 
 /* interned attribute names, and 0 (the slot's key) */
@@ -118,8 +117,6 @@ is_nested(GuardState *guard, PyObject *current)
 static int
 running_task_of_work(PyObject *work, PyObject **running)
 {
-    if (lookup_task_of_loop == NULL)
-        return 0;
     PyObject *work_task = PyObject_GetAttr(work, s_task);
     if (work_task == NULL)
         return -1;
@@ -142,7 +139,7 @@ running_task_of_work(PyObject *work, PyObject **running)
         PyErr_Clear();
         goto done;
     }
-    PyObject *current_task = PyObject_CallOneArg(lookup_task_of_loop, loop);
+    PyObject *current_task = PyObject_CallOneArg(task_of_loop_func, loop);
     Py_DECREF(loop);
     if (current_task == NULL)
         goto error;
@@ -165,7 +162,7 @@ error:
  * fast path): in a thread or greenlet (no asyncio loop runs here, trio is not imported), the
  * current greenlet; in an asyncio task, the running task, if it is the one that opened ``work``
  * (a child task is a unit of its own). 1: ``*running`` is set (a new reference); 0: not the fast
- * path (trio, a task that did not open the work, the lookup not configured yet); -1: error. */
+ * path (trio, a task that did not open the work); -1: error. */
 static int
 owner_unit(PyObject *work, PyObject *current, PyObject **running)
 {
@@ -186,11 +183,7 @@ owner_unit(PyObject *work, PyObject *current, PyObject **running)
         *running = Py_NewRef(current);
         return 1;
     }
-    if (lookup_task_of_loop == NULL) {
-        Py_DECREF(loop);
-        return 0;
-    }
-    PyObject *task = PyObject_CallOneArg(lookup_task_of_loop, loop);
+    PyObject *task = PyObject_CallOneArg(task_of_loop_func, loop);
     Py_DECREF(loop);
     if (task == NULL)
         return -1;
@@ -209,32 +202,46 @@ owner_unit(PyObject *work, PyObject *current, PyObject **running)
     return 1;
 }
 
+/* The running context's unit of work, when it is the one that owns ``guard`` (what its
+ * ``fast_key`` returns). 1: ``*work`` is set (a new reference); 0: it is not (or none); -1: error. */
+static int
+owners_work(GuardState *guard, PyObject **work)
+{
+    PyObject *found;
+    if (PyContextVar_Get(work_var, Py_None, &found) < 0)
+        return -1;
+    if (found == Py_None || guard->fast_key == NULL) {
+        Py_DECREF(found);
+        return 0;
+    }
+    PyObject *fast_key = Py_NewRef(guard->fast_key); /* (a Python callable could replace it) */
+    PyObject *key = PyObject_CallNoArgs(fast_key);
+    Py_DECREF(fast_key);
+    if (key == NULL) {
+        Py_DECREF(found);
+        return -1;
+    }
+    int same = key == found;
+    Py_DECREF(key);
+    if (!same) {
+        Py_DECREF(found);
+        return 0;
+    }
+    *work = found;
+    return 1;
+}
+
 /* SessionGuard.admit()'s fast path: the owner's work, run by its own unit (a thread, a greenlet,
  * or the task that opened it), and the slot free or its own. 1: entered (depth taken); 0: not
  * the fast path. */
 static int
 enter_as_owner(GuardState *guard, PyObject *current)
 {
-    PyObject *work;
-    if (PyContextVar_Get(work_var, Py_None, &work) < 0)
-        return -1;
-    if (work == Py_None) {
-        Py_DECREF(work);
-        return 0;
-    }
+    PyObject *work = NULL;
+    int owned = owners_work(guard, &work);
+    if (owned <= 0)
+        return owned;
     int result = 0;
-    PyObject *fast_key = guard->fast_key;
-    if (fast_key == NULL)
-        goto done;
-    Py_INCREF(fast_key); /* (a Python callable could run code that replaces it) */
-    PyObject *key = PyObject_CallNoArgs(fast_key);
-    Py_DECREF(fast_key);
-    if (key == NULL)
-        goto error;
-    int same = key == work;
-    Py_DECREF(key);
-    if (!same)
-        goto done;
     PyObject *running = NULL;
     int owners = owner_unit(work, current, &running);
     if (owners <= 0) {
@@ -697,31 +704,19 @@ write_passes(GuardState *guard)
         Py_DECREF(current);
         return 1;
     }
-    PyObject *work;
-    if (PyContextVar_Get(work_var, Py_None, &work) < 0) {
+    PyObject *work = NULL;
+    int pass = owners_work(guard, &work);
+    if (pass <= 0) {
         Py_DECREF(current);
-        return -1;
+        return pass;
     }
-    int pass = 0;
-    if (work != Py_None && guard->fast_key != NULL) {
-        PyObject *fast_key = guard->fast_key;
-        Py_INCREF(fast_key);
-        PyObject *owner_key = PyObject_CallNoArgs(fast_key);
-        Py_DECREF(fast_key);
-        if (owner_key == NULL)
+    PyObject *holder = NULL; /* nobody inside */
+    if (guard->inside != NULL && PyDict_Check(guard->inside)) {
+        holder = PyDict_GetItemWithError(guard->inside, zero); /* borrowed */
+        if (holder == NULL && PyErr_Occurred())
             goto error;
-        pass = owner_key == work;
-        Py_DECREF(owner_key);
     }
-    if (pass) {
-        PyObject *holder = NULL;
-        if (guard->inside != NULL && PyDict_Check(guard->inside)) {
-            holder = PyDict_GetItemWithError(guard->inside, zero); /* borrowed */
-            if (holder == NULL && PyErr_Occurred())
-                goto error;
-        }
-        pass = holder == NULL || holder == Py_None;
-    }
+    pass = holder == NULL || holder == Py_None;
     if (pass) {
         PyObject *running = NULL;
         pass = owner_unit(work, current, &running);
@@ -1072,11 +1067,9 @@ configure_writes(PyObject *module, PyObject *guards)
 static PyObject *
 configure_results(PyObject *module, PyObject *args)
 {
-    PyObject *task_of_loop, *recheck;
-    if (!PyArg_ParseTuple(args, "OO:configure_results", &task_of_loop, &recheck))
+    PyObject *recheck;
+    if (!PyArg_ParseTuple(args, "O:configure_results", &recheck))
         return NULL;
-    Py_INCREF(task_of_loop);
-    Py_XSETREF(task_of_loop_func, task_of_loop);
     Py_INCREF(recheck);
     Py_XSETREF(recheck_func, recheck);
     Py_RETURN_NONE;
@@ -1105,10 +1098,6 @@ lookup(PyObject *holder)
 {
     if (!configured && not_configured() < 0)
         return NULL;
-    if (lookup_task_of_loop == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "sessionscope._speedups: configure_lookup() first");
-        return NULL;
-    }
     PyObject *scope_var = PyObject_GetAttr(holder, s_scope_var);
     if (scope_var == NULL)
         return NULL;
@@ -1142,7 +1131,7 @@ lookup(PyObject *holder)
             here = trio < 0 ? -1 : !trio;
         }
         else { /* only the task that opened the work */
-            PyObject *task = PyObject_CallOneArg(lookup_task_of_loop, loop);
+            PyObject *task = PyObject_CallOneArg(task_of_loop_func, loop);
             if (task == NULL)
                 here = -1;
             else {
@@ -1223,18 +1212,11 @@ lookup_method(PyObject *module, PyObject *cls)
 }
 
 static PyObject *
-configure_lookup(PyObject *module, PyObject *task_of_loop)
-{
-    Py_INCREF(task_of_loop);
-    Py_XSETREF(lookup_task_of_loop, task_of_loop);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 configure(PyObject *module, PyObject *args)
 {
-    PyObject *getcurrent, *var, *loop, *modules, *ended;
-    if (!PyArg_ParseTuple(args, "OOOOO:configure", &getcurrent, &var, &loop, &modules, &ended))
+    PyObject *getcurrent, *var, *loop, *task_of_loop, *modules, *ended;
+    if (!PyArg_ParseTuple(args, "OOOOOO:configure", &getcurrent, &var, &loop, &task_of_loop,
+                          &modules, &ended))
         return NULL;
     if (!PyContextVar_CheckExact(var)) {
         PyErr_SetString(PyExc_TypeError, "configure: work_var is a ContextVar");
@@ -1246,6 +1228,8 @@ configure(PyObject *module, PyObject *args)
     Py_XSETREF(work_var, var);
     Py_INCREF(loop);
     Py_XSETREF(running_loop_func, loop);
+    Py_INCREF(task_of_loop);
+    Py_XSETREF(task_of_loop_func, task_of_loop);
     Py_INCREF(modules);
     Py_XSETREF(modules_dict, modules);
     Py_INCREF(ended);
@@ -1256,9 +1240,8 @@ configure(PyObject *module, PyObject *args)
 
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(getcurrent, work_var, get_running_loop, modules, ended): what the checks read."},
-    {"configure_lookup", configure_lookup, METH_O,
-     "configure_lookup(current_task_of_loop): what the registries' lookup calls in tasks."},
+     "configure(getcurrent, work_var, get_running_loop, current_task_of_loop, modules, ended): "
+     "what the checks and the registries' lookup read."},
     {"unit_session", unit_session, METH_O,
      "unit_session(holder): the current unit's session (sessionscope._registry.unit_session)."},
     {"lookup_method", lookup_method, METH_O,
@@ -1266,7 +1249,7 @@ static PyMethodDef module_methods[] = {
     {"configure_writes", configure_writes, METH_O,
      "configure_writes(guards): the dict of session ids to borrow tokens check_write() reads."},
     {"configure_results", configure_results, METH_VARARGS,
-     "configure_results(current_task_of_loop, recheck): what a result's rows check calls."},
+     "configure_results(recheck): what a result's rows check calls."},
     {"check_write", (PyCFunction)(void (*)(void))check_write, METH_FASTCALL,
      "check_write(state, key[, prefix]): the check of a write to a mapped attribute."},
     {"watch_flagging", (PyCFunction)(void (*)(void))watch_flagging_py, METH_FASTCALL,

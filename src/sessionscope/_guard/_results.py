@@ -146,7 +146,7 @@ def _recheck(guard: Any) -> tuple[Any, Any, Any]:
 _RowsCheckedOnResume: Any = _RowsCheckedOnResumeInPython
 """The C module's ``RowsCheckedOnResume`` (the same iterator, in C) when it is built."""
 if speedups is not None:
-    speedups.configure_results(current_task_of_loop, _recheck)
+    speedups.configure_results(_recheck)
     _RowsCheckedOnResume = speedups.RowsCheckedOnResume
 
 

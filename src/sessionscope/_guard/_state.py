@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from greenlet import getcurrent
 
-from .._units._asyncio import _get_running_loop
+from .._units._asyncio import _get_running_loop, current_task_of_loop
 from .._work import work_var
 
 NO_EXTENSIONS_VARIABLE = "SESSIONSCOPE_NO_EXTENSIONS"
@@ -37,7 +37,9 @@ def _load_speedups() -> Any:
         from .. import _speedups  # type: ignore[attr-defined]
     except ImportError:  # not built (no compiler at install time): the Python checks
         return None
-    _speedups.configure(getcurrent, work_var, _get_running_loop, sys.modules, ENDED)
+    _speedups.configure(
+        getcurrent, work_var, _get_running_loop, current_task_of_loop, sys.modules, ENDED
+    )
     return _speedups
 
 
