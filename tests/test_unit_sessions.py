@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import gc
 import threading
 import warnings
@@ -13,7 +14,7 @@ from typing import Any
 
 import greenlet
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 import sessionscope
@@ -228,3 +229,107 @@ def test_trio_tasks_get_their_own_sessions_closed_when_each_task_exits(Scoped: A
     assert all(not s.in_transaction() for s in sessions)
     assert len(Scoped.registry) == 1  # only this thread's
     Scoped.remove()
+
+
+@pytest.mark.parametrize("kind", ["thread", "asyncio task"])
+def test_several_registries_in_one_unit_each_find_their_own_session_without_a_miss(
+    engine: Engine, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit of work keeps its first registry's session in two slots and the others in a dict
+    (``WorkUnit.get_value``): every registry's lookup finds its own, on the fast path, also after
+    the first one's session was removed and another registry's took its slot."""
+    from sessionscope._registry import UnitRegistry
+    from tests.test_guard_handles import fast_path
+
+    registries = [sessionscope.scoped_session(sessionmaker(engine)) for _ in range(3)]
+    misses: list[int] = []
+    original_miss = UnitRegistry._miss
+
+    def counting_miss(self: Any, _depth: int = 3) -> Any:
+        misses.append(1)
+        return original_miss(self, _depth + 1)
+
+    monkeypatch.setattr(UnitRegistry, "_miss", counting_miss)
+
+    def unit() -> None:
+        first = [registry() for registry in registries]  # made: one miss each
+        assert len(misses) == 3 and len({id(s) for s in first}) == 3
+        for _ in range(3):
+            assert [registry() for registry in registries] == first
+        assert len(misses) == 3, "a registry's own session was looked up off the fast path"
+        registries[0].remove()  # the first slot freed ...
+        third_again = registries[2]()
+        assert third_again is first[2] and registries[1]() is first[1]
+        renewed = registries[0]()  # ... and taken again, by a new session
+        assert renewed is not first[0] and len(misses) == 4
+        assert [registry() for registry in registries] == [renewed, first[1], first[2]]
+        assert len(misses) == 4
+        registries[1].remove()
+        assert registries[1]() is not first[1] and registries[2]() is first[2]
+        for registry in registries:
+            registry.execute(text("select 1"))  # each holds a connection until the unit ends
+
+    with fast_path(), no_garbage_collector_cleanup():
+        if kind == "thread":
+            thread = threading.Thread(target=unit)
+            thread.start()
+            thread.join()
+        else:
+
+            async def main() -> None:
+                await asyncio.create_task(asyncio.to_thread(lambda: None))  # (a loop running)
+                await asyncio.create_task(_as_task(unit))
+
+            asyncio.run(main())
+    assert len(misses) == 5
+    assert [len(registry.registry) for registry in registries] == [0, 0, 0]
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def _as_task(fn: Any) -> None:
+    fn()
+
+
+def test_tasks_end_in_a_fresh_context_and_loops_in_two_threads_never_collide(
+    Scoped: Any, engine: Engine
+) -> None:
+    """A loop's end callbacks share one registration context (an object less per live task):
+    the end itself runs in a fresh context, so the task's variables are not seen there and what
+    an event listener sets there does not reach the next task's end; loops running in two
+    threads at once each have their own."""
+    seen_at_end: list[tuple[str, str]] = []
+    request_var: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+    listener_var: contextvars.ContextVar[str] = contextvars.ContextVar("listener", default="none")
+
+    def at_transaction_end(session: Session, transaction: Any) -> None:
+        if transaction.parent is None:
+            seen_at_end.append((request_var.get(), listener_var.get()))
+            listener_var.set("left by a listener")
+
+    event.listen(Session, "after_transaction_end", at_transaction_end)
+    errors: list[BaseException] = []
+
+    async def request(n: int) -> None:
+        request_var.set(f"request {n}")
+        hold_connection(Scoped)
+        await asyncio.sleep(0)
+
+    async def main() -> None:
+        for start in range(0, 200, 5):
+            await asyncio.gather(*(request(n) for n in range(start, start + 5)))
+
+    def in_a_thread() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    try:
+        with no_garbage_collector_cleanup():
+            _spawn_threads(in_a_thread, 2)  # (started together, then joined)
+    finally:
+        event.remove(Session, "after_transaction_end", at_transaction_end)
+    assert errors == []
+    assert len(seen_at_end) == 400
+    assert set(seen_at_end) == {("none", "none")}
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]

@@ -61,14 +61,18 @@ def _unit_session_in_python(holder: _FastLookup[S]) -> S:
         if loop is None:
             if "trio" not in _modules:  # a thread or greenlet: in the work of its context
                 try:
-                    return work.values[holder._key]  # type: ignore[no-any-return]
-                except (KeyError, ReferenceError):  # (a pool job's ended work, weakly held)
-                    pass
+                    if work.value_key == holder._key:  # (the work's first value: see WorkUnit)
+                        return work.value  # type: ignore[no-any-return]
+                    return work.values[holder._key]  # type: ignore[index,no-any-return]
+                except (KeyError, TypeError, ReferenceError):  # (None, or a pool job's ended
+                    pass  # work, weakly held)
         else:
             try:
                 if current_task_of_loop(loop) is work.task:  # only the task that opened it
-                    return work.values[holder._key]  # type: ignore[no-any-return]
-            except (KeyError, ReferenceError):
+                    if work.value_key == holder._key:
+                        return work.value  # type: ignore[no-any-return]
+                    return work.values[holder._key]  # type: ignore[index,no-any-return]
+            except (KeyError, TypeError, ReferenceError):
                 pass
     return holder._miss()
 
@@ -112,7 +116,7 @@ class UnitRegistry(Generic[S]):
         task = running_task()
         work = work_of_task(task)
         if work is not None:
-            session: S | None = work.values.get(self._key)
+            session: S | None = work.get_value(self._key)
             if session is not None:
                 return session
         else:  # the unit's first session: its unit of work now, once for the guard and storage
@@ -145,7 +149,7 @@ class UnitRegistry(Generic[S]):
         work = current_work()
         if work is None:
             return
-        session = work.values.get(self._key)
+        session = work.get_value(self._key)
         if session is not None:
             close(session)
         self._local.pop(work)

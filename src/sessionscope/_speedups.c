@@ -1077,7 +1077,7 @@ configure_results(PyObject *module, PyObject *args)
 
 /* ---- the registries' lookup (sessionscope._registry.unit_session) ----------------------- */
 
-static PyObject *s_scope_var, *s_key, *s_session_for_use, *s_values, *s_miss;
+static PyObject *s_scope_var, *s_key, *s_session_for_use, *s_values, *s_value_key, *s_value, *s_miss;
 
 /* Whether the error set is one the lookup treats as "not here": no session under the key, or a
  * pool job's ended work (held by a weak proxy). Cleared if so. */
@@ -1089,6 +1089,39 @@ clear_miss_error(void)
         return 1;
     }
     return 0;
+}
+
+/* WorkUnit.get_value(key), with KeyError for a missing value: the first value in the work's
+ * slots, the others in its dict (None until a second key). */
+static PyObject *
+work_value(PyObject *work, PyObject *key)
+{
+    PyObject *first = PyObject_GetAttr(work, s_value_key);
+    if (first == NULL)
+        return NULL;
+    int same = first == key;
+    if (!same && PyUnicode_Check(first) && PyUnicode_Check(key))
+        same = PyUnicode_Compare(first, key) == 0;
+    Py_DECREF(first);
+    if (same)
+        return PyObject_GetAttr(work, s_value);
+    PyObject *values = PyObject_GetAttr(work, s_values);
+    if (values == NULL)
+        return NULL;
+    PyObject *found = NULL;
+    if (PyDict_CheckExact(values)) {
+        found = PyDict_GetItemWithError(values, key); /* borrowed */
+        if (found != NULL)
+            Py_INCREF(found);
+        else if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_KeyError, key);
+    }
+    else if (values == Py_None)
+        PyErr_SetObject(PyExc_KeyError, key);
+    else
+        found = PyObject_GetItem(values, key);
+    Py_DECREF(values);
+    return found;
 }
 
 /* The current unit's session: the hot path under every proxied call, as unit_session() in
@@ -1150,22 +1183,10 @@ lookup(PyObject *holder)
             goto error;
         if (here) {
             PyObject *found = NULL;
-            PyObject *values = PyObject_GetAttr(work, s_values);
-            if (values != NULL) {
-                PyObject *key = PyObject_GetAttr(holder, s_key);
-                if (key != NULL) {
-                    if (PyDict_CheckExact(values)) {
-                        found = PyDict_GetItemWithError(values, key); /* borrowed */
-                        if (found != NULL)
-                            Py_INCREF(found);
-                        else if (!PyErr_Occurred())
-                            PyErr_SetObject(PyExc_KeyError, key);
-                    }
-                    else
-                        found = PyObject_GetItem(values, key);
-                    Py_DECREF(key);
-                }
-                Py_DECREF(values);
+            PyObject *key = PyObject_GetAttr(holder, s_key);
+            if (key != NULL) {
+                found = work_value(work, key);
+                Py_DECREF(key);
             }
             if (found != NULL) {
                 Py_DECREF(work);
@@ -1284,6 +1305,8 @@ PyInit__speedups(void)
     INTERN(s_key, "_key");
     INTERN(s_session_for_use, "session_for_use");
     INTERN(s_values, "values");
+    INTERN(s_value_key, "value_key");
+    INTERN(s_value, "value");
     INTERN(s_task, "task");
     INTERN(s_thread, "thread");
     INTERN(s__loop, "_loop");

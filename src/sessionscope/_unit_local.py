@@ -1,6 +1,6 @@
 """``UnitLocal``: like ``threading.local``, but one value per unit of work, released at its end.
 
-Values live in the running code's :class:`~sessionscope._work.WorkUnit` (``work.values[key]``),
+Values live in the running code's :class:`~sessionscope._work.WorkUnit` (``work.get_value(key)``),
 which a context variable carries: a thread, greenlet or task outside any boundary has an implicit
 unit of work of its own; a request or job marked with ``unit_of_work()`` has its own; and jobs a
 unit waits for (pool jobs running in a copy of its context) share it. When the unit of work ends,
@@ -56,7 +56,7 @@ class UnitLocal(Generic[T]):
         work = current_work()
         if work is None:
             return None
-        value: T | None = work.values.get(self._key)
+        value: T | None = work.get_value(self._key)
         return value
 
     def set(self, value: T, work: WorkUnit | None = None) -> None:
@@ -66,15 +66,13 @@ class UnitLocal(Generic[T]):
         """
         if work is None:
             work = current_or_new_work()
-        values = work.values
-        if self._key not in values:
+        if work.set_value(self._key, value):
             self._count += 1
             holds_values(work)
             if type(work.root) is weakref.ref:  # a greenlet's (see WorkUnit.root)
                 if len(self._greenlet_holders) >= self._sweep_at:
                     self._sweep()
                 self._greenlet_holders.add(work)
-        values[self._key] = value
 
     def pop(self, work: WorkUnit | None = None) -> T | None:
         """Forget the current unit of work's value without ending it; return it (or None).
@@ -85,7 +83,7 @@ class UnitLocal(Generic[T]):
             work = current_work()
             if work is None:
                 return None
-        value: T | None = work.values.pop(self._key, None)
+        value: T | None = work.pop_value(self._key)
         if value is not None:
             self._forget(work)
         return value

@@ -35,9 +35,8 @@ import gc
 import logging
 import sys
 import weakref
-from _thread import get_ident
 from collections.abc import Callable
-from contextvars import ContextVar, Token
+from contextvars import Context, ContextVar, Token
 from types import TracebackType
 from typing import Any
 
@@ -47,7 +46,7 @@ from . import _fork
 from ._units import ThreadUnit, Unit, _trio, describe_unit, unit_outside_tasks, watch_unit_end
 from ._units._asyncio import _get_running_loop, current_task_of_loop
 from ._units._greenlet import run_outside_hub
-from ._units._thread import INTERPRETER, is_pool_worker, replace_last_job
+from ._units._thread import INTERPRETER, is_pool_worker, replace_last_job, thread_ident
 
 log = logging.getLogger("sessionscope")
 _modules = sys.modules
@@ -86,13 +85,16 @@ _MIN_PRUNE = 16
 class WorkUnit:
     """One unit of work: its implicit sessions, who opened it, whether it has ended.
 
-    ``values`` maps a registry's key to that registry's implicit session; the registry lookup reads
-    it directly. ``task`` is the asyncio or trio task that opened the work (None for a thread or
-    greenlet): only that task, and threads or greenlets running in a copy of its context, are in
-    the work.
+    It holds one value per registry (a registry's key to its implicit session, see
+    :meth:`get_value`): the first in two slots the registry lookup reads directly, any others in
+    a dict made for them. ``task`` is the asyncio or trio task that opened the work (None for a
+    thread or greenlet): only that task, and threads or greenlets running in a copy of its
+    context, are in the work.
     """
 
     __slots__ = (
+        "value_key",
+        "value",
         "values",
         "task",
         "root",
@@ -117,7 +119,12 @@ class WorkUnit:
         parent: WorkUnit | None = None,
         lends: bool = False,
     ) -> None:
-        self.values: dict[str, Any] = {}
+        self.value_key: str | None = None
+        """The key of the value held in :attr:`value` (None: no value there)."""
+        self.value: Any = None
+        self.values: dict[str, Any] | None = None
+        """The values of other keys than :attr:`value_key`'s (most works hold one value: a
+        dict per work would be about 150 bytes and an object more for the collector)."""
         self.task = task
         # a greenlet is held weakly: the work lives in the greenlet's own context
         self.root: Any = weakref.ref(root) if isinstance(root, greenlet) else root
@@ -133,7 +140,7 @@ class WorkUnit:
         """Whether asyncio tasks the opening thread runs may take the work over, one at a time."""
         self.via: Any = None
         """What a pool job's context holds instead of the work (a weak proxy); else None."""
-        self.thread = get_ident()
+        self.thread = thread_ident()
         """The thread that opened the work: a task's runs its loop. The C check uses it to see
         the task that opened the work without asking asyncio for the running loop (a system
         call on Python 3.10 and 3.11)."""
@@ -182,6 +189,52 @@ class WorkUnit:
             return list(owned)
         return [owned]
 
+    # -- values --------------------------------------------------------------------------------
+
+    def get_value(self, key: str) -> Any:
+        """The value held under ``key``, or None."""
+        if self.value_key == key:
+            return self.value
+        values = self.values
+        return None if values is None else values.get(key)
+
+    def set_value(self, key: str, value: Any) -> bool:
+        """Hold ``value`` under ``key`` (replacing any); True if the key held nothing."""
+        if self.value_key == key:
+            self.value = value
+            return False
+        if self.value_key is None:
+            self.value_key, self.value = key, value
+            return self.values is None or self.values.pop(key, None) is None
+        values = self.values
+        if values is None:
+            values = self.values = {}
+        new = key not in values
+        values[key] = value
+        return new
+
+    def pop_value(self, key: str) -> Any:
+        """Forget the value held under ``key``; return it (or None)."""
+        if self.value_key == key:
+            value = self.value
+            self.value_key = self.value = None
+            return value
+        values = self.values
+        return None if values is None else values.pop(key, None)
+
+    def value_items(self) -> list[tuple[str, Any]]:
+        """The keys and values held (a new list)."""
+        items = [] if self.value_key is None else [(self.value_key, self.value)]
+        if self.values:
+            items.extend(self.values.items())
+        return items
+
+    def take_values(self) -> list[tuple[str, Any]]:
+        """The keys and values held, forgotten here."""
+        items = self.value_items()
+        self.value_key = self.value = self.values = None
+        return items
+
     # -- the end -------------------------------------------------------------------------------
 
     def end(self, *, collected: bool = False) -> None:
@@ -195,11 +248,11 @@ class WorkUnit:
             return
         self.ended = True
         _holding_values.pop(id(self), None)
-        values, self.values = self.values, {}
+        values = self.take_values()
         self.task = None  # a task's context holds its work: no cycle left behind
         owned = self.owned_guards()
         self.owned = None
-        for key, value in values.items():
+        for key, value in values:
             hook = _end_hooks.get(key)
             if hook is not None:
                 _run_hook(self, collected, hook.work_ended, self, value)
@@ -234,8 +287,13 @@ class WorkUnit:
             self.task = None  # free for the next task the thread runs
 
     def unit_ended(self, *_: Any) -> None:
-        """The end signal of the unit that opened an implicit work (a task, a gevent greenlet)."""
-        run_outside_hub(self.end)
+        """The end signal of the unit that opened an implicit work (a task, a gevent greenlet).
+
+        It runs in a new, empty context: an asyncio loop's end callbacks share one context (see
+        ``_units._asyncio.watch_end``), and what the end runs (the application's session event
+        listeners) must not leave variables there for the next unit's end.
+        """
+        Context().run(run_outside_hub, self.end)
 
     __call__ = unit_ended
     """The work is its own end-of-unit callback (``add_done_callback(work)``, ``rawlink(work)``):
@@ -496,8 +554,7 @@ def _forget_works_after_fork() -> list[Any]:
         work = ref()
         if work is None:
             continue
-        abandoned.extend(work.values.values())
-        work.values = {}
+        abandoned.extend(value for _, value in work.take_values())
         work.owned = None
         work.task = None
         work.ended = True

@@ -63,7 +63,7 @@ async def end_awaited(work: WorkUnit) -> None:
 
 
 def _sessions_of(work: WorkUnit) -> list[Any]:
-    sessions = list(work.values.values())
+    sessions = [value for _, value in work.value_items()]
     for ref in work.owned_guards():
         guard = ref()
         session = guard.session_ref() if guard is not None else None
@@ -102,9 +102,9 @@ def lent_on_loop(loop: asyncio.AbstractEventLoop, work: WorkUnit) -> None:
 async def close_lent_async_sessions(loop: asyncio.AbstractEventLoop) -> None:
     """On ``loop``, before it closes: close the AsyncSessions of works lent to its tasks."""
     for work in list(loop.__dict__.get(_LENT, ())):
-        for key, value in list(work.values.items()):
+        for key, value in work.value_items():
             if isinstance(value, AsyncSession):
-                del work.values[key]
+                work.pop_value(key)
                 hook = _end_hooks.get(key)
                 if hook is not None:
                     hook.work_ended(work, value)

@@ -36,16 +36,36 @@ def running_task() -> asyncio.Task[Any] | None:
     return current_task_of_loop(loop)
 
 
+_END_CONTEXT = "_sessionscope_end_context"
+"""Where a loop keeps the empty context its tasks' end callbacks run in (``loop.__dict__``)."""
+
+
 def watch_end(task: asyncio.Task[Any], listener: Any) -> None:
     """Call ``listener.unit_ended(task)`` on the task's loop once it is done (any outcome).
 
-    The listener is called as it is (a callable: the work unit) and in an empty context:
-    ``add_done_callback()`` would otherwise copy the task's context, which keeps the context's
-    mapping as it was then alive until the task ends, one more object per live task for the
-    collector to walk. Nothing sessionscope runs at the end reads the task's variables (its
-    unit of work has ended: no context may use it any more).
+    The listener is called as it is (a callable: the work unit) and in an empty context that
+    the loop's tasks share: ``add_done_callback()`` would otherwise copy the task's context, one
+    more object per live task for the collector to walk (and it would keep the context's mapping
+    as it was then alive until the task ends). Nothing sessionscope runs at the end reads the
+    task's variables (its unit of work has ended: no context may use it any more), and the
+    listener runs the end in a fresh context of its own (``WorkUnit.unit_ended``), so nothing
+    set there reaches the next task's end. One context per loop, not per process: a context
+    cannot be entered twice at once, and a loop runs one callback at a time, where two loops
+    (threads, or greenlets of one thread) may not.
     """
-    task.add_done_callback(listener, context=Context())
+    loop = task.get_loop()
+    try:
+        context = loop.__dict__[_END_CONTEXT]
+    except (KeyError, AttributeError):
+        context = _end_context_of(loop)
+    task.add_done_callback(listener, context=context)
+
+
+def _end_context_of(loop: Any) -> Context:
+    context = Context()
+    if hasattr(loop, "__dict__"):  # (without one: a context per task, as asyncio makes)
+        loop.__dict__[_END_CONTEXT] = context
+    return context
 
 
 def describe(task: asyncio.Task[Any]) -> str:

@@ -102,6 +102,16 @@ def current_thread_unit() -> ThreadUnit:
     return unit
 
 
+def thread_ident() -> int:
+    """``threading.get_ident()``, as one int object per thread: every unit of work records it,
+    and a fresh int per call would be 32 bytes more per live unit."""
+    try:
+        ident: int = _per_thread.ident
+    except AttributeError:
+        ident = _per_thread.ident = threading.get_ident()
+    return ident
+
+
 def _main_greenlet() -> Any:
     from greenlet import getcurrent
 
