@@ -1,8 +1,10 @@
-"""The optional C extension (``sessionscope._speedups``); everything else is in pyproject.toml.
+"""The optional C extensions; everything else is in pyproject.toml.
 
-The extension is the guard's entry check in C (``sessionscope/_guard/_checks.py`` says why). It is
-optional: without a compiler the build warns and goes on, and sessionscope runs the same checks in
-Python. ``SESSIONSCOPE_NO_EXTENSIONS=1`` at build time skips it (and at run time ignores it).
+``sessionscope._speedups`` is the guard's entry check in C (``sessionscope/_guard/_checks.py`` says
+why); ``sessionscope._frames`` finds the application's line that made a session without making
+frame objects (``sessionscope/_frames.c`` says why). Both are optional: without a compiler the
+build warns and goes on, and sessionscope does the same in Python.
+``SESSIONSCOPE_NO_EXTENSIONS=1`` at build time skips them (and at run time ignores them).
 """
 
 import os
@@ -17,7 +19,12 @@ extensions = (
             "sessionscope._speedups",
             ["src/sessionscope/_speedups.c"],
             optional=True,
-        )
+        ),
+        Extension(
+            "sessionscope._frames",
+            ["src/sessionscope/_frames.c"],
+            optional=True,
+        ),
     ]
 )
 

@@ -120,3 +120,35 @@ def test_a_shared_session_made_before_a_fork_is_refused_in_the_child(engine: Eng
     with shared as session:  # the parent's is untouched
         assert session.execute(text("select 1")).scalar() == 1
         session.close()  # a shared session is closed in a block, like any other use
+
+
+def test_a_guard_finds_its_session_or_async_session_while_it_lives_and_holds_none() -> None:
+    """The guard finds its session in SQLAlchemy's registry of live sessions (an AsyncSession as
+    its sync session's proxy) instead of holding a weak reference: it finds the very object while
+    it lives, and nothing once it is gone, without keeping it alive."""
+    import gc
+    import weakref
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from sessionscope._guard._install import guard_of
+
+    Scoped = sessionscope.scoped_session(sessionmaker(create_engine("sqlite://")))
+    session = Scoped()
+    guard = guard_of(session)
+    assert guard.session_ref() is session and not guard.of_async
+    Scoped.remove()
+    gone = weakref.ref(session)
+    del session
+    gc.collect()
+    assert gone() is None and guard.session_ref() is None
+
+    engine = create_async_engine("sqlite+aiosqlite://")
+    async_session = sessionscope.guard(AsyncSession(engine))
+    async_guard = guard_of(async_session)
+    assert async_guard.session_ref() is async_session and async_guard.of_async
+    async_gone = weakref.ref(async_session)
+    del async_session
+    gc.collect()
+    assert async_gone() is None and async_guard.session_ref() is None

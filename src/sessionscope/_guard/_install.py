@@ -8,7 +8,6 @@ sessionmaker makes sessions that are guarded from birth, owned by the unit that 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -105,7 +104,7 @@ def install(
         return session
     guard = SessionGuard(mode, type(session).__name__, site or application_site(depth + 1), work)
     guard.on_hand_off = on_hand_off
-    guard.session_ref = weakref.ref(session)
+    guard.guards(session)
     cls = type(sync)
     if not is_guarded_class(cls):  # made by its own class (not born guarded): switched
         sync.__class__ = cls.__dict__.get(_CACHE_ATTRIBUTE) or guarded_class(cls)

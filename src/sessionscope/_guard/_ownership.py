@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from greenlet import getcurrent, greenlet
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.session import _sessions as _live_sessions
 
 from .. import _fork
 from .._units import Unit, current_unit, describe_unit
@@ -99,7 +101,8 @@ class SessionGuard(GuardState):
         "label",
         "created_at",
         "owner_ref",
-        "session_ref",
+        "session_key",
+        "of_async",
         "generation",
         "token",
         "on_hand_off",
@@ -123,9 +126,33 @@ class SessionGuard(GuardState):
         """A close deferred until the unit inside leaves; popped (atomically) by one side only."""
         self.owned_by_job = False
         """Whether the (last) owner was a thread's or pool job's own work, for the refusal's fix."""
-        self.session_ref: Callable[[], Any] = _nobody
-        """The guarded Session or AsyncSession (weakly), for closing it when its owner ends."""
+        self.session_key: int | None = None
+        """The guarded session's ``hash_key`` (see :meth:`session_ref`), once installed."""
+        self.of_async = False
+        """Whether the guarded session is an AsyncSession's (the one :meth:`session_ref` finds)."""
         self.own(work)
+
+    def guards(self, session: Any) -> None:
+        """Record which session this guard is for: a Session, or an AsyncSession."""
+        self.of_async = isinstance(session, AsyncSession)
+        self.session_key = (session.sync_session if self.of_async else session).hash_key
+
+    def session_ref(self) -> Any:
+        """The guarded Session or AsyncSession, or None once it is gone (for closing it when its
+        owner ends).
+
+        Found where SQLAlchemy finds them: a Session in its registry of live sessions by its
+        ``hash_key`` (as ``object_session()`` finds an object's), an AsyncSession as the proxy
+        of its sync session. A weak reference held by the guard would be about 80 bytes and an
+        object for the collector per session, for a lookup made once, at the end.
+        """
+        key = self.session_key
+        if key is None:
+            return None
+        session = _live_sessions.get(key)
+        if session is None or not self.of_async:
+            return session
+        return AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
 
     # -- ownership -----------------------------------------------------------------------------
 

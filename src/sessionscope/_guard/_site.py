@@ -11,10 +11,13 @@ import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from types import FrameType
 
 import sqlalchemy
 from greenlet import getcurrent
+
+from ._state import NO_EXTENSIONS_VARIABLE
 
 _LIBRARY_DIRS = tuple(
     os.path.dirname(path) + os.sep
@@ -68,17 +71,10 @@ def _kind(filename: str) -> int:
     return kind
 
 
-def application_site(depth: int = 1) -> Site | None:
-    """(file, line, function) of the innermost application frame, or None.
-
-    Standard-library frames are stepped over too (a sessionmaker called by a thread pool was
-    "created" by the code that submitted it), unless nothing else is left.
-
-    Called for every guarded session made, so each frame costs one dict lookup (its file's kind,
-    cached), and ``depth`` lets a caller that knows its own frames start the walk past them
-    (``1``: the caller). Frames inside it that are not sessionscope's would be skipped
-    wrongly, so callers only pass what their own call chain guarantees.
-    """
+def _walk_in_python(depth: int) -> Site | None:
+    """:func:`application_site`'s walk over frame objects (``depth`` 1: this function's caller,
+    which is :func:`application_site`). Each frame costs one dict lookup (its file's kind,
+    cached)."""
     try:
         frame: FrameType | None = sys._getframe(depth)
     except ValueError:  # a shallower stack than the caller expected: walk it all
@@ -102,6 +98,42 @@ def application_site(depth: int = 1) -> Site | None:
     if first is None:
         return None
     return first.f_code.co_filename, first.f_lineno, first.f_code.co_name
+
+
+FrameWalk = Callable[[int, dict[str, int], Callable[[str], int]], "Site | None"]
+
+
+def _load_frame_walk() -> FrameWalk | None:
+    """The C module's walk (``sessionscope/_frames.c``: no frame objects are made), or None."""
+    if os.environ.get(NO_EXTENSIONS_VARIABLE):
+        return None
+    try:
+        from .. import _frames  # type: ignore[attr-defined]
+    except ImportError:  # not built (no compiler at install time)
+        return None
+    walk: FrameWalk | None = getattr(_frames, "application_site", None)
+    return walk  # (CPython 3.11-3.13 only: elsewhere the module is empty)
+
+
+_frame_walk = _load_frame_walk()
+
+
+def application_site(depth: int = 1) -> Site | None:
+    """(file, line, function) of the innermost application frame, or None.
+
+    Standard-library frames are stepped over too (a sessionmaker called by a thread pool was
+    "created" by the code that submitted it), unless nothing else is left.
+
+    Called for every guarded session made, so each frame costs one dict lookup (its file's kind,
+    cached), and ``depth`` lets a caller that knows its own frames start the walk past them
+    (``1``: the caller). Frames inside it that are not sessionscope's would be skipped
+    wrongly, so callers only pass what their own call chain guarantees. The walk is the C
+    module's where it is built (the same frames and lines, without making a frame object for
+    each: one of them is the application's, alive as long as its unit), else Python's.
+    """
+    if _frame_walk is not None:
+        return _frame_walk(depth + 1, _kinds, _kind)  # (1 more: this function's own frame)
+    return _walk_in_python(depth + 1)
 
 
 def warn_at_application(message: str, category: type[Warning]) -> None:
