@@ -10,6 +10,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 import sessionscope
+from sessionscope._guard._install import guard_of
 from sessionscope._guard._lineage import current_lineage
 
 
@@ -71,5 +72,51 @@ def test_a_session_made_after_a_task_was_created_is_not_lendable_to_that_task(
         assert contextvars.copy_context().run(lambda: second.execute(text("select 2")).scalar())
         first.close()
         second.close()
+
+    asyncio.run(body())
+
+
+def test_dropping_dead_tokens_changes_nothing_a_context_copied_earlier_may_borrow(
+    engine: Engine,
+) -> None:
+    """Chains are shared by the contexts copied from them, and dead tokens are dropped from them
+    in place: a task created earlier (a copy of the owner's context then) still borrows exactly
+    the sessions it could, every live one made before it and none made after, once the owner's
+    later sessions have relinked the chain they share."""
+
+    def borrows(session: Session) -> bool:
+        try:
+            session.execute(text("select 1"))
+        except sessionscope.CrossUnitError:
+            return False
+        return True
+
+    async def body() -> None:
+        made = [sessionscope.guard(Session(engine)) for _ in range(40)]
+        kept = made[::10]  # four live ones among dead ones
+        for session in made:
+            if session not in kept:
+                session.close()
+        del made, session
+        gc.collect()
+        assert chain_length() == 40
+        newest_live = guard_of(kept[-1]).token
+        assert newest_live.length == 31
+        go = asyncio.Event()
+
+        async def earlier() -> tuple[list[bool], list[bool]]:
+            await go.wait()
+            return [borrows(s) for s in kept], [borrows(s) for s in later[::25]]
+
+        task = asyncio.create_task(earlier())
+        await asyncio.sleep(0)
+        later = [sessionscope.guard(Session(engine)) for _ in range(100)]  # drops the dead ones
+        assert newest_live.length == 4  # relinked in place: in the chain the task holds too
+        go.set()
+        assert await task == ([True] * 4, [False] * 4)
+        now = await asyncio.create_task(asyncio.to_thread(lambda: [borrows(s) for s in kept]))
+        assert now == [True] * 4
+        for session in kept + later:
+            session.close()
 
     asyncio.run(body())

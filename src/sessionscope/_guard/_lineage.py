@@ -1,8 +1,8 @@
 """Which units inherited an owner's context: the legitimate borrowers of its sessions.
 
 When a unit comes to own a guarded session it sets, in its own context, a context variable to a
-:class:`Lineage`: the set of sessions (their :class:`BorrowToken`) that work started from this
-context may borrow. Work that the owner hands off *with its context* sees it:
+lineage: the chain of sessions (their :class:`BorrowToken`, each its own link) that work started
+from this context may borrow. Work that the owner hands off *with its context* sees it:
 ``asyncio.to_thread``, the thread pools of Starlette/FastAPI (anyio) and asgiref, the helper tasks
 of ``wait_for`` and ``shield`` on Python 3.10/3.11, children of ``gather`` and ``create_task``, and
 SQLAlchemy's own helper task in ``AsyncSession.__aexit__`` all run in a copy of the caller's
@@ -10,10 +10,11 @@ context. A thread started by hand, a gevent/eventlet greenlet or ``loop.run_in_e
 from an empty context and does not see it, so it is not a borrower.
 
 A context copied *before* a session was made does not hold its token: a task created earlier that
-receives the session through a queue is not a borrower of it. Lineages are immutable, so copies
-never change; a new one keeps the still-lendable tokens of the old (the owner's other sessions, and
-what it inherited) and adds the new session's, so their number stays that of live sessions. A node
-and its token take about 130 bytes.
+receives the session through a queue is not a borrower of it. A lineage only ever grows at its
+head, so what a copy may borrow never changes; a new token links to the old head (the owner's
+other sessions, and what it inherited), and tokens that can never be lent again are dropped from
+the chain as it grows, so its length stays proportional to that of live sessions. A token takes
+about 110 bytes.
 """
 
 from __future__ import annotations
@@ -26,63 +27,63 @@ from typing import Any
 
 
 class BorrowToken(weakref.ref):  # type: ignore[type-arg]
-    """Stands for one guarded session's ownership in lineages: a weak reference to its guard.
+    """Stands for one guarded session's ownership in lineages: a weak reference to its guard, and
+    a node of the lineage it was lent from.
 
     Compared by identity, never by referent: a guard owned anew (adopted) gets a new token, and
     contexts holding the old one must not borrow through it.
+
+    A lineage is what the running context may borrow: a chain of tokens, newest first
+    (``parent``), shared by the contexts copied from it. Each token is its own node (a separate
+    node object was about 64 bytes and an object more for the collector per session). A context
+    copied earlier keeps exactly what it could borrow then: a chain only ever loses tokens that
+    can never be lent again (:meth:`still_lendable` turns false for good), dropped in place once
+    a chain has grown to twice its live length (amortised O(1) per session, and never O(n)
+    memory per guard), which changes nothing any context may borrow.
     """
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "parent", "length", "rebuild_at")
     __eq__ = object.__eq__
     __hash__ = object.__hash__
 
     key: int
     """Set for the token a session was registered under for write checks (its session id)."""
+    parent: BorrowToken | None
+    """The next older token of the lineage this one was lent from (None: the oldest)."""
+    length: int
+    """How many tokens the chain from this one holds (dead ones until they are dropped)."""
+    rebuild_at: int
+    """The length at which the next token lent here first drops the dead ones."""
 
     def still_lendable(self) -> bool:
         guard = self()
         return guard is not None and guard.token is self
 
 
-class Lineage:
-    """What the running context may borrow: a chain of tokens, newest first, shared by copies.
-
-    Immutable, so a context copied earlier keeps exactly what it could borrow then. A session made
-    costs one node; dead tokens are dropped by rebuilding the chain once it has grown to twice its
-    live length (amortised O(1) per session, and never O(n) memory per guard).
-    """
-
-    __slots__ = ("token", "parent", "length", "rebuild_at")
-
-    def __init__(
-        self, token: BorrowToken, parent: Lineage | None, rebuild_at: int, length: int = 0
-    ) -> None:
-        """``length``: the chain's, when the caller knows it (else counted from ``parent``)."""
-        self.token = token
-        self.parent = parent
-        self.length: int = length or (parent.length + 1 if parent is not None else 1)
-        self.rebuild_at = rebuild_at
-
-    def tokens(self) -> Iterator[BorrowToken]:
-        node: Lineage | None = self
-        while node is not None:
-            yield node.token
-            node = node.parent
+def _tokens(head: BorrowToken | None) -> Iterator[BorrowToken]:
+    node = head
+    while node is not None:
+        yield node
+        node = node.parent
 
 
 _MIN_REBUILD = 16
 
-current_lineage: ContextVar[Lineage | None] = ContextVar("sessionscope.lineage", default=None)
+current_lineage: ContextVar[BorrowToken | None] = ContextVar("sessionscope.lineage", default=None)
+"""The running context's lineage: its newest token (see :class:`BorrowToken`)."""
 _cleaning_up: ContextVar[bool] = ContextVar("sessionscope.cleaning_up", default=False)
 
 
-def _live_chain(head: Lineage) -> Lineage | None:
-    live = [token for token in head.tokens() if token.still_lendable()]
+def _drop_dead(head: BorrowToken) -> BorrowToken | None:
+    """Link the chain from ``head`` past the tokens that can no longer be lent; its newest live
+    token (None: none left). Other chains through these tokens lose only those too."""
+    live = [token for token in _tokens(head) if token.still_lendable()]
     rebuild_at = max(_MIN_REBUILD, 2 * len(live))
-    chain: Lineage | None = None
-    for token in reversed(live):
-        chain = Lineage(token, chain, rebuild_at)
-    return chain
+    parent: BorrowToken | None = None
+    for length, token in enumerate(reversed(live), 1):
+        token.parent, token.length, token.rebuild_at = parent, length, rebuild_at
+        parent = token
+    return parent
 
 
 def _nothing(token: BorrowToken) -> None:
@@ -98,11 +99,12 @@ def lend_from_here(guard: Any) -> BorrowToken:
     token = BorrowToken(guard, on_guard_death)
     head = current_lineage.get()
     if head is not None and head.length >= head.rebuild_at:
-        head = _live_chain(head)
+        head = _drop_dead(head)
     if head is None:
-        current_lineage.set(Lineage(token, None, _MIN_REBUILD, 1))
+        token.parent, token.length, token.rebuild_at = None, 1, _MIN_REBUILD
     else:
-        current_lineage.set(Lineage(token, head, head.rebuild_at, head.length + 1))
+        token.parent, token.length, token.rebuild_at = head, head.length + 1, head.rebuild_at
+    current_lineage.set(token)
     return token
 
 
@@ -110,7 +112,7 @@ def inherits(token: BorrowToken | None) -> bool:
     """Whether the running context may borrow the session of ``token``."""
     node = current_lineage.get()
     while node is not None:
-        if node.token is token:
+        if node is token:
             return True
         node = node.parent
     return False
