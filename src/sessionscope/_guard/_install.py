@@ -104,7 +104,7 @@ def install(
         return session
     guard = SessionGuard(mode, type(session).__name__, site or application_site(depth + 1), work)
     guard.on_hand_off = on_hand_off
-    guard.guards(session)
+    guard.session_key, guard.of_async = sync.hash_key, sync is not session  # (see session_ref)
     cls = type(sync)
     if not is_guarded_class(cls):  # made by its own class (not born guarded): switched
         sync.__class__ = cls.__dict__.get(_CACHE_ATTRIBUTE) or guarded_class(cls)

@@ -127,15 +127,10 @@ class SessionGuard(GuardState):
         self.owned_by_job = False
         """Whether the (last) owner was a thread's or pool job's own work, for the refusal's fix."""
         self.session_key: int | None = None
-        """The guarded session's ``hash_key`` (see :meth:`session_ref`), once installed."""
+        """The guarded session's ``hash_key`` (see :meth:`session_ref`), set as it is installed."""
         self.of_async = False
         """Whether the guarded session is an AsyncSession's (the one :meth:`session_ref` finds)."""
         self.own(work)
-
-    def guards(self, session: Any) -> None:
-        """Record which session this guard is for: a Session, or an AsyncSession."""
-        self.of_async = isinstance(session, AsyncSession)
-        self.session_key = (session.sync_session if self.of_async else session).hash_key
 
     def session_ref(self) -> Any:
         """The guarded Session or AsyncSession, or None once it is gone (for closing it when its
