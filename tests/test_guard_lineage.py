@@ -119,4 +119,4 @@ def test_dropping_dead_tokens_changes_nothing_a_context_copied_earlier_may_borro
         for session in kept + later:
             session.close()
 
-    asyncio.run(body())
+    contextvars.Context().run(asyncio.run, body())  # (no lineage inherited from earlier tests)

@@ -257,3 +257,46 @@ def test_the_task_that_opened_the_work_is_checked_without_python(
     asyncio.run(main())
     assert borrowed == [1]
     assert len(refused) == 1 and type(refused[0]) is sessionscope.CrossUnitError, refused
+
+
+@pytest.mark.parametrize("patcher", ["gevent", "eventlet"])
+@pytest.mark.parametrize("order", ["patched later", "patched first"])
+def test_a_work_records_the_os_threads_ident_under_monkey_patching(
+    patcher: str, order: str
+) -> None:
+    """The task check's thread test compares a work's thread with the OS thread's ident: under
+    monkey-patching (early or late, as the problem this library solves has it) ``get_ident()``
+    names the running greenlet, so the work records the unpatched one."""
+    pytest.importorskip(patcher)
+    patch = {
+        "gevent": "from gevent import monkey; monkey.patch_all()",
+        "eventlet": "import eventlet; eventlet.monkey_patch()",
+    }[patcher]
+    original = {
+        "gevent": "monkey.get_original('_thread', 'get_ident')",
+        "eventlet": "__import__('eventlet.patcher').patcher.original('_thread').get_ident",
+    }[patcher]
+    imports = "import sessionscope\nfrom sessionscope import _work"
+    program = f"""
+import warnings
+warnings.simplefilter("ignore")
+{imports if order == "patched later" else patch}
+{patch if order == "patched later" else imports}
+import asyncio, _thread
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+Scoped = sessionscope.scoped_session(sessionmaker(create_engine("sqlite://")))
+
+async def unit():
+    Scoped()
+    work = _work.work_var.get()
+    return work.thread, {original}()
+
+recorded, os_thread = asyncio.run(unit())
+print(recorded == os_thread, _thread.get_ident() != os_thread)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]  # (and get_ident() is patched: a greenlet's)

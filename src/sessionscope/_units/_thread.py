@@ -17,6 +17,7 @@ import atexit
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -43,13 +44,20 @@ class UnitEndListener(Protocol):
     def unit_ended(self, *_: Any) -> None: ...
 
 
+def _patched_by_gevent() -> bool:
+    """Whether gevent patched ``_thread`` (its name for it: "_thread"; "thread" before Python 3)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and (
+        monkey.is_module_patched("_thread") or monkey.is_module_patched("thread")
+    )
+
+
 def _original_local_type() -> Any:
     local_type = _thread._local
     if local_type.__module__ == "_thread":
         return local_type
-    gevent_monkey = sys.modules.get("gevent.monkey")
-    if gevent_monkey is not None and gevent_monkey.is_module_patched("thread"):
-        return gevent_monkey.get_original("_thread", "_local")
+    if _patched_by_gevent():
+        return sys.modules["gevent.monkey"].get_original("_thread", "_local")
     eventlet_patcher = sys.modules.get("eventlet.patcher")
     if eventlet_patcher is not None:
         return eventlet_patcher.original("_thread")._local
@@ -102,13 +110,36 @@ def current_thread_unit() -> ThreadUnit:
     return unit
 
 
+def _original_get_ident() -> Callable[[], int]:
+    """``_thread.get_ident`` as the interpreter has it, also under monkey-patching (whose
+    ``get_ident`` names the running greenlet): the OS thread's ident, which the C task check
+    compares with the running thread's."""
+    get_ident: Callable[[], int] = _thread.get_ident
+    if get_ident.__module__ == "_thread":
+        return get_ident
+    if _patched_by_gevent():
+        original: Callable[[], int] = sys.modules["gevent.monkey"].get_original(
+            "_thread", "get_ident"
+        )
+        return original
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None:
+        original = eventlet_patcher.original("_thread").get_ident
+        return original
+    return get_ident  # pragma: no cover - an unknown patcher; best effort
+
+
+_os_thread_ident = _original_get_ident()
+
+
 def thread_ident() -> int:
-    """``threading.get_ident()``, as one int object per thread: every unit of work records it,
-    and a fresh int per call would be 32 bytes more per live unit."""
+    """The OS thread's ident (``_thread.get_ident()``, unpatched), as one int object per thread:
+    every unit of work records it, and a fresh int per call would be 32 bytes more per live
+    unit."""
     try:
         ident: int = _per_thread.ident
     except AttributeError:
-        ident = _per_thread.ident = threading.get_ident()
+        ident = _per_thread.ident = _os_thread_ident()
     return ident
 
 
