@@ -14,7 +14,7 @@
 #
 # 3.12 and 3.13 run a slice to keep `make test` within budget on 2 cores: every test that runs in
 # the test process (units, registries, scopes, the guard, shipping, fan-out, the integrations under
-# test clients, the docs' examples: about 1,500 of 1,700 tests), but not the modules that start
+# test clients, the docs' examples: about 1,580 of 1,760 tests), but not the modules that start
 # servers, workers or whole programs in subprocesses (gunicorn, uvicorn, Celery workers, the demo,
 # the audit command, the benchmarks' smoke runs; they exercise the servers more than the Python,
 # and run on 3.10 and 3.11). The slice runs under pytest-xdist with 2 workers (MATRIX_XDIST; each
