@@ -277,8 +277,7 @@ def test_several_registries_in_one_unit_each_find_their_own_session_without_a_mi
         else:
 
             async def main() -> None:
-                await asyncio.create_task(asyncio.to_thread(lambda: None))  # (a loop running)
-                await asyncio.create_task(_as_task(unit))
+                await asyncio.create_task(_as_task(unit))  # (a task of its own: the unit)
 
             asyncio.run(main())
     assert len(misses) == 5

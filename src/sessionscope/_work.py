@@ -46,13 +46,7 @@ from . import _fork
 from ._units import ThreadUnit, Unit, _trio, describe_unit, unit_outside_tasks, watch_unit_end
 from ._units._asyncio import _get_running_loop, current_task_of_loop
 from ._units._greenlet import run_outside_hub
-from ._units._thread import (
-    INTERPRETER,
-    _per_thread,
-    is_pool_worker,
-    replace_last_job,
-    thread_ident,
-)
+from ._units._thread import INTERPRETER, is_pool_worker, replace_last_job, thread_ident
 
 log = logging.getLogger("sessionscope")
 _modules = sys.modules
@@ -146,10 +140,7 @@ class WorkUnit:
         """Whether asyncio tasks the opening thread runs may take the work over, one at a time."""
         self.via: Any = None
         """What a pool job's context holds instead of the work (a weak proxy); else None."""
-        try:  # (thread_ident(), inlined: once per unit)
-            self.thread = _per_thread.ident
-        except AttributeError:
-            self.thread = thread_ident()
+        self.thread = thread_ident()
         """The thread that opened the work: a task's runs its loop. The C check uses it to see
         the task that opened the work without asking asyncio for the running loop (a system
         call on Python 3.10 and 3.11)."""
@@ -233,20 +224,17 @@ class WorkUnit:
 
     def value_items(self) -> list[tuple[str, Any]]:
         """The keys and values held (a new list)."""
-        items = self._first_value()
+        key = self.value_key
+        items = [] if key is None else [(key, self.value)]
         if self.values:
             items.extend(self.values.items())
         return items
 
     def take_values(self) -> list[tuple[str, Any]]:
         """The keys and values held, forgotten here."""
-        items = self.value_items() if self.values else self._first_value()
+        items = self.value_items()
         self.value_key = self.value = self.values = None
         return items
-
-    def _first_value(self) -> list[tuple[str, Any]]:
-        key = self.value_key
-        return [] if key is None else [(key, self.value)]
 
     # -- the end -------------------------------------------------------------------------------
 

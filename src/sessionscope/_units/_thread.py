@@ -52,16 +52,18 @@ def _patched_by_gevent() -> bool:
     )
 
 
-def _original_local_type() -> Any:
-    local_type = _thread._local
-    if local_type.__module__ == "_thread":
-        return local_type
+def _unpatched(name: str) -> Any:
+    """``_thread.<name>`` as the interpreter has it, also under gevent's or eventlet's
+    monkey-patching (whose ``_local`` and ``get_ident`` stand for the running greenlet)."""
+    current = getattr(_thread, name)
+    if current.__module__ == "_thread":
+        return current
     if _patched_by_gevent():
-        return sys.modules["gevent.monkey"].get_original("_thread", "_local")
+        return sys.modules["gevent.monkey"].get_original("_thread", name)
     eventlet_patcher = sys.modules.get("eventlet.patcher")
     if eventlet_patcher is not None:
-        return eventlet_patcher.original("_thread")._local
-    return local_type  # pragma: no cover - an unknown patcher; best effort
+        return getattr(eventlet_patcher.original("_thread"), name)
+    return current  # pragma: no cover - an unknown patcher; best effort
 
 
 # The main thread's locals are cleared late in interpreter shutdown, after module globals have
@@ -89,7 +91,7 @@ class _ThreadEndSentinel:
             listener.unit_ended()
 
 
-_per_thread = _original_local_type()()
+_per_thread = _unpatched("_local")()
 
 
 THREAD_UNIT_ATTRIBUTE = "_sessionscope_thread_unit"
@@ -110,26 +112,8 @@ def current_thread_unit() -> ThreadUnit:
     return unit
 
 
-def _original_get_ident() -> Callable[[], int]:
-    """``_thread.get_ident`` as the interpreter has it, also under monkey-patching (whose
-    ``get_ident`` names the running greenlet): the OS thread's ident, which the C task check
-    compares with the running thread's."""
-    get_ident: Callable[[], int] = _thread.get_ident
-    if get_ident.__module__ == "_thread":
-        return get_ident
-    if _patched_by_gevent():
-        original: Callable[[], int] = sys.modules["gevent.monkey"].get_original(
-            "_thread", "get_ident"
-        )
-        return original
-    eventlet_patcher = sys.modules.get("eventlet.patcher")
-    if eventlet_patcher is not None:
-        original = eventlet_patcher.original("_thread").get_ident
-        return original
-    return get_ident  # pragma: no cover - an unknown patcher; best effort
-
-
-_os_thread_ident = _original_get_ident()
+_os_thread_ident: Callable[[], int] = _unpatched("get_ident")
+"""The OS thread's ident, which the C task check compares with the running thread's."""
 
 
 def thread_ident() -> int:
