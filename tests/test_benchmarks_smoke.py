@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -337,3 +338,25 @@ def test_request_cpu_benchmark_yields_figures_for_every_variant(
     assert min(report["us_per_request"].values()) > 0
     assert report["ratio"]["by hand"] == 1.0
     assert report["markdown"] in capsys.readouterr().out
+
+
+def test_request_instructions_benchmark_runs_every_contender(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``request_instructions.py --smoke``: each contender's counted process body runs (checked
+    as ``per_request.verify`` checks it), without valgrind."""
+    import request_instructions
+
+    assert request_instructions.main(["--smoke", "-k", "sqlite"]) == 0
+    assert "SQLite file: every contender ran" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_request_instructions_counts_a_request_under_callgrind() -> None:
+    """A counted run under valgrind gives instructions per request (skipped without valgrind)."""
+    import request_instructions
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    counted = request_instructions.per_request_instructions("SQLite file", "by hand", 0, 20)
+    assert 100_000 < counted < 100_000_000  # a light ORM request: about 1.5 million

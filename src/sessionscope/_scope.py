@@ -37,8 +37,8 @@ from . import _fork
 from ._async_session_end import close_shielded
 from ._guard import Mode, cleanup, install
 from ._guard._site import Site
-from ._session_end import seal
-from ._units import Unit, current_unit, describe_unit
+from ._session_end import CLOSED_STATE, seal
+from ._units import Unit, current_unit, describe_unit, unit_outside_tasks
 from ._units._asyncio import _get_running_loop
 from ._work import WorkUnit, current_work, unit_and_work, work_var
 from .exc import CrossUnitError, ScopeEndedError, background
@@ -121,7 +121,7 @@ class SessionScope(Generic[S]):
     """The scope a nested scope works in, in ``_savepoint``."""
     _savepoint: Any = None
     _ends_in_one_frame = True
-    """Whether ``__exit__`` may end the scope's own session with :meth:`_end_session`."""
+    """Whether ``__exit__`` may end the scope's own session itself, in its own frame."""
 
     def __init__(
         self,
@@ -159,7 +159,17 @@ class SessionScope(Generic[S]):
                 "another block."
             )
         if within is None:
-            unit, work = unit_and_work()  # (one lookup of the running task for both)
+            work = work_var.get()
+            if (  # unit_and_work()'s answer in a thread or greenlet with a unit of work, inlined
+                type(work) is WorkUnit
+                and not work.ended
+                and work.generation == _fork.generation
+                and _get_running_loop() is None
+                and "trio" not in _modules
+            ):
+                unit: Unit = unit_outside_tasks()
+            else:
+                unit, work = unit_and_work()  # (one lookup of the running task for both)
             site = None
         else:
             unit, work, site = within
@@ -298,24 +308,38 @@ class SessionScope(Generic[S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        commit, failing, misuse = self.how_to_end(exc_type)
-        if misuse is None and self._joined is None and self._ends_in_one_frame:
-            self._end_session(commit=commit, failing=failing)  # the usual end, in one frame
-            return
-        with _exempt_if(misuse):
-            _run(self.ending(commit=commit, failing=failing))
-        if misuse is not None:
-            raise misuse
-
-    def _end_session(self, *, commit: bool, failing: bool) -> None:
-        """:meth:`_session_ending` run synchronously, without a generator: a scope's usual end.
-
-        Every request pays for this, so it is written out once more for the sync case (the
-        steps, generator and ``_run`` loop cost more than the rest of the exit); the steps and
-        their error handling are the same as ``_session_ending``'s with ``_close_and_seal``,
-        which ``tests/test_scope.py`` exercises on both paths.
-        """
         state = self._state
+        entered_in = self._entered_in
+        if (
+            # the usual exit, tested without how_to_end()'s calls: a scope of its own session
+            # (not nested), exited once, with no scope nested in it open, by the unit of work
+            # that entered it, outside tasks (how_to_end() would answer (commit, failing, None))
+            state is not None
+            and self._ends_in_one_frame
+            and not self._exited
+            and not state.nested
+            and work_var.get() is entered_in
+            and entered_in is not None
+            and not entered_in.ended
+            and entered_in.generation == _fork.generation
+            and _get_running_loop() is None
+            and "trio" not in _modules
+        ):
+            self._exited = True
+            commit, failing = self._commit and exc_type is None, exc_type is not None
+        else:
+            commit, failing, misuse = self.how_to_end(exc_type)
+            if misuse is not None or self._joined is not None or not self._ends_in_one_frame:
+                with _exempt_if(misuse):
+                    _run(self.ending(commit=commit, failing=failing))
+                if misuse is not None:
+                    raise misuse
+                return
+            state = self._state
+        # The scope's own session ends here, in this frame: _session_ending() with
+        # _close_and_seal(), written out once more for the sync case (every request pays for
+        # this; the steps, generator and _run loop cost more than the rest of the exit). The
+        # steps and their error handling are the same; tests/test_scope.py runs both paths.
         assert state is not None
         session: Any = state.session
         try:
@@ -327,16 +351,22 @@ class SessionScope(Generic[S]):
         finally:
             state.ended = True
             try:
-                try:  # (_close_and_seal(), inlined)
+                try:
                     session.close()
                 finally:
-                    seal(session)
+                    if CLOSED_STATE is not None and hasattr(session, "_close_state"):  # (seal())
+                        session._close_state = CLOSED_STATE
             except Exception:
                 if not failing:
                     raise
                 log.exception("sessionscope: closing a scope's session failed")
             finally:
-                self._reset_var()
+                token = self._token  # (_reset_var(), inlined)
+                if token is not None:
+                    try:
+                        self._var.reset(token)
+                    except ValueError:
+                        self._reset_elsewhere()
 
     def ending(self, *, commit: bool, failing: bool) -> Steps:
         """The steps that end this scope, for :func:`_run` or :func:`_run_async`."""
@@ -374,10 +404,14 @@ class SessionScope(Generic[S]):
         try:
             self._var.reset(self._token)
         except ValueError:
-            # Exited in another context (another unit's, as a rule): the entering context still
-            # points at this ended scope. Its unit recovers on its next lookup.
-            if self._state is not None and self._lookup is not None:
-                self._state.recover = self._recover
+            self._reset_elsewhere()
+
+    def _reset_elsewhere(self) -> None:
+        """The scope was exited in another context than the one that entered it (another
+        unit's, as a rule), where its variable cannot be reset: the entering context still
+        points at this ended scope, and its unit recovers on its next lookup."""
+        if self._state is not None and self._lookup is not None:
+            self._state.recover = self._recover
 
 
 class AsyncSessionScope(SessionScope[S]):

@@ -102,9 +102,16 @@ def install(
         if existing.on_hand_off is None:
             existing.on_hand_off = on_hand_off
         return session
-    guard = SessionGuard(mode, type(session).__name__, site or application_site(depth + 1), work)
-    guard.on_hand_off = on_hand_off
-    guard.session_key, guard.of_async = sync.hash_key, sync is not session  # (see session_ref)
+    key = sync.hash_key  # (how the guard finds its session: see SessionGuard.session_ref)
+    guard = SessionGuard(
+        mode,
+        type(session).__name__,
+        site or application_site(depth + 1),
+        work,
+        on_hand_off,
+        key,
+        sync is not session,
+    )
     cls = type(sync)
     if not is_guarded_class(cls):  # made by its own class (not born guarded): switched
         sync.__class__ = cls.__dict__.get(_CACHE_ATTRIBUTE) or guarded_class(cls)
@@ -116,7 +123,7 @@ def install(
         guard_session_state(sync, guard)
     token = guard.token
     assert token is not None  # (just owned)
-    _writes.register(sync.hash_key, token)
+    _writes.register(key, token)
     return session
 
 

@@ -110,25 +110,34 @@ class SessionGuard(GuardState):
         "__weakref__",
     )
 
+    owner_ref: Callable[[], WorkUnit | None]
+    token: BorrowToken | None
+
     def __init__(
-        self, mode: Mode, label: str, created_at: Site | None, work: WorkUnit | None = None
+        self,
+        mode: Mode,
+        label: str,
+        created_at: Site | None,
+        work: WorkUnit | None = None,
+        on_hand_off: Callable[[Any], None] | None = None,
+        session_key: int | None = None,
+        of_async: bool = False,
     ) -> None:
-        """``work``: the running code's unit of work, when the caller has just looked it up."""
+        """``work``: the running code's unit of work, when the caller has just looked it up.
+
+        ``depth``, ``entered`` and ``after_leave`` start as their base makes them (0, None,
+        None); the rest is set here once (a guard is made for every session: each assignment
+        more costs every request).
+        """
         self.mode = mode
         self.label = label
         self.created_at = created_at
         self.inside: dict[int, Any] = {}
-        self.depth = 0
-        self.entered: greenlet | None = None  # the greenlet whose call took the slot
-        self.on_hand_off: Callable[[Any], None] | None = None
+        self.on_hand_off = on_hand_off
         """Called with the session when it is handed off or shared: its registry forgets it."""
-        self.after_leave: list[Callable[[], object]] | None = None
-        """A close deferred until the unit inside leaves; popped (atomically) by one side only."""
-        self.owned_by_job = False
-        """Whether the (last) owner was a thread's or pool job's own work, for the refusal's fix."""
-        self.session_key: int | None = None
+        self.session_key = session_key
         """The guarded session's ``hash_key`` (see :meth:`session_ref`), set as it is installed."""
-        self.of_async = False
+        self.of_async = of_async
         """Whether the guarded session is an AsyncSession's (the one :meth:`session_ref` finds)."""
         self.own(work)
 
@@ -161,12 +170,13 @@ class SessionGuard(GuardState):
         """
         if work is None:
             work = current_or_new_work()
-        self.owner_ref: Callable[[], WorkUnit | None] = weakref.ref(work)
+        self.owner_ref = weakref.ref(work)
         # what the fast path finds in the context: the work, or a pool job's weak proxy of it
         self.fast_key: Callable[[], Any] = self.owner_ref if work.via is None else _Is(work.via)
         self.owned_by_job = not work.explicit and work.task is None
+        """Whether the (last) owner was a thread's or pool job's own work, for the refusal's fix."""
         self.generation = _fork.generation
-        self.token: BorrowToken | None = lend_from_here(self)
+        self.token = lend_from_here(self)
         work.owns(self.token)  # the token is a weak reference to this guard: no other is made
         self.state = OWNED
 

@@ -59,10 +59,13 @@ class PythonGuardState:
     state: str
     after_leave: list[Callable[[], object]] | None
 
-    def __init__(self) -> None:
+    def __new__(cls, *args: Any, **kw: Any) -> Any:
+        """Starts as the C type's ``tp_new`` does (subclasses' ``__init__`` need not set these)."""
+        self = super().__new__(cls)
         self.depth = 0
-        self.entered = None
-        self.after_leave = None
+        self.entered = None  # the greenlet whose call took the slot
+        self.after_leave = None  # a close deferred until the unit inside leaves
+        return self
 
 
 if TYPE_CHECKING:

@@ -1,0 +1,157 @@
+"""``per_request.py``'s light ORM request, counted in CPU instructions instead of timed.
+
+    python benchmarks/request_instructions.py            # SQLite file, 3 hash seeds (~6 min)
+    python benchmarks/request_instructions.py --seeds 1  # one seed (~2 min)
+    python benchmarks/request_instructions.py -k postgres
+    python benchmarks/request_instructions.py --smoke    # no valgrind: only checks the code works
+    python benchmarks/request_instructions.py --json out.json
+
+Why: issue 14's bar for a request is 3% (``scope()`` against a hand-written session), and on a
+shared 2-core machine the wall-clock ratio of ``per_request.py`` moves by more than that from run
+to run. Instructions executed do not depend on the machine's load. Each contender (``by hand``,
+``scope``, ``scope, guard=off``: the same three, built by ``per_request.contenders()``) runs in a
+process of its own under ``valgrind --tool=callgrind``, which counts every instruction the
+process executes; two runs that differ only in how many requests follow the warm-up give, by
+their difference, the instructions of those requests alone (start-up, imports and warm-up
+cancel out).
+
+What is left is layout: where the interpreter puts its objects decides which lookups collide in
+CPython's type attribute cache, and a collision costs hundreds of instructions. That depends on
+the hash seed (``PYTHONHASHSEED``), so each contender is counted under several seeds and the
+ratios are the medians over seeds (per-seed figures are printed too). The spread across seeds is
+about 1%.
+
+Instructions are not time (a cache miss costs more than an addition), so this complements the
+timed benchmark, it does not replace it: it says what sessionscope adds to a request's work,
+reproducibly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import per_request
+
+WARMUP = 200
+COUNTED = 300
+"""Requests counted: the difference between a run of ``WARMUP`` and one of ``WARMUP + COUNTED``."""
+CONTENDERS = (per_request.BY_HAND, per_request.SCOPE, per_request.SCOPE_OFF)
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def child(label: str, contender: str, requests: int) -> int:
+    """Run in the counted process: ``WARMUP`` requests, then ``requests`` more, then exit."""
+    with per_request.DATABASES[label]() as engine:
+        contenders = per_request.contenders(engine)
+        per_request.verify(label, engine, contenders)
+        request = contenders[contender]
+        for _ in range(WARMUP + requests):
+            request()
+    return 0
+
+
+def _count(label: str, contender: str, requests: int, seed: int) -> int:
+    """Instructions executed by a child process running ``requests`` after the warm-up."""
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        __file__,
+        "--child",
+        contender,
+        "--database",
+        label,
+        "--requests",
+        str(requests),
+    ]
+    env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    found = _COLLECTED.search(done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"{label} {contender}: the counted run failed:\n{done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def per_request_instructions(
+    label: str, contender: str, seed: int, counted: int = COUNTED
+) -> float:
+    return (_count(label, contender, counted, seed) - _count(label, contender, 0, seed)) / counted
+
+
+def measure(label: str, seeds: Sequence[int], jobs: int) -> dict[str, dict[int, float]]:
+    """Instructions per request of each contender under each seed."""
+    pairs = [(contender, seed) for seed in seeds for contender in CONTENDERS]
+    with ThreadPoolExecutor(jobs) as pool:
+        counted = list(pool.map(lambda p: per_request_instructions(label, *p), pairs))
+    figures: dict[str, dict[int, float]] = {contender: {} for contender in CONTENDERS}
+    for (contender, seed), instructions in zip(pairs, counted, strict=True):
+        figures[contender][seed] = instructions
+    return figures
+
+
+def ratios(figures: dict[str, dict[int, float]], candidate: str) -> list[float]:
+    anchor = figures[per_request.BY_HAND]
+    return [figures[candidate][seed] / anchor[seed] for seed in anchor]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="hash seeds per contender (3)")
+    parser.add_argument("--jobs", type=int, default=2, help="counted processes at once (2)")
+    parser.add_argument("-k", metavar="TEXT", default="sqlite", help="databases matching TEXT")
+    parser.add_argument("--smoke", action="store_true", help="no valgrind: run each child once")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--database", help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, default=COUNTED, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.database, args.child, args.requests)
+    labels = [label for label in per_request.DATABASES if args.k.lower() in label.lower()]
+    if "PostgreSQL" in labels and (reason := per_request.postgres_reachable()):
+        print(f"PostgreSQL skipped: {reason}")
+        labels.remove("PostgreSQL")
+    if args.smoke:
+        for label in labels:
+            for contender in CONTENDERS:
+                child(label, contender, 3)
+            print(f"{label}: every contender ran (smoke: nothing counted)")
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed: nothing to count with (see --smoke)")
+        return 1
+    print(
+        f"Instructions per light ORM request ({COUNTED} requests after {WARMUP} of warm-up, "
+        f"callgrind), {args.seeds} hash seed(s); ratio = median over seeds of per-seed ratios\n"
+    )
+    report = []
+    for label in labels:
+        figures = measure(label, range(args.seeds), args.jobs)
+        line = {c: statistics.median(figures[c].values()) for c in CONTENDERS}
+        on, off = ratios(figures, per_request.SCOPE), ratios(figures, per_request.SCOPE_OFF)
+        print(
+            f"{label:<12} "
+            + "  ".join(f"{c} {line[c]:,.0f}" for c in CONTENDERS)
+            + f"  scope/by hand {statistics.median(on):.3f} (seeds: "
+            + ", ".join(f"{r:.3f}" for r in on)
+            + f")  scope, guard=off/by hand {statistics.median(off):.3f}"
+        )
+        report.append({"case": label, "instructions": figures, "scope/by hand": on, "off": off})
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
