@@ -43,6 +43,18 @@ class Registries:
         self.registry = registry
         self.counter = counter
         self.is_async = isinstance(registry, sessionscope.async_scoped_session)
+        self.out = 0
+        """Connections of an async registry's pool checked out and not yet back (its events)."""
+        if self.is_async:
+            pool = registry.session_factory.kw["bind"].sync_engine.pool
+            event.listen(pool, "checkout", self._checked_out)
+            event.listen(pool, "checkin", self._checked_in)
+
+    def _checked_out(self, *args: Any) -> None:
+        self.out += 1
+
+    def _checked_in(self, *args: Any) -> None:
+        self.out -= 1
 
     def rows(self) -> int:
         with OrmSession(self.counter) as s:
@@ -60,6 +72,8 @@ class Registries:
         return session
 
     def checked_out(self) -> int:
+        if self.is_async:  # a NullPool (see db()): it keeps no count of its own
+            return self.out
         pool = self.registry.session_factory.kw["bind"].pool
         return int(pool.checkedout())
 
@@ -86,7 +100,10 @@ def db(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Registries]:
         yield Registries(kind, sessionscope.scoped_session(sessionmaker(engine)), counter)
         engine.dispose()
     else:
-        async_engine = create_async_engine(async_url, connect_args=connect_args)
+        # Each test runs its requests in asyncio.run() after asyncio.run(): a connection pooled
+        # in one loop would outlive it, and no later loop could close its transport. Every
+        # connection is closed as it is checked in instead (NullPool).
+        async_engine = create_async_engine(async_url, connect_args=connect_args, poolclass=NullPool)
         registry = sessionscope.async_scoped_session(async_sessionmaker(async_engine))
         yield Registries(kind, registry, counter)
         asyncio.run(async_engine.dispose())
