@@ -54,9 +54,15 @@ INTRUDER = "intruder"
 
 class EngineEvents:
     """Statements (by their first word), commits, rollbacks and savepoints, in order; and every
-    ``Row`` the ORM loads from a fetched row (``LOAD``), whichever session it is for."""
+    ``Row`` the ORM loads from a fetched row (``LOAD``) into a session of this engine (or one
+    with no engine of its own).
+
+    Loads are a class-wide event: a thread another test left running in this process, loading
+    rows on its own engine, must not be logged as something a misuse here did.
+    """
 
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.log: list[str] = []
         self._listeners: list[tuple[Any, str, Callable[..., None]]] = [
             (engine, "before_cursor_execute", self._statement),
@@ -65,10 +71,15 @@ class EngineEvents:
             (engine, "savepoint", lambda conn, name: self.log.append("SAVEPOINT")),
             (engine, "rollback_savepoint", lambda conn, name, ctx: self.log.append("ROLLBACK TO")),
             (engine, "release_savepoint", lambda conn, name, ctx: self.log.append("RELEASE")),
-            (Row, "load", lambda target, context: self.log.append("LOAD")),
+            (Row, "load", self._load),
         ]
         for target, name, listener in self._listeners:
             event.listen(target, name, listener)
+
+    def _load(self, target: Any, context: Any) -> None:
+        bind = getattr(context.session, "bind", None)
+        if bind is None or bind is self.engine:
+            self.log.append("LOAD")
 
     def _statement(self, conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
         self.log.append(statement.split(None, 1)[0].upper())

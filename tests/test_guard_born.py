@@ -195,3 +195,44 @@ def test_an_async_makers_sync_session_class_is_kept_and_guarded() -> None:
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_an_async_maker_changed_between_sessions_makes_the_next_one_as_it_is_now() -> None:
+    """The guarded view of an async maker is a copy of its options, reused while they stay
+    equal: options configured in place, a replaced ``kw``, a new ``sync_session_class`` or
+    ``class_`` are all followed by the next session."""
+
+    class MySession(Session):
+        pass
+
+    class MyAsyncSession(AsyncSession):
+        pass
+
+    async def main() -> None:
+        engine = create_async_engine("sqlite+aiosqlite://")
+        maker = async_sessionmaker(engine)
+        Scoped = sessionscope.async_scoped_session(maker)
+        try:
+            async with Scoped.scope() as first:
+                assert first.sync_session.autoflush is True
+            async with Scoped.scope() as again:  # (the view reused)
+                assert again.sync_session.autoflush is True and guard_of(again) is not None
+            maker.configure(autoflush=False)  # in place
+            async with Scoped.scope() as second:
+                assert second.sync_session.autoflush is False
+            maker.kw = {**maker.kw, "expire_on_commit": False}  # replaced
+            async with Scoped.scope() as third:
+                assert third.sync_session.autoflush is False
+                assert third.sync_session.expire_on_commit is False
+            maker.configure(sync_session_class=MySession)
+            async with Scoped.scope() as fourth:
+                assert isinstance(fourth.sync_session, MySession)
+                assert is_guarded_class(type(fourth.sync_session))
+            maker.class_ = MyAsyncSession
+            async with Scoped.scope() as fifth:
+                assert isinstance(fifth, MyAsyncSession)
+                assert isinstance(fifth.sync_session, MySession) and guard_of(fifth) is not None
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())

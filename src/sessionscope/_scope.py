@@ -39,7 +39,7 @@ from ._guard import Mode, cleanup, install
 from ._guard._site import Site
 from ._session_end import CLOSED_STATE, seal
 from ._units import Unit, current_unit, describe_unit, unit_outside_tasks
-from ._units._asyncio import _get_running_loop
+from ._units._asyncio import _get_running_loop, current_task_of_loop
 from ._work import WorkUnit, current_work, unit_and_work, work_var
 from .exc import CrossUnitError, ScopeEndedError, background
 
@@ -95,6 +95,22 @@ class ScopeState(Generic[S]):
                 "it, join it), or give that work a scope of its own. " + background("scope-ended")
             )
         return self.session
+
+
+def _running_unit_and_work() -> tuple[Unit, WorkUnit]:
+    """:func:`unit_and_work`, answered without its calls when the running unit is in a unit of
+    work already (a request's, or a thread's or task's own): a scope begins once per request."""
+    work = work_var.get()
+    if type(work) is WorkUnit and not work.ended and work.generation == _fork.generation:
+        loop = _get_running_loop()
+        if loop is None:
+            if "trio" not in _modules:
+                return unit_outside_tasks(), work
+        else:
+            task = current_task_of_loop(loop)
+            if task is not None and task is work.task:  # the task that opened it
+                return task, work
+    return unit_and_work()  # (one lookup of the running task for both)
 
 
 class SessionScope(Generic[S]):
@@ -159,17 +175,7 @@ class SessionScope(Generic[S]):
                 "another block."
             )
         if within is None:
-            work = work_var.get()
-            if (  # unit_and_work()'s answer in a thread or greenlet with a unit of work, inlined
-                type(work) is WorkUnit
-                and not work.ended
-                and work.generation == _fork.generation
-                and _get_running_loop() is None
-                and "trio" not in _modules
-            ):
-                unit: Unit = unit_outside_tasks()
-            else:
-                unit, work = unit_and_work()  # (one lookup of the running task for both)
+            unit, work = _running_unit_and_work()
             site = None
         else:
             unit, work, site = within

@@ -43,19 +43,24 @@ async def end_awaited(work: WorkUnit) -> None:
     if _get_running_loop() is None:  # trio: its worker threads; AsyncSessions need asyncio
         import trio
 
-        if _holds_sync_sessions(work):
+        if _any_blocking_close(_sessions_of(work)):
             await trio.to_thread.run_sync(end_in_worker)
         else:
             work.end()
         return
     loop = asyncio.get_running_loop()
-    before = set(_closing)
+    sessions = _sessions_of(work)
+    if not sessions:  # (the usual request: its scope's session closed and sealed already)
+        work.end()
+        return
+    holds_async = any(isinstance(s, AsyncSession) for s in sessions)
     # Sync sessions close in a worker thread; but the closes of AsyncSessions must start on this
     # loop (closers_on_its_loop sees no running loop in a worker), so with any AsyncSession held
     # the whole end runs here.
-    if _holds_sync_sessions(work) and not _holds_async_sessions(work):
+    if not holds_async and _any_blocking_close(sessions):
         await loop.run_in_executor(None, end_in_worker)
         return
+    before = set(_closing)
     work.end()
     started = [task for task in _closing if task not in before]
     if started:
@@ -63,23 +68,21 @@ async def end_awaited(work: WorkUnit) -> None:
 
 
 def _sessions_of(work: WorkUnit) -> list[Any]:
+    """The sessions ending ``work`` may close: its registries' and those it owns that are not
+    closed for good (a scope's sealed session holds nothing)."""
     sessions = [value for _, value in work.value_items()]
     for ref in work.owned_guards():
         guard = ref()
-        session = guard.session_ref() if guard is not None else None
+        session = guard.unsealed_session() if guard is not None else None
         if session is not None:
             sessions.append(session)
     return sessions
 
 
-def _holds_sync_sessions(work: WorkUnit) -> bool:
-    """Whether ending ``work`` has a sync session to close that can block (one in a transaction):
-    only then is a worker thread worth its hop (per request, under ASGI)."""
-    return any(not isinstance(s, AsyncSession) and needs_io_to_close(s) for s in _sessions_of(work))
-
-
-def _holds_async_sessions(work: WorkUnit) -> bool:
-    return any(isinstance(s, AsyncSession) for s in _sessions_of(work))
+def _any_blocking_close(sessions: list[Any]) -> bool:
+    """Whether one of ``sessions`` is a sync session whose close can block (one in a
+    transaction): only then is a worker thread worth its hop (per request, under ASGI)."""
+    return any(not isinstance(s, AsyncSession) and needs_io_to_close(s) for s in sessions)
 
 
 _LENT = "_sessionscope_lent_works"

@@ -182,9 +182,11 @@ def born_guarded(factory: Callable[..., T], mode: Mode) -> Callable[..., T]:
         return make_unguarded
 
     last: tuple[Any, _MakerView | None] = (None, None)  # (class_, its view), replaced as one
+    last_async: tuple[Any, dict[str, Any] | None, _MakerView | None] = (None, None, None)
+    """(class_, a copy of the maker's kw, the view) of the last AsyncSession made."""
 
     def make(**kw: Any) -> T:
-        nonlocal last
+        nonlocal last, last_async
         made = maker.class_
         made_before, view = last
         if made is made_before and view is not None and view.kw is maker.kw:
@@ -194,9 +196,14 @@ def born_guarded(factory: Callable[..., T], mode: Mode) -> Callable[..., T]:
             view = _MakerView(maker.kw, guarded_class(made))
             last = (made, view)
         elif isinstance(made, type) and issubclass(made, AsyncSession):
-            sync_class = maker.kw.get("sync_session_class") or made.sync_session_class
-            kw_guarded = {**maker.kw, "sync_session_class": guarded_class(sync_class)}
-            view = _MakerView(kw_guarded, made)
+            # its view holds a copy of the kw with another sync_session_class: reused while
+            # the maker's kw still equal what it was copied from (configure() changes them)
+            made_before, kw_before, view = last_async
+            if made is not made_before or view is None or kw_before != maker.kw:
+                sync_class = maker.kw.get("sync_session_class") or made.sync_session_class
+                kw_guarded = {**maker.kw, "sync_session_class": guarded_class(sync_class)}
+                view = _MakerView(kw_guarded, made)
+                last_async = (made, dict(maker.kw), view)
         else:
             return maker(**kw)  # type: ignore[no-any-return]
         return call(view, **kw)  # type: ignore[no-any-return]

@@ -150,11 +150,25 @@ class SessionGuard(GuardState):
         of its sync session. A weak reference held by the guard would be about 80 bytes and an
         object for the collector per session, for a lookup made once, at the end.
         """
+        return self._session(unsealed_only=False)
+
+    def unsealed_session(self) -> Any:
+        """:meth:`session_ref`, but None also for a session its scope closed for good (sealed):
+        one that holds no connection and was not left open, so its owner's end has nothing to
+        do with it. Sealing is read on the Session (an AsyncSession's ``sync_session``), before
+        an AsyncSession's proxy is looked up."""
+        return self._session(unsealed_only=True)
+
+    def _session(self, *, unsealed_only: bool) -> Any:
         key = self.session_key
         if key is None:
             return None
         session = _live_sessions.get(key)
-        if session is None or not self.of_async:
+        if session is None:
+            return None
+        if unsealed_only and getattr(session, "_close_state", None) is _SEALED:
+            return None
+        if not self.of_async:
             return session
         return AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
 
@@ -200,8 +214,8 @@ class SessionGuard(GuardState):
         leaves); from then on nobody may use it."""
         if self.owner_ref() is not work:
             return  # handed off, shared, or ended already
-        session = self.session_ref()
-        if session is None or getattr(session, "_close_state", None) is _SEALED:
+        session = self.unsealed_session()
+        if session is None:
             # gone, or closed for good by its scope (a sealed session holds nothing, and was
             # not left open): what the close below would conclude, without its calls
             self.disown(ENDED)
