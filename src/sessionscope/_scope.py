@@ -26,9 +26,9 @@ import functools
 import inspect
 import logging
 import sys
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from contextvars import ContextVar, Token
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import exc as sa_exc
@@ -72,8 +72,9 @@ class ScopeState(Generic[S]):
         self.session = session
         self.owner = owner
         self.ended = False
-        self.nested: list[SessionScope[S]] = []
-        """The nested scopes still open on this session (each in a savepoint), innermost last."""
+        self.nested: list[SessionScope[S]] | None = None
+        """The nested scopes still open on this session (each in a savepoint), innermost last;
+        None until one is (most scopes never nest one: no list per request)."""
         self.recover: Callable[[], S] | None = None
         """Set when the scope ended in another context than its opener's (exited from another
         unit): the opener, still pointing at it, then looks its session up without it."""
@@ -137,6 +138,8 @@ class SessionScope(Generic[S]):
     """The scope a nested scope works in, in ``_savepoint``."""
     _savepoint: Any = None
     _ends_in_one_frame = True
+    _session_kw: Mapping[str, Any] = MappingProxyType({})
+    """What the scope's session is made with (``scope(**kw)``)."""
     """Whether ``__exit__`` may end the scope's own session itself, in its own frame."""
 
     def __init__(
@@ -155,7 +158,8 @@ class SessionScope(Generic[S]):
         self._factory = factory
         self._new = new
         self._commit = commit
-        self._session_kw = session_kw
+        if session_kw:  # (most scopes take none: no dict kept per request)
+            self._session_kw = session_kw
         self._guard = guard
         self._lookup = lookup
 
@@ -204,9 +208,13 @@ class SessionScope(Generic[S]):
 
     def work_in(self, savepoint: Any) -> None:
         """A nested scope's savepoint has begun: it is now the innermost open scope."""
-        assert self._joined is not None
+        joined = self._joined
+        assert joined is not None
         self._savepoint = savepoint
-        self._joined.nested.append(self)
+        if joined.nested is None:
+            joined.nested = [self]
+        else:
+            joined.nested.append(self)
 
     def __enter__(self) -> S:
         session = self.enter(2)
@@ -229,16 +237,16 @@ class SessionScope(Generic[S]):
         if self._exited:
             raise sa_exc.InvalidRequestError("This Session.scope() was already exited.")
         self._exited = True
-        if self._joined is not None and self not in self._joined.nested:
+        if self._joined is not None and self not in (self._joined.nested or ()):
             raise sa_exc.InvalidRequestError(
                 "This nested Session.scope() was exited after a scope around it had ended, which "
                 "rolled back its savepoint with its own work; nothing was done now. " + _IN_ORDER
             )
         if self._joined is None and self._state is not None:  # (_leave_stack(), inlined)
             nested = self._state.nested
-            left_open = len(nested)
+            left_open = len(nested) if nested else 0
             if left_open:
-                nested.clear()
+                self._state.nested = None
         else:
             left_open = self._leave_stack()
         # the unit of work that entered it (its jobs included: FastAPI enters a sync dependency's
@@ -266,14 +274,15 @@ class SessionScope(Generic[S]):
         """Take this scope and those nested in it off the stack: how many of those were open."""
         if self._joined is not None:
             stack = self._joined.nested
+            assert stack is not None  # (this scope is in it: how_to_end() checked)
             position = stack.index(self)
             left_open = len(stack) - position - 1
             del stack[position:]
             return left_open
         assert self._state is not None
-        left_open = len(self._state.nested)
-        self._state.nested.clear()
-        return left_open
+        nested = self._state.nested
+        self._state.nested = None
+        return len(nested) if nested else 0
 
     def _what_was_rolled_back(self) -> str:
         if self._joined is not None:

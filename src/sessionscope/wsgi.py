@@ -80,15 +80,23 @@ class RequestScope:
         "commit",
         "site",
         "ended",
+        "started",
+        "_start_response",
         "_token",
         "__weakref__",
     )
 
     def __init__(
-        self, registry: scoped_session[Any], *, commit: bool, site: Site | None = None
+        self,
+        registry: scoped_session[Any],
+        *,
+        commit: bool,
+        site: Site | None = None,
+        start_response: StartResponse | None = None,
     ) -> None:
         """``site``: where the integration was set up, what its sessions were "created at" (a
-        request's own stack is the server's); None to look for it as for any session."""
+        request's own stack is the server's); None to look for it as for any session.
+        ``start_response``: the server's, for a WSGI request (see :meth:`start_response`)."""
         self.context = contextvars.copy_context()
         self.registry = registry
         self.work = UnitOfWork()  # (unit_of_work() without its argument check)
@@ -98,7 +106,22 @@ class RequestScope:
         self.commit = commit
         self.site = site
         self.ended = False
+        self.started = False
+        """Whether the application has called ``start_response`` (the status went out)."""
+        self._start_response = start_response
         self._token: contextvars.Token[weakref.ref[RequestScope] | None] | None = None
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Any:
+        """The ``start_response`` the application is given: commit if the policy says so (a
+        failing commit raises into the application, before any status is sent), then the
+        server's. A method, not a closure made per request: no function and cells to allocate
+        and for the collector to see while the request runs."""
+        self.commit_for(status)
+        self.started = True
+        assert self._start_response is not None
+        return self._start_response(status, headers, exc_info)
 
     def open(self) -> None:
         """Enter the unit of work, then the scope, in the running context."""
@@ -179,45 +202,41 @@ class SessionScopeMiddleware:
         there (what their own stacks show is the server's loop)."""
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        request = RequestScope(self.session, commit=self.commit, site=self.site)
-        return request.context.run(self._run, request, environ, start_response)
+        request = RequestScope(
+            self.session, commit=self.commit, site=self.site, start_response=start_response
+        )
+        return request.context.run(_serve, self.app, request, environ)
 
-    def _run(
-        self, request: RequestScope, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> Iterable[bytes]:
-        started = False
 
-        def scoped_start_response(
-            status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
-        ) -> Any:
-            nonlocal started
-            request.commit_for(status)
-            started = True
-            return start_response(status, headers, exc_info)
-
-        request.open()
+def _serve(
+    app: WSGIApplication, request: RequestScope, environ: WSGIEnvironment
+) -> Iterable[bytes]:
+    """One request, in its own context: the application's call, and the scope's end when the
+    body is built (else the body ends it)."""
+    request.open()
+    try:
+        result = app(environ, request.start_response)
+    except BaseException:
+        request.end(sys.exc_info())
+        raise
+    started = request.started
+    if started and type(result) in _BUILT_BODIES:
+        # The whole body is built (the usual response): no database work is left, so the
+        # request ends now, and its connection is back in the pool before the server sends
+        # the response (as a hand-written `finally: session.close()` does).
+        request.end()
+        return result
+    file_wrapper = environ.get("wsgi.file_wrapper")
+    if started and isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+        # A file sent as is (sendfile): no database work is left, and wrapping it would hide
+        # it from the server. The server closes it.
         try:
-            result = self.app(environ, scoped_start_response)
-        except BaseException:
-            request.end(sys.exc_info())
-            raise
-        if started and type(result) in _BUILT_BODIES:
-            # The whole body is built (the usual response): no database work is left, so the
-            # request ends now, and its connection is back in the pool before the server sends
-            # the response (as a hand-written `finally: session.close()` does).
             request.end()
-            return result
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if started and isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
-            # A file sent as is (sendfile): no database work is left, and wrapping it would hide
-            # it from the server. The server closes it.
-            try:
-                request.end()
-            except BaseException:
-                _close(result)
-                raise
-            return result
-        return ScopedBody(request, result)
+        except BaseException:
+            _close(result)
+            raise
+        return result
+    return ScopedBody(request, result)
 
 
 _BUILT_BODIES = (list, tuple)
