@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -109,3 +110,19 @@ def async_url(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[
 
     asyncio.run(create())
     return url, connect_args
+
+
+@pytest.fixture(autouse=True)
+def _no_unit_left_inside_a_session() -> Iterator[None]:
+    """After every test no guarded session has a unit inside a call: every entry's slot in the
+    guard's table (``_guard._state.INSIDE``) was freed by its leave, whatever the test raised,
+    cancelled or killed. A thread or greenlet a test leaves blocked inside a call would show
+    here too: it gets a moment to leave first."""
+    yield
+    from sessionscope._guard._state import INSIDE
+
+    for _ in range(50):
+        if not INSIDE:
+            return
+        time.sleep(0.1)
+    assert not INSIDE, f"units left inside sessions' calls: {list(INSIDE.values())}"

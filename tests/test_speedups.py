@@ -25,6 +25,7 @@ from sessionscope import _registry
 from sessionscope._guard import _checks, _state
 from sessionscope._guard._guarded_class import guarded_class
 from sessionscope._guard._install import guard_of
+from sessionscope._guard._state import INSIDE
 from tests.models import Row
 
 NO_EXTENSIONS = bool(os.environ.get(_state.NO_EXTENSIONS_VARIABLE))
@@ -113,7 +114,7 @@ def test_a_failing_call_leaves_the_slot_free_and_its_exception_as_raised(engine:
         session.execute(text("select * from no_such_table"))
     assert "no_such_table" in str(raised.value)
     assert raised.value.__context__ is None or "no_such_table" in str(raised.value.__context__)
-    assert (guard.depth, guard.entered, guard.inside) == (0, None, {})
+    assert (guard.depth, guard.entered, INSIDE.get(guard)) == (0, None, None)
     session.rollback()
     # the slot is free: another thread is refused as a unit that does not own the session,
     # not as a concurrent one
@@ -148,7 +149,7 @@ def test_a_base_exception_inside_a_call_leaves_the_slot_free(engine: Engine) -> 
     with pytest.raises(Stop):
         session.execute(select(Row))
     event.remove(session, "do_orm_execute", stop)
-    assert (guard.depth, guard.entered, guard.inside) == (0, None, {})
+    assert (guard.depth, guard.entered, INSIDE.get(guard)) == (0, None, None)
     assert session.execute(text("select 1")).scalar() == 1
     session.close()
 
@@ -229,7 +230,7 @@ def test_the_task_that_opened_the_work_is_checked_without_python(
         assert guard is not None
 
         def look(*args: Any) -> None:
-            inside_during_call.append(guard.inside.get(0))
+            inside_during_call.append(INSIDE.get(guard))
 
         row = Row(owner="a", n=1)
         session.add(row)

@@ -56,6 +56,7 @@ static PyObject *running_loop_func = NULL; /* asyncio.events._get_running_loop *
 static PyObject *task_of_loop_func = NULL; /* _units._asyncio.current_task_of_loop */
 static PyObject *modules_dict = NULL;      /* sys.modules */
 static PyObject *ended_state = NULL;       /* _ownership.ENDED */
+static PyObject *inside_slots = NULL;      /* _state.INSIDE: {guard: the unit inside its session} */
 static int configured = 0;                 /* configure() was called: the above are set */
 
 static int
@@ -72,7 +73,7 @@ static PyObject *recheck_func = NULL;      /* _results._recheck */
 /* interned attribute names, and 0 (the slot's key) */
 static PyObject *s_identity_map, *s__modified, *s_impl_key, *s_guard, *s_admit, *s_session_id,
     *s_class, *s_check_write, *s_run_after_leave, *s_trio, *s_soft_closed, *s_task, *s_thread,
-    *s__loop, *zero;
+    *s__loop;
 
 typedef struct {
     PyObject_HEAD
@@ -92,7 +93,6 @@ typedef struct {
     PyObject_HEAD
     Py_ssize_t depth;      /* calls of the unit inside, nested */
     PyObject *entered;     /* the greenlet whose call took the slot, or None */
-    PyObject *inside;      /* the slot: {0: the unit inside}, taken with dict.setdefault */
     PyObject *fast_key;    /* returns what the owner's context holds (a weak reference) */
     PyObject *state;       /* "owned", "handed off", "shared", "ended" */
     PyObject *after_leave; /* a close deferred until the unit inside leaves, or None */
@@ -249,14 +249,7 @@ enter_as_owner(GuardState *guard, PyObject *current)
             goto error;
         goto done;
     }
-    PyObject *inside = guard->inside;
-    if (inside == NULL || !PyDict_Check(inside)) {
-        Py_DECREF(running);
-        goto done;
-    }
-    Py_INCREF(inside);
-    PyObject *holder = PyDict_SetDefault(inside, zero, running); /* borrowed */
-    Py_DECREF(inside);
+    PyObject *holder = PyDict_SetDefault(inside_slots, (PyObject *)guard, running); /* borrowed */
     Py_DECREF(running); /* (the slot holds it while it is inside) */
     if (holder == NULL)
         goto error;
@@ -285,11 +278,10 @@ leave(GuardState *guard)
         return 0;
     Py_INCREF(Py_None);
     Py_XSETREF(guard->entered, Py_None); /* first: a greenlet keeping its session keeps no cycle */
-    PyObject *inside = guard->inside;
-    if (inside != NULL && PyDict_Check(inside)) {
-        Py_INCREF(inside);
-        PyDict_Clear(inside);
-        Py_DECREF(inside);
+    if (PyDict_DelItem(inside_slots, (PyObject *)guard) < 0) { /* INSIDE.pop(guard, None) */
+        if (!PyErr_ExceptionMatches(PyExc_KeyError))
+            return -1;
+        PyErr_Clear();
     }
     PyObject *after_leave = guard->after_leave;
     if (after_leave == NULL || after_leave == Py_None)
@@ -606,7 +598,6 @@ static int
 state_traverse(GuardState *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->entered);
-    Py_VISIT(self->inside);
     Py_VISIT(self->fast_key);
     Py_VISIT(self->state);
     Py_VISIT(self->after_leave);
@@ -618,7 +609,6 @@ static int
 state_clear(GuardState *self)
 {
     Py_CLEAR(self->entered);
-    Py_CLEAR(self->inside);
     Py_CLEAR(self->fast_key);
     Py_CLEAR(self->state);
     Py_CLEAR(self->after_leave);
@@ -636,7 +626,6 @@ state_dealloc(GuardState *self)
 static PyMemberDef state_members[] = {
     {"depth", T_PYSSIZET, offsetof(GuardState, depth), 0, "calls of the unit inside, nested"},
     {"entered", T_OBJECT, offsetof(GuardState, entered), 0, "the greenlet that took the slot"},
-    {"inside", T_OBJECT_EX, offsetof(GuardState, inside), 0, "the slot: {0: the unit inside}"},
     {"fast_key", T_OBJECT_EX, offsetof(GuardState, fast_key), 0, "the owner's context's key"},
     {"state", T_OBJECT_EX, offsetof(GuardState, state), 0, "owned, handed off, shared, ended"},
     {"after_leave", T_OBJECT, offsetof(GuardState, after_leave), 0, "a deferred close"},
@@ -710,12 +699,9 @@ write_passes(GuardState *guard)
         Py_DECREF(current);
         return pass;
     }
-    PyObject *holder = NULL; /* nobody inside */
-    if (guard->inside != NULL && PyDict_Check(guard->inside)) {
-        holder = PyDict_GetItemWithError(guard->inside, zero); /* borrowed */
-        if (holder == NULL && PyErr_Occurred())
-            goto error;
-    }
+    PyObject *holder = PyDict_GetItemWithError(inside_slots, (PyObject *)guard); /* borrowed */
+    if (holder == NULL && PyErr_Occurred())
+        goto error;
     pass = holder == NULL || holder == Py_None;
     if (pass) {
         PyObject *running = NULL;
@@ -1235,14 +1221,20 @@ lookup_method(PyObject *module, PyObject *cls)
 static PyObject *
 configure(PyObject *module, PyObject *args)
 {
-    PyObject *getcurrent, *var, *loop, *task_of_loop, *modules, *ended;
-    if (!PyArg_ParseTuple(args, "OOOOOO:configure", &getcurrent, &var, &loop, &task_of_loop,
-                          &modules, &ended))
+    PyObject *getcurrent, *var, *loop, *task_of_loop, *modules, *ended, *inside;
+    if (!PyArg_ParseTuple(args, "OOOOOOO:configure", &getcurrent, &var, &loop, &task_of_loop,
+                          &modules, &ended, &inside))
         return NULL;
     if (!PyContextVar_CheckExact(var)) {
         PyErr_SetString(PyExc_TypeError, "configure: work_var is a ContextVar");
         return NULL;
     }
+    if (!PyDict_CheckExact(inside)) {
+        PyErr_SetString(PyExc_TypeError, "configure: inside is the table of slots, a dict");
+        return NULL;
+    }
+    Py_INCREF(inside);
+    Py_XSETREF(inside_slots, inside);
     Py_INCREF(getcurrent);
     Py_XSETREF(getcurrent_func, getcurrent);
     Py_INCREF(var);
@@ -1313,8 +1305,6 @@ PyInit__speedups(void)
     INTERN(s_miss, "_miss");
     INTERN(s_flag_dirty, "(flag_dirty)");
     INTERN(s_modified, "modified");
-    if ((zero = PyLong_FromLong(0)) == NULL)
-        return NULL;
     FlaggingCheckedType.tp_base = &PySet_Type;
     if (PyType_Ready(&CheckedMethodType) < 0 || PyType_Ready(&GuardStateType) < 0 ||
         PyType_Ready(&RowsCheckedOnResumeType) < 0 || PyType_Ready(&FlaggingCheckedType) < 0)

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from .._guard import _ownership
 from .._guard._install import install
 from .._guard._ownership import Mode, SessionGuard, _as_unit, _describe_inside
+from .._guard._state import INSIDE
 from .._units import current_unit, describe_unit
 from ..exc import ShareNothingError
 from ._records import Record, Recorder
@@ -101,7 +102,7 @@ def _record(guard: SessionGuard, kind: str, error: ShareNothingError | None) -> 
             recorder.add(record)
         return
     if kind == "concurrent":
-        owner = _describe_inside(guard, _as_unit(guard.inside.get(0)))
+        owner = _describe_inside(guard, _as_unit(INSIDE.get(guard)))
     elif kind == "forked":
         owner = f"a unit of the parent process (pid {os.getppid()})"
     else:

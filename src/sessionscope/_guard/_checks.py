@@ -34,7 +34,7 @@ from greenlet import getcurrent
 
 from .._units._asyncio import _get_running_loop
 from .._work import work_var
-from ._state import ENDED, speedups
+from ._state import ENDED, INSIDE, speedups
 
 F = TypeVar("F", bound=Callable[..., Any])
 Hook = Callable[[Any, Any], None]
@@ -146,7 +146,7 @@ def _checked_in_python(name: str, method: F, *, hook: Hook | None = None, fetch:
             and work is guard.fast_key()
             and _get_running_loop() is None
             and "trio" not in _modules
-            and guard.inside.setdefault(0, current) is current
+            and INSIDE.setdefault(guard, current) is current
         ):
             # SessionGuard.admit()'s fast path, inlined: the owner, in a thread or greenlet
             if not guard.depth:
@@ -163,7 +163,7 @@ def _checked_in_python(name: str, method: F, *, hook: Hook | None = None, fetch:
             guard.depth -= 1
             if not guard.depth:
                 guard.entered = None  # first: a greenlet keeping its session keeps no cycle
-                guard.inside.clear()
+                INSIDE.pop(guard, None)
                 if guard.after_leave:
                     guard.run_after_leave()
         if hook is not None:

@@ -30,7 +30,7 @@ from .._units import current_unit, describe_unit
 from ..exc import ConcurrentUseError, CrossUnitError, background
 from ._install import guard_of
 from ._ownership import SessionGuard
-from ._state import HANDED_OFF, SHARED
+from ._state import HANDED_OFF, INSIDE, SHARED
 
 S = TypeVar("S")
 
@@ -116,7 +116,7 @@ def _check_owner_is_current(guard: SessionGuard, action: str) -> None:
 
 def _check_nobody_inside(guard: SessionGuard, what: str) -> None:
     holder = guard.unit_inside()
-    if guard.inside.get(0) is not None:
+    if INSIDE.get(guard) is not None:
         raise ConcurrentUseError(
             f"The session cannot be {what} while {describe_unit(holder)} is inside it (for "
             "example from an event hook during a flush); do it between calls. "

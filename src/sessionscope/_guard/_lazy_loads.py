@@ -28,7 +28,7 @@ from sqlalchemy.orm import strategies
 
 from .._units._asyncio import _get_running_loop
 from .._work import work_var
-from ._state import speedups
+from ._state import INSIDE, speedups
 
 LAZY_LOAD = "(lazy load)"
 """The operation's prefix in refusals: ``"(lazy load)author"`` reads "lazy-loaded Book.author"."""
@@ -60,7 +60,7 @@ def _load_checked(
         and work is guard.fast_key()
         and _get_running_loop() is None
         and "trio" not in _modules
-        and guard.inside.setdefault(0, current) is current
+        and INSIDE.setdefault(guard, current) is current
     ):
         # SessionGuard.admit()'s fast path, inlined (as in _guarded_class._checked)
         if not guard.depth:

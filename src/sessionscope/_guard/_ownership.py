@@ -42,7 +42,7 @@ from ..exc import (
 )
 from ._lineage import BorrowToken, inherits, is_cleanup, lend_from_here
 from ._site import Site, describe_site, warn_at_application
-from ._state import ENDED, HANDED_OFF, OWNED, SHARED, GuardState
+from ._state import ENDED, HANDED_OFF, INSIDE, OWNED, SHARED, GuardState
 
 Mode = Literal["raise", "warn", "off"]
 MODES: tuple[Mode, ...] = ("raise", "warn", "off")
@@ -132,7 +132,6 @@ class SessionGuard(GuardState):
         self.mode = mode
         self.label = label
         self.created_at = created_at
-        self.inside: dict[int, Any] = {}
         self.on_hand_off = on_hand_off
         """Called with the session when it is handed off or shared: its registry forgets it."""
         self.session_key = session_key
@@ -246,7 +245,7 @@ class SessionGuard(GuardState):
             running = current_task_of_loop(loop)
             if running is not work.task:  # a child task: not the owner (maybe a borrower)
                 return self._admit_slow(operation, of_class)
-        holder = self.inside.setdefault(0, running)
+        holder = INSIDE.setdefault(self, running)
         if holder is not running:
             return self._overlap(running, holder, operation, of_class)
         if not self.depth:
@@ -258,7 +257,7 @@ class SessionGuard(GuardState):
         self.depth -= 1
         if not self.depth:
             self.entered = None
-            self.inside.clear()
+            INSIDE.pop(self, None)
             if self.after_leave:
                 self.run_after_leave()
 
@@ -278,9 +277,9 @@ class SessionGuard(GuardState):
         closes.
         """
         self.disown(ENDED)
-        if self.inside.get(0) is not None:
+        if INSIDE.get(self) is not None:
             pending = self.after_leave = [close_later]
-            if self.inside.get(0) is not None:
+            if INSIDE.get(self) is not None:
                 return
             try:  # it left meanwhile: close here, unless its leaving took the close already
                 pending.pop()
@@ -299,7 +298,7 @@ class SessionGuard(GuardState):
         if self.depth and current is self.entered:
             return  # SQLAlchemy's own writes inside a call (foreign keys synced during a flush)
         work = work_var.get()
-        if work is not None and work is self.fast_key() and self.inside.get(0) is None:
+        if work is not None and work is self.fast_key() and INSIDE.get(self) is None:
             loop = _get_running_loop()
             if loop is None:
                 if "trio" not in _modules:
@@ -341,7 +340,7 @@ class SessionGuard(GuardState):
             if not (operation in _CLOSING and self._owner_gone(owner)):
                 self._refuse(unit, operation, of_class)
             # closing is how users recover a session whose owner is gone: let it through
-        holder = self.inside.setdefault(0, identity)
+        holder = INSIDE.setdefault(self, identity)
         if holder is not identity:
             return self._overlap(unit, holder, operation, of_class)
         if not self.depth:
@@ -441,7 +440,7 @@ class SessionGuard(GuardState):
 
     def unit_inside(self) -> Unit | None:
         """The unit inside the session now (a thread is held by its main greenlet)."""
-        unit: Unit | None = _as_unit(self.inside.get(0))
+        unit: Unit | None = _as_unit(INSIDE.get(self))
         return unit
 
     def _overlap(

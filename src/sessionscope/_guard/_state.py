@@ -26,6 +26,16 @@ OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
 """The values of a guard's ``state``."""
 
 
+INSIDE: dict[Any, Any] = {}
+"""The slot of every guarded session a unit is inside a call of: its guard -> that unit (the
+running greenlet or task), taken with ``INSIDE.setdefault(guard, unit)`` (one atomic operation)
+and freed with ``INSIDE.pop(guard, None)`` as the last call leaves.
+
+One table for all guards rather than a dict per guard: a session is inside a call for a few
+microseconds at a time, so the table holds a handful of entries, where a dict per guard was 64
+bytes and an object for the collector for every session alive (issue 14's memory per unit)."""
+
+
 def _load_speedups() -> Any:
     """The C module, told what its checks read (the objects the Python checks use), or None.
 
@@ -38,7 +48,7 @@ def _load_speedups() -> Any:
     except ImportError:  # not built (no compiler at install time): the Python checks
         return None
     _speedups.configure(
-        getcurrent, work_var, _get_running_loop, current_task_of_loop, sys.modules, ENDED
+        getcurrent, work_var, _get_running_loop, current_task_of_loop, sys.modules, ENDED, INSIDE
     )
     return _speedups
 
@@ -50,11 +60,10 @@ speedups: Any = _load_speedups()
 class PythonGuardState:
     """What the C ``GuardState`` holds, as slots (and the fields' types, for both)."""
 
-    __slots__ = ("depth", "entered", "inside", "fast_key", "state", "after_leave")
+    __slots__ = ("depth", "entered", "fast_key", "state", "after_leave")
 
     depth: int
     entered: Any  # greenlet | None
-    inside: dict[int, Any]
     fast_key: Callable[[], Any]
     state: str
     after_leave: list[Callable[[], object]] | None

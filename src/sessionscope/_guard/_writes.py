@@ -33,7 +33,7 @@ from .._work import work_var
 from . import _lazy_loads, _lineage
 from ._lineage import BorrowToken
 from ._ownership import SessionGuard, _nobody
-from ._state import speedups
+from ._state import INSIDE, speedups
 
 _guard_of_session_id: dict[int, BorrowToken] = {}
 _installed = False
@@ -114,7 +114,7 @@ def _check_in_python(state: Any, key: str, prefix: str = "") -> None:
             if (
                 work is not None
                 and work is guard.fast_key()
-                and guard.inside.get(0) is None
+                and INSIDE.get(guard) is None
                 and _get_running_loop() is None
                 and "trio" not in _modules
             ):
