@@ -1063,7 +1063,8 @@ configure_results(PyObject *module, PyObject *args)
 
 /* ---- the registries' lookup (sessionscope._registry.unit_session) ----------------------- */
 
-static PyObject *s_scope_var, *s_key, *s_session_for_use, *s_values, *s_value_key, *s_value, *s_miss;
+static PyObject *s_scope_var, *s_key, *s_session_for_use, *s_values, *s_value_key, *s_value, *s_miss,
+    *s_ended, *s_session;
 
 /* Whether the error set is one the lookup treats as "not here": no session under the key, or a
  * pool job's ended work (held by a weak proxy). Cleared if so. */
@@ -1131,6 +1132,20 @@ lookup(PyObject *holder)
     if (got < 0)
         return NULL;
     if (scope != Py_None) {
+        /* ScopeState.session_for_use()'s hot path, without its frame: a scope not ended yet
+         * answers its session (every proxied call inside a request's scope comes here) */
+        PyObject *ended = PyObject_GetAttr(scope, s_ended);
+        if (ended == Py_False) {
+            Py_DECREF(ended);
+            PyObject *session = PyObject_GetAttr(scope, s_session);
+            Py_DECREF(scope);
+            return session;
+        }
+        if (ended == NULL && !clear_miss_error()) {
+            Py_DECREF(scope);
+            return NULL;
+        }
+        Py_XDECREF(ended);
         PyObject *session = PyObject_CallMethodNoArgs(scope, s_session_for_use);
         Py_DECREF(scope);
         return session;
@@ -1296,6 +1311,8 @@ PyInit__speedups(void)
     INTERN(s_scope_var, "_scope_var");
     INTERN(s_key, "_key");
     INTERN(s_session_for_use, "session_for_use");
+    INTERN(s_ended, "ended");
+    INTERN(s_session, "session");
     INTERN(s_values, "values");
     INTERN(s_value_key, "value_key");
     INTERN(s_value, "value");
