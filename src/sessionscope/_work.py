@@ -453,10 +453,16 @@ class UnitOfWork:
     AsyncSessions are closed awaited and sync sessions are closed off the event loop.
     """
 
+    # Class-level defaults: a block sets only what it was given (the WSGI integration's request
+    # derives from this class, and makes one per request).
+    work: WorkUnit | None = None
+    """The unit of work the block opened (None until entered)."""
+    _token: Token[WorkUnit | None] | None = None
+    _lends = False
+
     def __init__(self, *, lend_to_tasks: bool = False) -> None:
-        self.work: WorkUnit | None = None
-        self._token: Token[WorkUnit | None] | None = None
-        self._lends = lend_to_tasks
+        if lend_to_tasks:
+            self._lends = True
 
     def _open(self) -> WorkUnit:
         if self.work is not None:

@@ -63,18 +63,20 @@ def current_request_scope() -> RequestScope | None:
     return None if ref is None else ref()
 
 
-class RequestScope:
-    """One request's unit of work and scope, and how its end is decided.
+class RequestScope(UnitOfWork):
+    """One request: a unit of work (this object is its boundary), its scope, and how its end is
+    decided.
 
     Everything it opens runs in ``context``, a copy of the server's context made for this request:
     the server may call the body's ``close()`` from another point of its loop, and the
-    request's context variables must be reset where they were set.
+    request's context variables must be reset where they were set. For a WSGI request it is also
+    the ``start_response`` the application is given (:meth:`__call__`). One object for all three
+    roles: everything a request makes lives while it runs, where the collector sees it.
     """
 
     __slots__ = (
         "context",
         "registry",
-        "work",
         "scope",
         "session",
         "commit",
@@ -82,8 +84,7 @@ class RequestScope:
         "ended",
         "started",
         "_start_response",
-        "_token",
-        "__weakref__",
+        "_current_token",
     )
 
     def __init__(
@@ -96,10 +97,9 @@ class RequestScope:
     ) -> None:
         """``site``: where the integration was set up, what its sessions were "created at" (a
         request's own stack is the server's); None to look for it as for any session.
-        ``start_response``: the server's, for a WSGI request (see :meth:`start_response`)."""
+        ``start_response``: the server's, for a WSGI request (see :meth:`__call__`)."""
         self.context = contextvars.copy_context()
         self.registry = registry
-        self.work = UnitOfWork()  # (unit_of_work() without its argument check)
         # new=True: a request is independent of any scope around the server (a test's, say)
         self.scope: SessionScope[Any] = registry.scope(new=True, commit=False)
         self.session: Session | None = None
@@ -109,15 +109,14 @@ class RequestScope:
         self.started = False
         """Whether the application has called ``start_response`` (the status went out)."""
         self._start_response = start_response
-        self._token: contextvars.Token[weakref.ref[RequestScope] | None] | None = None
+        self._current_token: contextvars.Token[weakref.ref[RequestScope] | None] | None = None
 
-    def start_response(
+    def __call__(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Any:
         """The ``start_response`` the application is given: commit if the policy says so (a
         failing commit raises into the application, before any status is sent), then the
-        server's. A method, not a closure made per request: no function and cells to allocate
-        and for the collector to see while the request runs."""
+        server's. The request itself, not a closure or bound method made per request."""
         self.commit_for(status)
         self.started = True
         assert self._start_response is not None
@@ -125,15 +124,15 @@ class RequestScope:
 
     def open(self) -> None:
         """Enter the unit of work, then the scope, in the running context."""
-        work = self.work.__enter__()
+        work = self._open()
         try:
             # (the scope is new: no savepoint to begin; the unit and work were just looked up)
             self.session = self.scope.enter(1, (work.root_unit(), work, self.site))
         except BaseException:
             self.ended = True
-            self.work.__exit__(*sys.exc_info())
+            self.__exit__(*sys.exc_info())
             raise
-        self._token = _current.set(weakref.ref(self))
+        self._current_token = _current.set(weakref.ref(self))
 
     def commit_for(self, status: str) -> None:
         """Commit when asked to and the status is a success (see :meth:`commit_now`)."""
@@ -159,7 +158,7 @@ class RequestScope:
         if self.ended:
             return
         self.ended = True
-        token, self._token = self._token, None
+        token, self._current_token = self._current_token, None
         if token is not None:
             try:  # noqa: SIM105 - (contextlib.suppress is a context manager more, per request)
                 _current.reset(token)
@@ -168,7 +167,7 @@ class RequestScope:
         try:
             self.scope.__exit__(*exc_info)
         finally:
-            self.work.__exit__(*exc_info)
+            self.__exit__(*exc_info)  # (the unit of work's end)
 
 
 def _code(status: str) -> int:
@@ -215,7 +214,7 @@ def _serve(
     body is built (else the body ends it)."""
     request.open()
     try:
-        result = app(environ, request.start_response)
+        result = app(environ, request)
     except BaseException:
         request.end(sys.exc_info())
         raise
