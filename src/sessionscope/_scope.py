@@ -138,9 +138,9 @@ class SessionScope(Generic[S]):
     """The scope a nested scope works in, in ``_savepoint``."""
     _savepoint: Any = None
     _ends_in_one_frame = True
+    """Whether ``__exit__`` may end the scope's own session itself, in its own frame."""
     _session_kw: Mapping[str, Any] = MappingProxyType({})
     """What the scope's session is made with (``scope(**kw)``)."""
-    """Whether ``__exit__`` may end the scope's own session itself, in its own frame."""
 
     def __init__(
         self,
