@@ -37,9 +37,9 @@ from . import _fork
 from ._async_session_end import close_shielded
 from ._guard import Mode, cleanup, install
 from ._guard._site import Site
-from ._session_end import CLOSED_STATE, seal
-from ._units import Unit, current_unit, describe_unit, unit_outside_tasks
-from ._units._asyncio import _get_running_loop, current_task_of_loop
+from ._session_end import seal
+from ._units import Unit, current_unit, describe_unit
+from ._units._asyncio import _get_running_loop
 from ._work import WorkUnit, current_work, unit_and_work, work_var
 from .exc import CrossUnitError, ScopeEndedError, background
 
@@ -98,22 +98,6 @@ class ScopeState(Generic[S]):
         return self.session
 
 
-def _running_unit_and_work() -> tuple[Unit, WorkUnit]:
-    """:func:`unit_and_work`, answered without its calls when the running unit is in a unit of
-    work already (a request's, or a thread's or task's own): a scope begins once per request."""
-    work = work_var.get()
-    if type(work) is WorkUnit and not work.ended and work.generation == _fork.generation:
-        loop = _get_running_loop()
-        if loop is None:
-            if "trio" not in _modules:
-                return unit_outside_tasks(), work
-        else:
-            task = current_task_of_loop(loop)
-            if task is not None and task is work.task:  # the task that opened it
-                return task, work
-    return unit_and_work()  # (one lookup of the running task for both)
-
-
 class SessionScope(Generic[S]):
     """What ``Session.scope()`` returns: a context manager around one session.
 
@@ -138,7 +122,7 @@ class SessionScope(Generic[S]):
     """The scope a nested scope works in, in ``_savepoint``."""
     _savepoint: Any = None
     _ends_in_one_frame = True
-    """Whether ``__exit__`` may end the scope's own session itself, in its own frame."""
+    """Whether ``__exit__`` may end the scope's own session with :meth:`_end_session`."""
     _session_kw: Mapping[str, Any] = MappingProxyType({})
     """What the scope's session is made with (``scope(**kw)``)."""
 
@@ -179,7 +163,7 @@ class SessionScope(Generic[S]):
                 "another block."
             )
         if within is None:
-            unit, work = _running_unit_and_work()
+            unit, work = unit_and_work()  # (one lookup of the running task for both)
             site = None
         else:
             unit, work, site = within
@@ -323,38 +307,24 @@ class SessionScope(Generic[S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        commit, failing, misuse = self.how_to_end(exc_type)
+        if misuse is None and self._joined is None and self._ends_in_one_frame:
+            self._end_session(commit=commit, failing=failing)  # the usual end, in one frame
+            return
+        with _exempt_if(misuse):
+            _run(self.ending(commit=commit, failing=failing))
+        if misuse is not None:
+            raise misuse
+
+    def _end_session(self, *, commit: bool, failing: bool) -> None:
+        """:meth:`_session_ending` run synchronously, without a generator: a scope's usual end.
+
+        Every request pays for this, so it is written out once more for the sync case (the
+        steps, generator and ``_run`` loop cost more than the rest of the exit); the steps and
+        their error handling are the same as ``_session_ending``'s with ``_close_and_seal``,
+        which ``tests/test_scope.py`` exercises on both paths.
+        """
         state = self._state
-        entered_in = self._entered_in
-        if (
-            # the usual exit, tested without how_to_end()'s calls: a scope of its own session
-            # (not nested), exited once, with no scope nested in it open, by the unit of work
-            # that entered it, outside tasks (how_to_end() would answer (commit, failing, None))
-            state is not None
-            and self._ends_in_one_frame
-            and not self._exited
-            and not state.nested
-            and work_var.get() is entered_in
-            and entered_in is not None
-            and not entered_in.ended
-            and entered_in.generation == _fork.generation
-            and _get_running_loop() is None
-            and "trio" not in _modules
-        ):
-            self._exited = True
-            commit, failing = self._commit and exc_type is None, exc_type is not None
-        else:
-            commit, failing, misuse = self.how_to_end(exc_type)
-            if misuse is not None or self._joined is not None or not self._ends_in_one_frame:
-                with _exempt_if(misuse):
-                    _run(self.ending(commit=commit, failing=failing))
-                if misuse is not None:
-                    raise misuse
-                return
-            state = self._state
-        # The scope's own session ends here, in this frame: _session_ending() with
-        # _close_and_seal(), written out once more for the sync case (every request pays for
-        # this; the steps, generator and _run loop cost more than the rest of the exit). The
-        # steps and their error handling are the same; tests/test_scope.py runs both paths.
         assert state is not None
         session: Any = state.session
         try:
@@ -366,22 +336,16 @@ class SessionScope(Generic[S]):
         finally:
             state.ended = True
             try:
-                try:
+                try:  # (_close_and_seal(), inlined)
                     session.close()
                 finally:
-                    if CLOSED_STATE is not None and hasattr(session, "_close_state"):  # (seal())
-                        session._close_state = CLOSED_STATE
+                    seal(session)
             except Exception:
                 if not failing:
                     raise
                 log.exception("sessionscope: closing a scope's session failed")
             finally:
-                token = self._token  # (_reset_var(), inlined)
-                if token is not None:
-                    try:
-                        self._var.reset(token)
-                    except ValueError:
-                        self._reset_elsewhere()
+                self._reset_var()
 
     def ending(self, *, commit: bool, failing: bool) -> Steps:
         """The steps that end this scope, for :func:`_run` or :func:`_run_async`."""
@@ -419,14 +383,10 @@ class SessionScope(Generic[S]):
         try:
             self._var.reset(self._token)
         except ValueError:
-            self._reset_elsewhere()
-
-    def _reset_elsewhere(self) -> None:
-        """The scope was exited in another context than the one that entered it (another
-        unit's, as a rule), where its variable cannot be reset: the entering context still
-        points at this ended scope, and its unit recovers on its next lookup."""
-        if self._state is not None and self._lookup is not None:
-            self._state.recover = self._recover
+            # Exited in another context (another unit's, as a rule): the entering context still
+            # points at this ended scope. Its unit recovers on its next lookup.
+            if self._state is not None and self._lookup is not None:
+                self._state.recover = self._recover
 
 
 class AsyncSessionScope(SessionScope[S]):

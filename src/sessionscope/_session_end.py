@@ -17,9 +17,9 @@ from ._guard._lineage import cleanup
 try:  # SQLAlchemy >= 2.0.22: a closed session can refuse further use
     from sqlalchemy.orm.session import _SessionCloseState
 
-    CLOSED_STATE: Any = _SessionCloseState.CLOSED
+    _CLOSED: Any = _SessionCloseState.CLOSED
 except ImportError:  # pragma: no cover
-    CLOSED_STATE = None
+    _CLOSED = None
 
 
 def close_at_unit_end(session: Any) -> None:
@@ -59,13 +59,13 @@ def seal(session: Any) -> None:
     Any later use then fails with SQLAlchemy's own "This Session has been permanently closed"
     instead of silently opening a new transaction behind a scope that has ended.
     """
-    if CLOSED_STATE is not None and hasattr(session, "_close_state"):
-        session._close_state = CLOSED_STATE
+    if _CLOSED is not None and hasattr(session, "_close_state"):
+        session._close_state = _CLOSED
 
 
 def is_sealed(session: Any) -> bool:
     """Whether a Session (or an AsyncSession's ``sync_session``) was closed for good."""
-    return CLOSED_STATE is not None and getattr(session, "_close_state", None) is CLOSED_STATE
+    return _CLOSED is not None and getattr(session, "_close_state", None) is _CLOSED
 
 
 def needs_io_to_close(session: Any) -> bool:

@@ -371,7 +371,22 @@ def current_or_new_work() -> WorkUnit:
 
 def unit_and_work() -> tuple[Unit, WorkUnit]:
     """The running unit and its unit of work (an implicit one is opened if it has none): what a
-    scope asks as it begins, with one lookup of the running task for both."""
+    scope asks as it begins, with one lookup of the running task for both.
+
+    The usual answer first, without calls: the running thread, greenlet or task is in a unit
+    of work already (a request's, or its own), which its context holds (what
+    :func:`work_of_task` would conclude for these cases).
+    """
+    work: Any = work_var.get()
+    if type(work) is WorkUnit and not work.ended and work.generation == _fork.generation:
+        loop = _get_running_loop()
+        if loop is None:
+            if "trio" not in _modules:
+                return unit_outside_tasks(), work
+        else:
+            task = current_task_of_loop(loop)
+            if task is not None and task is work.task:  # the task that opened it
+                return task, work
     task = running_task()
     unit = task if task is not None else unit_outside_tasks()
     work = work_of_task(task)
