@@ -152,6 +152,52 @@ def test_ten_thousand_units_that_never_call_remove_leave_nothing_behind(
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("kind", ["threads", "greenlets", "asyncio"])
+def test_an_ended_unit_is_freed_by_reference_counting_not_left_in_a_cycle(
+    Scoped: Any, kind: str
+) -> None:
+    """A unit that took a session leaves nothing for the garbage collector once it has ended.
+
+    A task's context holds its work and the work held its task: 8 objects a task (the coroutine
+    and its frame among them) that only a collection could free, into older generations.
+    """
+
+    def units(count: int) -> None:
+        if kind == "threads":
+            for _ in range(count):
+                thread = threading.Thread(target=Scoped)
+                thread.start()
+                thread.join()
+        elif kind == "greenlets":
+            for _ in range(count):
+                greenlet.greenlet(Scoped).switch()
+        else:
+
+            async def unit() -> None:
+                Scoped()
+
+            async def main() -> None:
+                await asyncio.gather(*(unit() for _ in range(count)))
+                await asyncio.sleep(0)  # the units' ends
+
+            asyncio.run(main())
+
+    units(3)  # (what a first unit makes once: caches, the loop's machinery)
+    gc.collect()
+    gc.disable()
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        units(20)
+        gc.collect()
+        garbage = [type(o).__qualname__ for o in gc.garbage if type(o).__qualname__ != "dict"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    # asyncio.run() leaves its own loop in a cycle (a handful of objects), once per run
+    assert len(garbage) < 20, sorted(garbage)
+
+
 async def _task(fn: Any) -> None:
     fn()
     await asyncio.sleep(0)

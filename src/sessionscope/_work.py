@@ -153,7 +153,7 @@ class WorkUnit:
 
     def describe(self) -> str:
         root = self.root_unit()
-        who = describe_unit(root) if root is not None else "a greenlet that has been freed"
+        who = describe_unit(root) if root is not None else "a unit that has ended and been freed"
         if self.explicit:
             return f"the unit of work opened in {who}"
         return who
@@ -261,6 +261,13 @@ class WorkUnit:
             guard = ref()
             if guard is not None:
                 _run_hook(self, collected, guard.owner_ended, self)
+        root = self.root
+        if root is not None and type(root) is not weakref.ref:
+            # A task's context holds its work, and the work its task: a cycle the collector
+            # alone could free (8 objects per task, the coroutine's frame among them, kept
+            # into older generations). Held weakly now the work has ended, the task is freed
+            # by reference counting as the loop drops it.
+            self.root = _weak_root(root)
 
     def myself(self) -> WorkUnit:
         """The work itself, also when asked through the weak proxy a pool job's context holds."""
@@ -306,6 +313,14 @@ class WorkUnit:
         # globals may be gone already; the default argument survives).
         if not self.ended and not _interpreter["shutting_down"]:
             self.end(collected=True)
+
+
+def _weak_root(root: Any) -> Any:
+    """``root`` held weakly if it can be (a trio task cannot, and holds no cycle to its work)."""
+    try:
+        return weakref.ref(root)
+    except TypeError:
+        return root
 
 
 def _run_hook(work: WorkUnit, collected: bool, hook: Callable[..., object], *args: Any) -> None:
