@@ -8,6 +8,7 @@ sessionmaker makes sessions that are guarded from birth, owned by the unit that 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,10 +16,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
-from .. import _fork_pools
+from .. import _fork, _fork_pools
 from .._arguments import refuse, what_it_is
 from .._work import WorkUnit
-from . import _writes
+from . import _lineage, _writes
 from ._guarded_class import (
     _CACHE_ATTRIBUTE,
     GUARD_ATTRIBUTE,
@@ -27,8 +28,10 @@ from ._guarded_class import (
     unguarded_class,
 )
 from ._handles import guard_session_state, watch_flagging
+from ._lineage import BorrowToken
 from ._ownership import MODES, Mode, SessionGuard
 from ._site import Site, application_site
+from ._state import NO_EXTENSIONS_VARIABLE, OWNED
 
 T = TypeVar("T")
 HandOffHook = Callable[[Any], None]
@@ -71,6 +74,44 @@ def guard_of(session: Any) -> SessionGuard | None:
     return guard
 
 
+GuardNewSession = Callable[[Any, Mode, "Site | None", "HandOffHook | None", WorkUnit, int], Any]
+
+
+def _load_guard_setup() -> GuardNewSession | None:
+    """``sessionscope._guard_setup.guard_new_session``, configured, or None (not built, or
+    ``SESSIONSCOPE_NO_EXTENSIONS`` set): :func:`install`'s usual case in one C call."""
+    if os.environ.get(NO_EXTENSIONS_VARIABLE):
+        return None
+    try:
+        from .. import _guard_setup  # type: ignore[attr-defined]
+    except ImportError:  # not built: the Python code below does it all
+        return None
+    _guard_setup.configure(
+        SessionGuard,
+        BorrowToken,
+        _lineage,
+        _writes,
+        _fork,
+        _fork_pools,
+        application_site,
+        watch_flagging,
+        OWNED,
+        AsyncSession,
+    )
+    # a dead guard's session id is forgotten in C too (``_writes._forget``, which it replaces)
+    _lineage.on_guard_death = _guard_setup.forget_session_id
+    guard_new_session: GuardNewSession = _guard_setup.guard_new_session
+    return guard_new_session
+
+
+guard_new_session = _load_guard_setup()
+"""The C set-up of a new session's guard (None: not built). It takes the usual case (a session of
+a guarded class, or an AsyncSession whose sync_session is, with no guard and no transaction yet,
+made for a unit of work that is not a pool job's, in ``"raise"`` or ``"warn"`` mode) and returns
+None, having done nothing, for any other: then :func:`install`'s Python code runs. The Python code
+is the reference; ``tests/test_guard_setup.py`` compares the guards both make."""
+
+
 def install(
     session: T,
     mode: Mode,
@@ -88,6 +129,22 @@ def install(
     "created at" site) may start, counted from this function's caller (``1``): callers whose own
     frames up to there are all sessionscope's say so, and the walk is shorter.
     """
+    if guard_new_session is not None and work is not None:
+        guarded = guard_new_session(session, mode, site, on_hand_off, work, depth)
+        if guarded is not None:
+            return guarded  # type: ignore[no-any-return]
+    return install_in_python(session, mode, site, on_hand_off, work, depth + 1)
+
+
+def install_in_python(
+    session: T,
+    mode: Mode,
+    site: Site | None,
+    on_hand_off: HandOffHook | None,
+    work: WorkUnit | None,
+    depth: int,
+) -> T:
+    """:func:`install` in Python: every case (``depth`` counted from this function's caller)."""
     if isinstance(session, Session):  # (_sync_session_or_none(), inlined: once per session)
         sync: Session = session
     elif isinstance(session, AsyncSession):

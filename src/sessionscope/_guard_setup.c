@@ -1,0 +1,565 @@
+/*
+ * sessionscope._guard_setup: a new session's guard, set up in one C call.
+ *
+ * Every session a registry or a scope makes is guarded as it is made: a SessionGuard owned by
+ * the running unit of work, a borrow token pushed on the context's lineage, the session switched
+ * to carry it, its identity map's flagging watched, its id registered for write checks. In
+ * Python that is five functions (`_install.install`, `SessionGuard.__init__`, `own`,
+ * `_lineage.lend_from_here`, `_writes.register`) and about 250 bytecodes, a third of what a
+ * `with Session.scope():` request pays on top of a hand-written session (issue 14). This module
+ * does the same steps, in the same order, for the usual case only:
+ *
+ *   - the session is of a guarded class already (made by a born-guarded maker), or is an
+ *     AsyncSession whose sync_session is;
+ *   - the mode is "raise" or "warn", the session has no guard yet and no transaction;
+ *   - the caller has the running unit of work at hand, and it is not a pool job's (`via`).
+ *
+ * Anything else returns None before any side effect, and the caller runs the Python code, which
+ * stays the reference: every value set here is the one it sets (tests/test_guard_setup.py
+ * compares the two field by field). What changes at run time (the fork generation, the writes'
+ * registration, the last bind remembered) is read from those modules' globals at each call.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+static PyObject *guard_type = NULL;          /* _ownership.SessionGuard */
+static PyObject *token_type = NULL;          /* _lineage.BorrowToken */
+static PyObject *lineage_var = NULL;         /* _lineage.current_lineage */
+static PyObject *lineage_globals = NULL;     /* _lineage: on_guard_death, _drop_dead, _MIN_REBUILD */
+static PyObject *writes_globals = NULL;      /* _writes: _installed, _install, _guard_of_session_id */
+static PyObject *fork_globals = NULL;        /* _fork: generation */
+static PyObject *pools_globals = NULL;       /* _fork_pools: _last_bind, remember_session */
+static PyObject *application_site = NULL;    /* _site.application_site */
+static PyObject *watch_flagging = NULL;      /* _handles.watch_flagging */
+static PyObject *owned_state = NULL;         /* _state.OWNED */
+static PyTypeObject *async_session_type = NULL;
+static PyObject *empty_tuple = NULL;
+
+static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transaction, *s_bind,
+    *s_binds, *s_private_binds, *s_name, *s_hash_key, *s_mode, *s_label, *s_created_at,
+    *s_on_hand_off, *s_session_key, *s_of_async, *s_owner_ref, *s_fast_key, *s_owned_by_job,
+    *s_explicit, *s_task, *s_generation, *s_token, *s_length, *s_rebuild_at, *s_parent,
+    *s_owned, *s_owns, *s_state, *s_identity_map, *s_key, *s_installed, *s_install,
+    *s_guards_by_id, *s_last_bind, *s_remember_session, *s_on_guard_death, *s_drop_dead,
+    *s_min_rebuild, *s_raise, *s_warn, *s_prune_owned_at;
+
+/* A global of one of the configured modules (a borrowed reference), or NULL with an error. */
+static PyObject *
+global_of(PyObject *globals, PyObject *name)
+{
+    PyObject *value = PyDict_GetItemWithError(globals, name);
+    if (value == NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_RuntimeError, "sessionscope._guard_setup: %U is gone", name);
+    return value;
+}
+
+/* An attribute, None when it is missing (getattr(obj, name, None)); a new reference. */
+static PyObject *
+attribute_or_none(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return value;
+}
+
+static int
+is_guarded_class(PyTypeObject *cls)
+{
+    if (!(cls->tp_flags & Py_TPFLAGS_HEAPTYPE) || cls->tp_dict == NULL)
+        return 0;
+    return PyDict_Contains(cls->tp_dict, s_unguarded_class);
+}
+
+/* _fork_pools.remember_session(sync), skipped as it skips itself: a session bound like the last
+ * one remembered (the same bind, no per-mapper binds) was remembered already. */
+static int
+remember_session(PyObject *sync)
+{
+    PyObject *bind = attribute_or_none(sync, s_bind);
+    if (bind == NULL)
+        return -1;
+    PyObject *per_key = attribute_or_none(sync, s_binds); /* SQLAlchemy 2.1 */
+    if (per_key == Py_None) {
+        Py_DECREF(per_key);
+        per_key = attribute_or_none(sync, s_private_binds); /* 2.0 */
+    }
+    if (per_key == NULL) {
+        Py_DECREF(bind);
+        return -1;
+    }
+    int known = 0;
+    PyObject *last = global_of(pools_globals, s_last_bind);
+    if (last == NULL)
+        goto error;
+    int has_binds = PyObject_IsTrue(per_key);
+    if (has_binds < 0)
+        goto error;
+    if (bind != Py_None && last != Py_None && !has_binds) {
+        PyObject *last_bind = PyObject_CallNoArgs(last); /* a weak reference */
+        if (last_bind == NULL)
+            goto error;
+        known = last_bind == bind;
+        Py_DECREF(last_bind);
+    }
+    Py_DECREF(bind);
+    Py_DECREF(per_key);
+    if (known)
+        return 0;
+    PyObject *remember = global_of(pools_globals, s_remember_session);
+    if (remember == NULL)
+        return -1;
+    PyObject *done = PyObject_CallOneArg(remember, sync);
+    if (done == NULL)
+        return -1;
+    Py_DECREF(done);
+    return 0;
+error:
+    Py_DECREF(bind);
+    Py_DECREF(per_key);
+    return -1;
+}
+
+/* _lineage.lend_from_here(guard): a new borrow token, pushed on the running context's lineage
+ * (a new reference, or NULL). */
+static PyObject *
+lend_from_here(PyObject *guard)
+{
+    PyObject *on_death = global_of(lineage_globals, s_on_guard_death);
+    if (on_death == NULL)
+        return NULL;
+    PyObject *token = PyObject_CallFunctionObjArgs(token_type, guard, on_death, NULL);
+    if (token == NULL)
+        return NULL;
+    PyObject *head = NULL, *length = NULL, *rebuild_at = NULL;
+    if (PyContextVar_Get(lineage_var, Py_None, &head) < 0)
+        goto error;
+    if (head != Py_None) {
+        length = PyObject_GetAttr(head, s_length);
+        rebuild_at = length == NULL ? NULL : PyObject_GetAttr(head, s_rebuild_at);
+        if (rebuild_at == NULL)
+            goto error;
+        int full = PyObject_RichCompareBool(length, rebuild_at, Py_GE);
+        if (full < 0)
+            goto error;
+        if (full) { /* the chain has grown to twice its live length: drop the dead tokens */
+            PyObject *drop_dead = global_of(lineage_globals, s_drop_dead);
+            if (drop_dead == NULL)
+                goto error;
+            Py_SETREF(head, PyObject_CallOneArg(drop_dead, head));
+            Py_CLEAR(length);
+            Py_CLEAR(rebuild_at);
+            if (head == NULL)
+                goto error;
+            if (head != Py_None) {
+                length = PyObject_GetAttr(head, s_length);
+                rebuild_at = length == NULL ? NULL : PyObject_GetAttr(head, s_rebuild_at);
+                if (rebuild_at == NULL)
+                    goto error;
+            }
+        }
+    }
+    if (head == Py_None) {
+        PyObject *min_rebuild = global_of(lineage_globals, s_min_rebuild);
+        if (min_rebuild == NULL)
+            goto error;
+        length = PyLong_FromLong(1);
+        if (length == NULL)
+            goto error;
+        Py_INCREF(min_rebuild);
+        rebuild_at = min_rebuild;
+    }
+    else {
+        PyObject *one = PyLong_FromLong(1);
+        if (one == NULL)
+            goto error;
+        Py_SETREF(length, PyNumber_Add(length, one));
+        Py_DECREF(one);
+        if (length == NULL)
+            goto error;
+    }
+    if (PyObject_SetAttr(token, s_parent, head) < 0 ||
+        PyObject_SetAttr(token, s_length, length) < 0 ||
+        PyObject_SetAttr(token, s_rebuild_at, rebuild_at) < 0)
+        goto error;
+    PyObject *context_token = PyContextVar_Set(lineage_var, token);
+    if (context_token == NULL)
+        goto error;
+    Py_DECREF(context_token);
+    Py_DECREF(head);
+    Py_DECREF(length);
+    Py_DECREF(rebuild_at);
+    return token;
+error:
+    Py_XDECREF(head);
+    Py_XDECREF(length);
+    Py_XDECREF(rebuild_at);
+    Py_DECREF(token);
+    return NULL;
+}
+
+/* SessionGuard.own(work) for a work that is not a pool job's: 0, or -1 with an error. */
+static int
+own(PyObject *guard, PyObject *work)
+{
+    PyObject *owner_ref = PyWeakref_NewRef(work, NULL);
+    if (owner_ref == NULL)
+        return -1;
+    int rc = -1;
+    PyObject *explicit = NULL, *task = NULL, *token = NULL, *owned = NULL, *prune_at;
+    if (PyObject_SetAttr(guard, s_owner_ref, owner_ref) < 0 ||
+        PyObject_SetAttr(guard, s_fast_key, owner_ref) < 0)
+        goto done;
+    explicit = PyObject_GetAttr(work, s_explicit);
+    task = explicit == NULL ? NULL : PyObject_GetAttr(work, s_task);
+    if (task == NULL)
+        goto done;
+    int is_explicit = PyObject_IsTrue(explicit);
+    if (is_explicit < 0)
+        goto done;
+    if (PyObject_SetAttr(guard, s_owned_by_job,
+                         !is_explicit && task == Py_None ? Py_True : Py_False) < 0)
+        goto done;
+    PyObject *generation = global_of(fork_globals, s_generation);
+    if (generation == NULL || PyObject_SetAttr(guard, s_generation, generation) < 0)
+        goto done;
+    token = lend_from_here(guard);
+    if (token == NULL || PyObject_SetAttr(guard, s_token, token) < 0)
+        goto done;
+    owned = PyObject_GetAttr(work, s_owned);
+    if (owned == NULL)
+        goto done;
+    if (owned == Py_None) { /* WorkUnit.owns(), its first session */
+        if (PyObject_SetAttr(work, s_owned, token) < 0)
+            goto done;
+    }
+    else if (PyList_CheckExact(owned) && (prune_at = PyObject_GetAttr(work, s_prune_owned_at))) {
+        /* WorkUnit.owns(), a long-lived work's next session: appended, if no prune is due */
+        Py_ssize_t limit = PyLong_AsSsize_t(prune_at);
+        Py_DECREF(prune_at);
+        if (limit == -1 && PyErr_Occurred())
+            goto done;
+        if (PyList_GET_SIZE(owned) + 1 < limit) {
+            if (PyList_Append(owned, token) < 0)
+                goto done;
+        }
+        else {
+            PyObject *added = PyObject_CallMethodOneArg(work, s_owns, token);
+            if (added == NULL)
+                goto done;
+            Py_DECREF(added);
+        }
+    }
+    else if (PyErr_Occurred())
+        goto done;
+    else {
+        PyObject *added = PyObject_CallMethodOneArg(work, s_owns, token);
+        if (added == NULL)
+            goto done;
+        Py_DECREF(added);
+    }
+    rc = PyObject_SetAttr(guard, s_state, owned_state);
+done:
+    Py_DECREF(owner_ref);
+    Py_XDECREF(explicit);
+    Py_XDECREF(task);
+    Py_XDECREF(token);
+    Py_XDECREF(owned);
+    return rc;
+}
+
+/* _writes.register(key, token) */
+static int
+register_writes(PyObject *key, PyObject *token)
+{
+    PyObject *installed = global_of(writes_globals, s_installed);
+    if (installed == NULL)
+        return -1;
+    int is_installed = PyObject_IsTrue(installed);
+    if (is_installed < 0)
+        return -1;
+    if (!is_installed) {
+        PyObject *install = global_of(writes_globals, s_install);
+        PyObject *done = install == NULL ? NULL : PyObject_CallNoArgs(install);
+        if (done == NULL)
+            return -1;
+        Py_DECREF(done);
+    }
+    if (PyObject_SetAttr(token, s_key, key) < 0)
+        return -1;
+    PyObject *guards = global_of(writes_globals, s_guards_by_id);
+    if (guards == NULL)
+        return -1;
+    return PyObject_SetItem(guards, key, token);
+}
+
+/* forget_session_id(token): _writes._forget, a guard's death (its token's callback): the session
+ * id registered under the token is forgotten, unless another token holds it by now. */
+static PyObject *
+forget_session_id(PyObject *module, PyObject *token)
+{
+    if (writes_globals == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sessionscope._guard_setup is not configured");
+        return NULL;
+    }
+    PyObject *key = attribute_or_none(token, s_key);
+    if (key == NULL)
+        return NULL;
+    PyObject *guards = global_of(writes_globals, s_guards_by_id);
+    int rc = 0;
+    if (guards == NULL)
+        rc = -1;
+    else if (key != Py_None && PyDict_CheckExact(guards)) {
+        PyObject *registered = PyDict_GetItemWithError(guards, key);
+        if (registered == token)
+            rc = PyDict_DelItem(guards, key);
+        else if (registered == NULL && PyErr_Occurred())
+            rc = -1;
+    }
+    Py_DECREF(key);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* 1: the usual case (see the top of this file), with `*sync` set (a new reference); 0: not it;
+ * -1: an error. Nothing is changed. */
+static int
+usual_case(PyObject *session, PyObject *mode, PyObject *work, PyObject **sync, int *of_async)
+{
+    if (!PyUnicode_Check(mode) ||
+        (PyUnicode_Compare(mode, s_raise) != 0 && PyUnicode_Compare(mode, s_warn) != 0))
+        return PyErr_Occurred() ? -1 : 0;
+    if (work == Py_None)
+        return 0;
+    PyObject *candidate;
+    int guarded = is_guarded_class(Py_TYPE(session));
+    if (guarded < 0)
+        return -1;
+    if (guarded) {
+        Py_INCREF(session);
+        candidate = session;
+        *of_async = 0;
+    }
+    else if (PyObject_TypeCheck(session, async_session_type)) {
+        candidate = PyObject_GetAttr(session, s_sync_session);
+        if (candidate == NULL)
+            return -1;
+        guarded = is_guarded_class(Py_TYPE(candidate));
+        if (guarded <= 0) {
+            Py_DECREF(candidate);
+            return guarded;
+        }
+        *of_async = 1;
+    }
+    else
+        return 0;
+    int usual = 0;
+    PyObject *existing = attribute_or_none(candidate, s_guard);
+    PyObject *via = existing == NULL ? NULL : PyObject_GetAttr(work, s_via);
+    PyObject *transaction = via == NULL ? NULL : PyObject_GetAttr(candidate, s_transaction);
+    if (transaction == NULL)
+        usual = -1;
+    else
+        usual = existing == Py_None && via == Py_None && transaction == Py_None;
+    Py_XDECREF(existing);
+    Py_XDECREF(via);
+    Py_XDECREF(transaction);
+    if (usual == 1)
+        *sync = candidate;
+    else
+        Py_DECREF(candidate);
+    return usual;
+}
+
+/* guard_new_session(session, mode, site, on_hand_off, work, depth) */
+static PyObject *
+guard_new_session(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "guard_new_session(session, mode, site, on_hand_off, work, depth)");
+        return NULL;
+    }
+    if (guard_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sessionscope._guard_setup is not configured");
+        return NULL;
+    }
+    PyObject *session = args[0], *mode = args[1], *site = args[2], *on_hand_off = args[3],
+             *work = args[4], *depth = args[5];
+    PyObject *sync = NULL;
+    int of_async = 0;
+    int usual = usual_case(session, mode, work, &sync, &of_async);
+    if (usual <= 0)
+        return usual < 0 ? NULL : Py_NewRef(Py_None);
+
+    PyObject *label = NULL, *key = NULL, *guard = NULL, *identity_map = NULL, *watched = NULL;
+    PyObject *result = NULL;
+    if (remember_session(sync) < 0)
+        goto done;
+    key = PyObject_GetAttr(sync, s_hash_key);
+    label = key == NULL ? NULL : PyObject_GetAttr((PyObject *)Py_TYPE(session), s_name);
+    if (label == NULL)
+        goto done;
+    if (site == Py_None) { /* application_site(depth + 1), as if from the caller's frame */
+        PyObject *one = PyLong_FromLong(1);
+        PyObject *below = one == NULL ? NULL : PyNumber_Add(depth, one);
+        Py_XDECREF(one);
+        site = below == NULL ? NULL : PyObject_CallOneArg(application_site, below);
+        Py_XDECREF(below);
+        if (site == NULL)
+            goto done;
+    }
+    else
+        Py_INCREF(site);
+    guard = ((PyTypeObject *)guard_type)->tp_new((PyTypeObject *)guard_type, empty_tuple, NULL);
+    int failed = guard == NULL || PyObject_SetAttr(guard, s_mode, mode) < 0 ||
+                 PyObject_SetAttr(guard, s_label, label) < 0 ||
+                 PyObject_SetAttr(guard, s_created_at, site) < 0 ||
+                 PyObject_SetAttr(guard, s_on_hand_off, on_hand_off) < 0 ||
+                 PyObject_SetAttr(guard, s_session_key, key) < 0 ||
+                 PyObject_SetAttr(guard, s_of_async, of_async ? Py_True : Py_False) < 0;
+    Py_DECREF(site);
+    if (failed || own(guard, work) < 0)
+        goto done;
+    PyObject *token = PyObject_GetAttr(guard, s_token);
+    if (token == NULL)
+        goto done;
+    identity_map = PyObject_SetAttr(sync, s_guard, guard) < 0
+                       ? NULL
+                       : PyObject_GetAttr(sync, s_identity_map);
+    watched = identity_map == NULL
+                  ? NULL
+                  : PyObject_CallFunctionObjArgs(watch_flagging, identity_map, guard, NULL);
+    if (watched != NULL && register_writes(key, token) == 0)
+        result = Py_NewRef(session);
+    Py_DECREF(token);
+done:
+    Py_DECREF(sync);
+    Py_XDECREF(label);
+    Py_XDECREF(key);
+    Py_XDECREF(guard);
+    Py_XDECREF(identity_map);
+    Py_XDECREF(watched);
+    return result;
+}
+
+static int
+module_dict_of(PyObject *module, PyObject **slot)
+{
+    PyObject *globals = PyModule_GetDict(module); /* borrowed */
+    if (globals == NULL)
+        return -1;
+    Py_INCREF(globals);
+    Py_XSETREF(*slot, globals);
+    return 0;
+}
+
+static PyObject *
+configure(PyObject *module, PyObject *args)
+{
+    PyObject *guard, *token, *lineage, *writes, *fork, *pools, *site, *watch, *owned, *async_type;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO:configure", &guard, &token, &lineage, &writes, &fork,
+                          &pools, &site, &watch, &owned, &async_type))
+        return NULL;
+    if (!PyType_Check(guard) || !PyType_Check(token) || !PyType_Check(async_type)) {
+        PyErr_SetString(PyExc_TypeError, "configure(): SessionGuard, BorrowToken and "
+                                         "AsyncSession must be classes");
+        return NULL;
+    }
+    PyObject *var = PyObject_GetAttrString(lineage, "current_lineage");
+    if (var == NULL)
+        return NULL;
+    if (!PyContextVar_CheckExact(var)) {
+        Py_DECREF(var);
+        PyErr_SetString(PyExc_TypeError, "configure(): _lineage.current_lineage is no ContextVar");
+        return NULL;
+    }
+    if (module_dict_of(lineage, &lineage_globals) < 0 || module_dict_of(writes, &writes_globals) < 0 ||
+        module_dict_of(fork, &fork_globals) < 0 || module_dict_of(pools, &pools_globals) < 0) {
+        Py_DECREF(var);
+        return NULL;
+    }
+    Py_XSETREF(lineage_var, var);
+    Py_XSETREF(token_type, Py_NewRef(token));
+    Py_XSETREF(application_site, Py_NewRef(site));
+    Py_XSETREF(watch_flagging, Py_NewRef(watch));
+    Py_XSETREF(owned_state, Py_NewRef(owned));
+    Py_XSETREF(async_session_type, (PyTypeObject *)Py_NewRef(async_type));
+    Py_XSETREF(guard_type, Py_NewRef(guard)); /* last: what says it is configured */
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(SessionGuard, BorrowToken, _lineage, _writes, _fork, _fork_pools, "
+     "application_site, watch_flagging, OWNED, AsyncSession): what the set-up reads."},
+    {"forget_session_id", forget_session_id, METH_O,
+     "forget_session_id(token): a dead guard's session id, unregistered (_writes._forget)."},
+    {"guard_new_session", (PyCFunction)(void (*)(void))guard_new_session, METH_FASTCALL,
+     "guard_new_session(session, mode, site, on_hand_off, work, depth): the session, guarded "
+     "and owned by work; None (nothing done) when it is not the usual case."},
+    {NULL},
+};
+
+static struct PyModuleDef guard_setup_module = {
+    PyModuleDef_HEAD_INIT, "sessionscope._guard_setup",
+    "A new session's guard, set up in one call (see sessionscope._guard._install).", -1,
+    module_methods,
+};
+
+#define INTERN(var, text)                                                                      \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                      \
+        return NULL;
+
+PyMODINIT_FUNC
+PyInit__guard_setup(void)
+{
+    INTERN(s_unguarded_class, "_sessionscope_unguarded_class");
+    INTERN(s_guard, "_sessionscope_guard");
+    INTERN(s_sync_session, "sync_session");
+    INTERN(s_via, "via");
+    INTERN(s_transaction, "_transaction");
+    INTERN(s_bind, "bind");
+    INTERN(s_binds, "binds");
+    INTERN(s_private_binds, "_Session__binds");
+    INTERN(s_name, "__name__");
+    INTERN(s_hash_key, "hash_key");
+    INTERN(s_mode, "mode");
+    INTERN(s_label, "label");
+    INTERN(s_created_at, "created_at");
+    INTERN(s_on_hand_off, "on_hand_off");
+    INTERN(s_session_key, "session_key");
+    INTERN(s_of_async, "of_async");
+    INTERN(s_owner_ref, "owner_ref");
+    INTERN(s_fast_key, "fast_key");
+    INTERN(s_owned_by_job, "owned_by_job");
+    INTERN(s_explicit, "explicit");
+    INTERN(s_task, "task");
+    INTERN(s_generation, "generation");
+    INTERN(s_token, "token");
+    INTERN(s_length, "length");
+    INTERN(s_rebuild_at, "rebuild_at");
+    INTERN(s_parent, "parent");
+    INTERN(s_owned, "owned");
+    INTERN(s_owns, "owns");
+    INTERN(s_state, "state");
+    INTERN(s_identity_map, "identity_map");
+    INTERN(s_key, "key");
+    INTERN(s_installed, "_installed");
+    INTERN(s_install, "_install");
+    INTERN(s_guards_by_id, "_guard_of_session_id");
+    INTERN(s_last_bind, "_last_bind");
+    INTERN(s_remember_session, "remember_session");
+    INTERN(s_on_guard_death, "on_guard_death");
+    INTERN(s_drop_dead, "_drop_dead");
+    INTERN(s_min_rebuild, "_MIN_REBUILD");
+    INTERN(s_raise, "raise");
+    INTERN(s_warn, "warn");
+    INTERN(s_prune_owned_at, "prune_owned_at");
+    if ((empty_tuple = PyTuple_New(0)) == NULL)
+        return NULL;
+    return PyModule_Create(&guard_setup_module);
+}
