@@ -260,6 +260,56 @@ def test_the_task_that_opened_the_work_is_checked_without_python(
     assert len(refused) == 1 and type(refused[0]) is sessionscope.CrossUnitError, refused
 
 
+@pytest.mark.parametrize("kind", ["thread", "task"])
+def test_an_ended_units_session_is_closed_by_the_cleanup_without_python_checks(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A unit that ends without ``remove()``: sessionscope's cleanup closes its session from
+    outside the unit. The C check lets that close (and SQLAlchemy's calls inside it) through
+    as ``admit()`` would, without calling it; a use by anyone else is still refused."""
+    from sessionscope._guard._ownership import SessionGuard
+
+    python_checks: list[str] = []
+    admit = SessionGuard.admit
+
+    def counted_admit(self: SessionGuard, *args: Any) -> bool:
+        python_checks.append(args[0])
+        return admit(self, *args)
+
+    monkeypatch.setattr(SessionGuard, "admit", counted_admit)
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    made: list[Session] = []
+
+    def unit() -> None:
+        session = Scoped()
+        session.execute(text("select 1"))  # (holds a connection: the close gives it back)
+        made.append(session)
+        python_checks.clear()  # (the owner's own calls: in Python too once trio is imported)
+
+    if kind == "thread":
+        thread = threading.Thread(target=unit)
+        thread.start()
+        thread.join()
+    else:
+
+        async def task_unit() -> None:
+            unit()
+
+        async def main() -> None:
+            await asyncio.create_task(task_unit())
+            await asyncio.sleep(0)  # (the task's end callback)
+
+        asyncio.run(main())
+    assert len(made) == 1 and not made[0].in_transaction()  # closed at the unit's end
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    if _checks.IN_C:
+        assert python_checks == []  # the cleanup's close, and SQLAlchemy's calls inside it
+    else:
+        assert "close" in python_checks  # (the Python checks: admit() lets the cleanup through)
+    with pytest.raises(sessionscope.CrossUnitError):
+        made[0].execute(text("select 1"))
+
+
 @pytest.mark.parametrize("patcher", ["gevent", "eventlet"])
 @pytest.mark.parametrize("order", ["patched later", "patched first"])
 def test_a_work_records_the_os_threads_ident_under_monkey_patching(

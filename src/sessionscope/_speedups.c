@@ -326,6 +326,37 @@ handed_out(CheckedMethod *self, PyObject *result, PyObject *guard)
     return result;
 }
 
+static PyObject *cleaning_up_var = NULL; /* _lineage._cleaning_up */
+static PyObject *fork_globals = NULL;    /* sessionscope._fork.__dict__ (its generation) */
+static PyObject *s_generation;
+
+/* SessionGuard._admit_slow()'s first answer: sessionscope's own cleanup (``_lineage.cleanup()``)
+ * closing the session of a unit of work that ended, in the fork generation that made it. Every
+ * implicit session is closed so as its unit ends, from a context that is not the unit's: the
+ * call runs unchecked, as admit() would let it. 1: it is; 0: not (or not configured); -1. */
+static int
+cleanup_of_ended(GuardState *guard, PyObject *found)
+{
+    if (cleaning_up_var == NULL || guard->state != ended_state)
+        return 0;
+    PyObject *flag;
+    if (PyContextVar_Get(cleaning_up_var, NULL, &flag) < 0)
+        return -1;
+    int cleaning = flag == Py_True;
+    Py_XDECREF(flag);
+    if (!cleaning)
+        return 0;
+    PyObject *now = PyDict_GetItemWithError(fork_globals, s_generation);
+    if (now == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *generation = PyObject_GetAttr(found, s_generation);
+    if (generation == NULL)
+        return -1;
+    int same = PyObject_RichCompareBool(generation, now, Py_EQ);
+    Py_DECREF(generation);
+    return same;
+}
+
 static PyObject *
 checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -421,6 +452,14 @@ checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, Py
     if (entered < 0)
         goto finish;
     if (!entered) {
+        int cleanup = cleanup_of_ended(guard, found);
+        if (cleanup < 0)
+            goto finish;
+        if (cleanup) { /* what admit() answers (False) without its two Python frames */
+            result = handed_out(self, PyObject_Vectorcall(self->method, args, nargsf, kwnames),
+                                found);
+            goto finish;
+        }
         PyObject *admitted;
         if (self->kind == KIND_LAZY_LOAD) {
             PyObject *of_class = PyObject_GetAttr(args[0], s_class);
@@ -1266,7 +1305,31 @@ configure(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+configure_cleanup(PyObject *module, PyObject *args)
+{
+    PyObject *var, *fork;
+    if (!PyArg_ParseTuple(args, "OO:configure_cleanup", &var, &fork))
+        return NULL;
+    if (!PyContextVar_CheckExact(var) || !PyModule_Check(fork)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure_cleanup(cleaning_up, fork): a ContextVar and a module");
+        return NULL;
+    }
+    PyObject *globals = PyModule_GetDict(fork);
+    if (globals == NULL)
+        return NULL;
+    Py_INCREF(globals);
+    Py_XSETREF(fork_globals, globals);
+    Py_INCREF(var);
+    Py_XSETREF(cleaning_up_var, var);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"configure_cleanup", configure_cleanup, METH_VARARGS,
+     "configure_cleanup(cleaning_up, fork): what a check reads to let sessionscope's own cleanup "
+     "of an ended unit's session through (_lineage._cleaning_up, sessionscope._fork)."},
     {"configure", configure, METH_VARARGS,
      "configure(getcurrent, work_var, get_running_loop, current_task_of_loop, modules, ended): "
      "what the checks and the registries' lookup read."},
@@ -1298,6 +1361,7 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     INTERN(s_guard, "_sessionscope_guard");
+    INTERN(s_generation, "generation");
     INTERN(s_impl_key, "key");
     INTERN(s_identity_map, "identity_map");
     INTERN(s__modified, "_modified");

@@ -40,9 +40,15 @@ from ..exc import (
     ShareNothingWarning,
     background,
 )
+from . import _lineage
 from ._lineage import BorrowToken, inherits, is_cleanup, lend_from_here
 from ._site import Site, describe_site, warn_at_application
-from ._state import ENDED, HANDED_OFF, INSIDE, OWNED, SHARED, GuardState
+from ._state import ENDED, HANDED_OFF, INSIDE, OWNED, SHARED, GuardState, speedups
+
+if speedups is not None:
+    # the C check lets sessionscope's own cleanup of an ended unit's session through, as
+    # _admit_slow() does first (every implicit session is closed so, from outside its unit)
+    speedups.configure_cleanup(_lineage._cleaning_up, _fork)
 
 Mode = Literal["raise", "warn", "off"]
 MODES: tuple[Mode, ...] = ("raise", "warn", "off")
