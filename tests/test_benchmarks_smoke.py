@@ -360,3 +360,36 @@ def test_request_instructions_counts_a_request_under_callgrind() -> None:
         pytest.skip("valgrind is not installed")
     counted = request_instructions.per_request_instructions("SQLite file", "by hand", 0, 20)
     assert 100_000 < counted < 100_000_000  # a light ORM request: about 1.5 million
+
+
+def test_web_instructions_benchmark_serves_each_variant_and_checks_its_rows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``web_instructions.py --smoke``: each variant's server starts, answers, and wrote one row
+    per request answered (checked by the benchmark itself), without valgrind."""
+    import web_instructions
+
+    assert web_instructions.main(["--smoke", "-k", "gthread"]) == 0
+    out = capsys.readouterr().out
+    for variant in web_instructions.VARIANTS:
+        found = re.search(rf"gunicorn gthread WSGI, {variant}: (\d+) requests", out)
+        assert found is not None and int(found.group(1)) > 0, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_text", ["gevent", "uvicorn FastAPI def"])
+def test_web_instructions_counts_a_servers_worker_under_callgrind(
+    case_text: str, tmp_path: Path
+) -> None:
+    """Counted under callgrind, a request of the real server's worker (gunicorn's forked worker,
+    uvicorn's process) costs millions of instructions: the zero and the dump reached the process
+    that serves (skipped without valgrind)."""
+    import web_instructions
+
+    if shutil.which("callgrind_control") is None:
+        pytest.skip("valgrind is not installed")
+    (case,) = [c for c in web_requests.CASES if case_text in c.label]
+    with web_requests.database(tmp_path) as db:
+        counted = web_instructions.count(case, "by-hand", 0, db, seconds=(3.0, 4.0))
+    assert counted.requests > 0
+    assert 500_000 < counted.per_request < 50_000_000  # about 2-3 million
