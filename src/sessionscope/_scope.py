@@ -130,14 +130,16 @@ class SessionScope(Generic[S]):
         self,
         scope_var: ContextVar[ScopeState[S] | None],
         factory: Callable[..., S],
-        *,
         new: bool,
         commit: bool,
         session_kw: dict[str, Any],
         guard: Mode = "raise",
         lookup: Callable[[], S] | None = None,
     ) -> None:
-        """``lookup`` is the registry's own (``registry()``), for the opener after a misuse."""
+        """``lookup`` is the registry's own (``registry()``), for the opener after a misuse.
+
+        (Positional arguments are accepted: a class called with keywords builds a dict per call,
+        and every request makes a scope.)"""
         self._var = scope_var
         self._factory = factory
         self._new = new

@@ -112,14 +112,14 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         """
         if new.__class__ is not bool or commit.__class__ is not bool:
             expect_flags("Session.scope()", new=new, commit=commit)
-        return SessionScope(  # (_open_scope(), inlined: once per request)
+        return SessionScope(  # (_open_scope(), inlined, positionally: once per request)
             self._scope_var,
             self._make_session if self.session_factory is self._made_by else self.session_maker(),
-            new=new,
-            commit=commit,
-            session_kw=kw,
-            guard=self.guard_mode,
-            lookup=self.registry,
+            new,
+            commit,
+            kw,  # session_kw
+            self.guard_mode,
+            self.registry,  # lookup
         )
 
 

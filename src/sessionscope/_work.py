@@ -114,11 +114,12 @@ class WorkUnit:
         self,
         root: Any,
         task: Any,
-        *,
         explicit: bool,
         parent: WorkUnit | None = None,
         lends: bool = False,
     ) -> None:
+        """(Positional arguments: a class called with keywords builds a dict per call, and a
+        request opens one of these.)"""
         self.value_key: str | None = None
         """The key of the value held in :attr:`value` (None: no value there)."""
         self.value: Any = None
@@ -249,25 +250,33 @@ class WorkUnit:
             return
         self.ended = True
         _holding_values.pop(id(self), None)
-        values = self.take_values()
-        self.task = None  # a task's context holds its work: no cycle left behind
-        owned = self.owned_guards()
+        # (take_values() and owned_guards(), inlined: every request ends a work)
+        values = None
+        if self.value_key is not None or self.values:
+            values = self.take_values()
+        task, self.task = self.task, None  # a task's context holds its work: no cycle left
+        owned = self.owned
         self.owned = None
-        for key, value in values:
-            hook = _end_hooks.get(key)
-            if hook is not None:
-                _run_hook(self, collected, hook.work_ended, self, value)
-        for ref in owned:
-            guard = ref()
-            if guard is not None:
-                _run_hook(self, collected, guard.owner_ended, self)
-        root = self.root
-        if root is not None and type(root) is not weakref.ref:
+        if values is not None:
+            for key, value in values:
+                hook = _end_hooks.get(key)
+                if hook is not None:
+                    _run_hook(self, collected, hook.work_ended, self, value)
+        if owned is not None:
+            for ref in owned if isinstance(owned, list) else (owned,):
+                guard = ref()
+                if guard is not None:
+                    try:  # (_run_hook(), inlined: a request's session ends here)
+                        guard.owner_ended(self)
+                    except Exception:
+                        _hook_failed(self, collected)
+        if task is not None and self.root is task:
             # A task's context holds its work, and the work its task: a cycle the collector
             # alone could free (8 objects per task, the coroutine's frame among them, kept
             # into older generations). Held weakly now the work has ended, the task is freed
-            # by reference counting as the loop drops it.
-            self.root = _weak_root(root)
+            # by reference counting as the loop drops it. (A thread's or greenlet's root is
+            # no such cycle: a greenlet is held weakly from the start.)
+            self.root = _weak_root(task)
 
     def myself(self) -> WorkUnit:
         """The work itself, also when asked through the weak proxy a pool job's context holds."""
@@ -327,10 +336,15 @@ def _run_hook(work: WorkUnit, collected: bool, hook: Callable[..., object], *arg
     try:
         hook(*args)
     except Exception:  # an end-of-work hook must never break a loop, a hub or a thread's exit
-        if collected:
-            log.debug("sessionscope: closing after %s failed", work.describe(), exc_info=True)
-        else:
-            log.exception("sessionscope: cleaning up after %s failed", work.describe())
+        _hook_failed(work, collected)
+
+
+def _hook_failed(work: WorkUnit, collected: bool) -> None:
+    """Log the failure being handled of an end-of-work hook (see :meth:`WorkUnit.end`)."""
+    if collected:
+        log.debug("sessionscope: closing after %s failed", work.describe(), exc_info=True)
+    else:
+        log.exception("sessionscope: cleaning up after %s failed", work.describe())
 
 
 def running_task() -> Any:
@@ -413,7 +427,7 @@ def unit_and_work() -> tuple[Unit, WorkUnit]:
 def open_implicit_work(unit: Unit, task: Any) -> WorkUnit:
     """Open the implicit unit of work of the running ``unit`` (``task``: the running task, or
     None), which has none: set in its context, ended with it."""
-    work = WorkUnit(unit, task, explicit=False)
+    work = WorkUnit(unit, task, False)  # not explicit
     work_var.set(work)
     watch_unit_end(unit, work)  # a task's end, a gevent/eventlet greenlet's, a thread's (weakly)
     if isinstance(unit, ThreadUnit) and is_pool_worker():
@@ -503,16 +517,23 @@ class UnitOfWork:
                 "for another block."
             )
         # inside another unit of work (which waits for this block), whose sessions stay usable
-        task = running_task()
-        self.work = WorkUnit(
+        # (running_task(), inlined: a request opens one)
+        loop = _get_running_loop()
+        if loop is not None:
+            task = current_task_of_loop(loop)
+        elif "trio" in _modules:
+            task = _trio.running_task()
+        else:
+            task = None
+        self.work = work = WorkUnit(
             task if task is not None else unit_outside_tasks(),
             task,
-            explicit=True,
-            parent=work_of_task(task),
-            lends=self._lends,
+            True,  # explicit
+            work_of_task(task),  # the parent
+            self._lends,
         )
-        self._token = work_var.set(self.work)
-        return self.work
+        self._token = work_var.set(work)
+        return work
 
     def _reset(self) -> None:
         token, self._token = self._token, None

@@ -90,7 +90,6 @@ class RequestScope(UnitOfWork):
     def __init__(
         self,
         registry: scoped_session[Any],
-        *,
         commit: bool,
         site: Site | None = None,
         start_response: StartResponse | None = None,
@@ -125,9 +124,11 @@ class RequestScope(UnitOfWork):
     def open(self) -> None:
         """Enter the unit of work, then the scope, in the running context."""
         work = self._open()
+        root = work.root  # (work.root_unit(), inlined)
+        unit = root() if type(root) is weakref.ref else root
         try:
             # (the scope is new: no savepoint to begin; the unit and work were just looked up)
-            self.session = self.scope.enter(1, (work.root_unit(), work, self.site))
+            self.session = self.scope.enter(1, (unit, work, self.site))
         except BaseException:
             self.ended = True
             self.__exit__(*sys.exc_info())
@@ -201,9 +202,8 @@ class SessionScopeMiddleware:
         there (what their own stacks show is the server's loop)."""
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        request = RequestScope(
-            self.session, commit=self.commit, site=self.site, start_response=start_response
-        )
+        # (positionally: a class called with keywords builds a dict per request)
+        request = RequestScope(self.session, self.commit, self.site, start_response)
         return request.context.run(_serve, self.app, request, environ)
 
 

@@ -219,11 +219,20 @@ class SessionGuard(GuardState):
         leaves); from then on nobody may use it."""
         if self.owner_ref() is not work:
             return  # handed off, shared, or ended already
-        session = self.unsealed_session()
+        # (unsealed_session() and disown(), inlined: every request's session ends here)
+        key = self.session_key
+        session: Any = None if key is None else _live_sessions.get(key)
+        if session is not None and getattr(session, "_close_state", None) is not _SEALED:
+            if self.of_async:
+                session = AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
+        else:
+            session = None
         if session is None:
             # gone, or closed for good by its scope (a sealed session holds nothing, and was
             # not left open): what the close below would conclude, without its calls
-            self.disown(ENDED)
+            self.owner_ref = self.fast_key = _nobody
+            self.token = None
+            self.state = ENDED
             return
         close, close_later = _closers_for(session)
         if violation_sink is not None:
