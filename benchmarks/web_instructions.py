@@ -57,6 +57,7 @@ from web_requests import (
     check,
     database,
     load,
+    server_env,
 )
 
 from sessionscope.demo.servers import Server, gunicorn_command, launched, uvicorn_command
@@ -133,22 +134,13 @@ def dumped_instructions(out: Path, pid: int) -> int:
 
 @contextlib.contextmanager
 def started(
-    case: WebCase, variant: str, seed: int, db: Database, out: Path | None
+    case: WebCase, variant: str, seed: int, db: Database, out: Path, *, callgrind: bool
 ) -> Iterator[Contender]:
-    """The case's server for ``variant`` (under callgrind unless ``out`` is None), checked."""
-    env = {
-        "BENCH_WEB_URL": db.url,
-        "BENCH_WEB_VARIANT": variant,
-        "BENCH_WEB_TAG": variant,
-        "BENCH_WEB_GUARD": "raise",
-        "BENCH_WEB_POOL": str(CLIENTS + 2),
-        "PYTHONHASHSEED": str(seed),
-        **case.env,
-    }
-    logs = out or Path(tempfile.mkdtemp(prefix="sessionscope-web-instructions-"))
-    log = logs / f"{variant}.log"
-    timeout = 30 if out is None else 300
-    with launched(case.label, command_for(case, out), env, log, timeout=timeout) as server:
+    """The case's server for ``variant``, its log (and callgrind's files) in ``out``, checked."""
+    env = server_env(case, variant, variant, db, CLIENTS + 2, seed=seed)
+    command = command_for(case, out if callgrind else None)
+    timeout = 300 if callgrind else 30
+    with launched(case.label, command, env, out / f"{variant}.log", timeout=timeout) as server:
         contender = Contender(variant, variant, server)
         check(contender, db)
         yield contender
@@ -166,18 +158,18 @@ def count(
     """Instructions per request of ``variant``'s server: ``seconds`` of warm-up, then of load
     counted. Without ``callgrind`` the server runs as it is and counts 0 (a smoke run)."""
     warmup_seconds, counted_seconds = seconds
-    with contextlib.ExitStack() as stack:
-        out = Path(stack.enter_context(tempfile.TemporaryDirectory())) if callgrind else None
-        with started(case, variant, seed, db, out) as contender:
+    with tempfile.TemporaryDirectory(prefix="sessionscope-web-instructions-") as directory:
+        out = Path(directory)
+        with started(case, variant, seed, db, out, callgrind=callgrind) as contender:
             port = contender.port
             warm, _ = load(port, warmup_seconds, CLIENTS)
             pid = worker_pid(case, contender.server)
-            if out is not None:
+            if callgrind:
                 callgrind_control("-z", pid)
             requests, _ = load(port, counted_seconds, CLIENTS, first=warm)
             answered = contender.answered + warm + requests
             instructions = 0
-            if out is not None:
+            if callgrind:
                 callgrind_control("-d", pid)
                 instructions = dumped_instructions(out, pid)
         written = db.hits(variant)

@@ -383,6 +383,28 @@ def check(contender: Contender, database: Database) -> None:
         )
 
 
+def server_env(
+    case: WebCase,
+    variant: str,
+    tag: str,
+    database: Database,
+    pool: int,
+    *,
+    guard: str = "raise",
+    seed: int = 0,
+) -> dict[str, str]:
+    """What a case's server process is configured with (see ``_web_work.py``)."""
+    return {
+        "BENCH_WEB_URL": database.url,
+        "BENCH_WEB_VARIANT": variant,
+        "BENCH_WEB_TAG": tag,
+        "BENCH_WEB_GUARD": guard,
+        "BENCH_WEB_POOL": str(pool),
+        "PYTHONHASHSEED": str(seed),  # two servers of a run differ by their variant only
+        **case.env,
+    }
+
+
 @contextlib.contextmanager
 def serve(
     case: WebCase,
@@ -395,15 +417,7 @@ def serve(
     guard: str = "raise",
 ) -> Iterator[Server]:
     """The case's server for ``variant``, on a free port, stopped when the block ends."""
-    env = {
-        "BENCH_WEB_URL": database.url,
-        "BENCH_WEB_VARIANT": variant,
-        "BENCH_WEB_TAG": tag,
-        "BENCH_WEB_GUARD": guard,
-        "BENCH_WEB_POOL": str(pool),
-        "PYTHONHASHSEED": "0",  # the two processes differ by their variant only
-        **case.env,
-    }
+    env = server_env(case, variant, tag, database, pool, guard=guard)
     log = logs / f"{re.sub(r'[^a-z0-9]+', '-', case.label.lower())}-{tag}.log"
     if case.server == "uvicorn":
         with running(case.app, env, log, args=["--app-dir", str(BENCHMARKS)]) as server:
