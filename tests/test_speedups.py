@@ -184,6 +184,35 @@ def test_writes_and_row_iteration_are_checked_by_the_same_rules(engine: Engine) 
     session.close()
 
 
+def test_an_assignment_is_checked_whether_or_not_its_name_is_interned(engine: Engine) -> None:
+    """The C ``__setattr__`` tells most names apart by comparing interned strings; a name made
+    at run time (equal, not the same object) must be checked all the same."""
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    session = Scoped()
+    made = "".join(["auto", "flush"])
+    assert made == "autoflush" and made is not sys.intern(made)
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        for name in ("autoflush", made):
+            try:
+                setattr(session, name, False)
+            except BaseException as error:  # noqa: BLE001 - handed back to the test
+                errors.append(error)
+        session.not_checked = "assigned"  # type: ignore[attr-defined]  # any other name passes
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(30)
+    assert [type(e) for e in errors] == [sessionscope.CrossUnitError] * 2
+    assert all("assigned Session.autoflush" in str(e) for e in errors)
+    assert session.autoflush is True
+    assert session.not_checked == "assigned"  # type: ignore[attr-defined]
+    setattr(session, made, False)  # the owner assigns it
+    assert session.autoflush is False
+    Scoped.remove()
+
+
 def test_the_task_that_opened_the_work_is_checked_without_python(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

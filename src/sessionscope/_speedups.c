@@ -36,6 +36,8 @@
 #define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
 #endif
 
+#define ASSIGNMENT_NAMES_MAX 8
+
 enum {
     KIND_PLAIN = 0,
     KIND_RETURNING = 1,
@@ -83,6 +85,11 @@ typedef struct {
     PyObject *dict;   /* __wrapped__, __name__, __doc__, ... (functools.update_wrapper) */
     int kind;
     vectorcallfunc vectorcall;
+    /* KIND_ASSIGNMENT: the names of `hook` when they are few and all interned (-1: look in the
+     * set). An attribute name from code is interned, so most assignments are told apart from
+     * the checked ones by comparing pointers, without hashing into the set. */
+    Py_ssize_t n_interned;
+    PyObject *interned[ASSIGNMENT_NAMES_MAX]; /* borrowed: the set holds them */
 } CheckedMethod;
 
 /* The hot part of a SessionGuard: what every check reads and writes, as C fields. The Python
@@ -357,6 +364,54 @@ cleanup_of_ended(GuardState *guard, PyObject *found)
     return same;
 }
 
+/* Whether `name` (a str) is one of a KIND_ASSIGNMENT method's checked names: 1, 0, -1 error. */
+static inline int
+is_checked_name(CheckedMethod *self, PyObject *name)
+{
+    if (self->n_interned >= 0 && PyUnicode_CheckExact(name) && PyUnicode_CHECK_INTERNED(name)) {
+        /* one interned string per value: an equal name is the same object */
+        for (Py_ssize_t i = 0; i < self->n_interned; i++)
+            if (self->interned[i] == name)
+                return 1;
+        return 0;
+    }
+    return PySet_Contains(self->hook, name);
+}
+
+/* A guarded session's `session.name = value` (KIND_ASSIGNMENT; `name` a str): a checked name
+ * goes to the Python `method` (which checks, then assigns) except in _handles._assign()'s usual
+ * cases, done here: a session whose guard is not set yet (its __init__), and a new identity map
+ * (every close()). Any other name is assigned as object.__setattr__ does. 0, or -1 error. */
+static int
+assign(CheckedMethod *self, PyObject *session, PyObject *name, PyObject *value)
+{
+    int checked_name = is_checked_name(self, name);
+    if (checked_name < 0)
+        return -1;
+    if (!checked_name)
+        return PyObject_GenericSetAttr(session, name, value);
+    PyObject *guard = PyObject_GetAttr(session, s_guard);
+    if (guard == NULL)
+        return -1;
+    int is_map = 0;
+    if (guard != Py_None) {
+        is_map = PyUnicode_Compare(name, s_identity_map) == 0;
+        if (!is_map) {
+            Py_DECREF(guard);
+            PyObject *done = PyObject_CallFunctionObjArgs(self->method, session, name, value, NULL);
+            if (done == NULL)
+                return -1;
+            Py_DECREF(done);
+            return 0;
+        }
+    }
+    int rc = PyObject_GenericSetAttr(session, name, value);
+    if (rc == 0 && is_map)
+        rc = watch_flagging(value, guard);
+    Py_DECREF(guard);
+    return rc;
+}
+
 static PyObject *
 checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -380,32 +435,7 @@ checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, Py
     if (self->kind == KIND_ASSIGNMENT) {
         if (nargs != 3 || kwnames != NULL || !PyUnicode_Check(args[1]))
             return PyObject_Vectorcall(self->method, args, nargsf, kwnames); /* its own error */
-        int checked_name = PySet_Contains(self->hook, args[1]);
-        if (checked_name < 0)
-            return NULL;
-        if (checked_name) {
-            /* _handles._assign()'s usual cases: a session whose guard is not set yet (its
-             * __init__), and a new identity map (every close()): no check, no Python frame */
-            PyObject *guard = PyObject_GetAttr(args[0], s_guard);
-            if (guard == NULL)
-                return NULL;
-            int is_map = 0;
-            if (guard != Py_None) {
-                is_map = PyUnicode_Compare(args[1], s_identity_map) == 0;
-                if (!is_map) {
-                    Py_DECREF(guard);
-                    return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
-                }
-            }
-            int rc = PyObject_GenericSetAttr(args[0], args[1], args[2]);
-            if (rc == 0 && is_map)
-                rc = watch_flagging(args[2], guard);
-            Py_DECREF(guard);
-            if (rc < 0)
-                return NULL;
-            Py_RETURN_NONE;
-        }
-        if (PyObject_GenericSetAttr(args[0], args[1], args[2]) < 0)
+        if (assign(self, args[0], args[1], args[2]) < 0)
             return NULL;
         Py_RETURN_NONE;
     }
@@ -553,6 +583,31 @@ checked_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->hook = hook;
     self->kind = kind;
     self->vectorcall = (vectorcallfunc)checked_vectorcall;
+    self->n_interned = -1;
+    if (kind == KIND_ASSIGNMENT && PySet_GET_SIZE(hook) <= ASSIGNMENT_NAMES_MAX) {
+        PyObject *names = PyObject_GetIter(hook);
+        if (names == NULL) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        Py_ssize_t n = 0;
+        PyObject *name;
+        while ((name = PyIter_Next(names)) != NULL) {
+            int interned = PyUnicode_CheckExact(name) && PyUnicode_CHECK_INTERNED(name);
+            Py_DECREF(name); /* (the set holds it) */
+            if (!interned || n == ASSIGNMENT_NAMES_MAX) {
+                n = -1; /* then the set is asked */
+                break;
+            }
+            self->interned[n++] = name;
+        }
+        Py_DECREF(names);
+        if (PyErr_Occurred()) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->n_interned = n;
+    }
     return (PyObject *)self;
 }
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from greenlet import getcurrent, greenlet
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.session import _sessions as _live_sessions
 
 from .. import _fork
@@ -62,6 +63,23 @@ except ImportError:  # pragma: no cover
     _SEALED = object()
 
 _modules = sys.modules
+
+
+def live_session(key: int) -> Session | None:
+    """The live Session of ``hash_key`` ``key`` in SQLAlchemy's registry, or None.
+
+    Read from the registry's dict of weak references, as ``WeakValueDictionary.get()`` does
+    without its Python frame (a dead reference left there reads as None, as ``get()`` answers).
+    """
+    ref = _live_session_refs.get(key)
+    return None if ref is None else ref()
+
+
+_live_session_refs: dict[int, weakref.ref[Session]] = _live_sessions.data  # type: ignore[attr-defined]
+"""The dict behind SQLAlchemy's ``WeakValueDictionary`` of live sessions (which keeps it for
+its lifetime: ``clear()`` empties it in place)."""
+
+
 _MARK_THE_REQUEST = (
     " If the session was made in a thread-pool job of a request (a FastAPI/Starlette sync "
     "dependency or endpoint, asyncio.to_thread), the request must open "
@@ -168,7 +186,7 @@ class SessionGuard(GuardState):
         key = self.session_key
         if key is None:
             return None
-        session = _live_sessions.get(key)
+        session = live_session(key)
         if session is None:
             return None
         if unsealed_only and getattr(session, "_close_state", None) is _SEALED:
@@ -221,7 +239,9 @@ class SessionGuard(GuardState):
             return  # handed off, shared, or ended already
         # (unsealed_session() and disown(), inlined: every request's session ends here)
         key = self.session_key
-        session: Any = None if key is None else _live_sessions.get(key)
+        # (live_session(), inlined)
+        ref = None if key is None else _live_session_refs.get(key)
+        session: Any = None if ref is None else ref()
         if session is not None and getattr(session, "_close_state", None) is not _SEALED:
             if self.of_async:
                 session = AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
