@@ -46,7 +46,13 @@ from . import _fork
 from ._units import ThreadUnit, Unit, _trio, describe_unit, unit_outside_tasks, watch_unit_end
 from ._units._asyncio import _get_running_loop, current_task_of_loop
 from ._units._greenlet import run_outside_hub
-from ._units._thread import INTERPRETER, is_pool_worker, replace_last_job, thread_ident
+from ._units._thread import (
+    INTERPRETER,
+    is_pool_worker,
+    per_thread,
+    replace_last_job,
+    thread_ident,
+)
 
 log = logging.getLogger("sessionscope")
 _modules = sys.modules
@@ -141,7 +147,10 @@ class WorkUnit:
         """Whether asyncio tasks the opening thread runs may take the work over, one at a time."""
         self.via: Any = None
         """What a pool job's context holds instead of the work (a weak proxy); else None."""
-        self.thread = thread_ident()
+        try:  # (thread_ident(), inlined: a request opens a work)
+            self.thread: int = per_thread.ident
+        except AttributeError:
+            self.thread = thread_ident()
         """The thread that opened the work: a task's runs its loop. The C check uses it to see
         the task that opened the work without asking asyncio for the running loop (a system
         call on Python 3.10 and 3.11)."""
@@ -525,11 +534,12 @@ class UnitOfWork:
             task = _trio.running_task()
         else:
             task = None
+        parent = work_var.get()  # (outside any work, as a server's loop is: no more to ask)
         self.work = work = WorkUnit(
             task if task is not None else unit_outside_tasks(),
             task,
             True,  # explicit
-            work_of_task(task),  # the parent
+            None if parent is None else work_of_task(task),
             self._lends,
         )
         self._token = work_var.set(work)

@@ -91,7 +91,10 @@ class _ThreadEndSentinel:
             listener.unit_ended()
 
 
-_per_thread = _unpatched("_local")()
+per_thread = _unpatched("_local")()
+"""What sessionscope keeps per OS thread (its unit, its ident, its pool job): a ``threading.local``
+that gevent's patching cannot make per-greenlet. Hot callers read ``unit`` and ``ident`` on it
+directly, falling back to :func:`current_thread_unit` and :func:`thread_ident` when unset."""
 
 
 THREAD_UNIT_ATTRIBUTE = "_sessionscope_thread_unit"
@@ -104,9 +107,9 @@ INTERPRETER = _interpreter
 def current_thread_unit() -> ThreadUnit:
     """The running thread's identity (also kept on its main greenlet, to name it in messages)."""
     try:
-        unit: ThreadUnit = _per_thread.unit
+        unit: ThreadUnit = per_thread.unit
     except AttributeError:
-        unit = _per_thread.unit = ThreadUnit()
+        unit = per_thread.unit = ThreadUnit()
         # weakly: a thread's main greenlet is freed late (by the main thread), its unit must not be
         _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = weakref.ref(unit)
     return unit
@@ -121,9 +124,9 @@ def thread_ident() -> int:
     every unit of work records it, and a fresh int per call would be 32 bytes more per live
     unit."""
     try:
-        ident: int = _per_thread.ident
+        ident: int = per_thread.ident
     except AttributeError:
-        ident = _per_thread.ident = _os_thread_ident()
+        ident = per_thread.ident = _os_thread_ident()
     return ident
 
 
@@ -137,14 +140,14 @@ def _main_greenlet() -> Any:
 
 
 def is_current(unit: ThreadUnit) -> bool:
-    return getattr(_per_thread, "unit", None) is unit
+    return getattr(per_thread, "unit", None) is unit
 
 
 def renew_after_fork() -> list[Any]:
     """In a forked child the surviving thread gets a new identity; the old one is abandoned."""
-    old = getattr(_per_thread, "unit", None)
-    _per_thread.unit = ThreadUnit()
-    _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = weakref.ref(_per_thread.unit)
+    old = getattr(per_thread, "unit", None)
+    per_thread.unit = ThreadUnit()
+    _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = weakref.ref(per_thread.unit)
     return [old] if old is not None else []
 
 
@@ -165,8 +168,8 @@ def is_pool_worker() -> bool:
 
 def replace_last_job(work: Any) -> Any:
     """Hold ``work`` as this pool thread's current job's; return the previous one, if any."""
-    previous = getattr(_per_thread, "last_job", None)
-    _per_thread.last_job = work
+    previous = getattr(per_thread, "last_job", None)
+    per_thread.last_job = work
     return previous
 
 
@@ -177,9 +180,9 @@ def watch_end(unit: Any, listener: UnitEndListener) -> None:
     not pile up. It is told before the thread's context is torn down, which is not a safe moment
     to run Python code that touches context variables.
     """
-    sentinel = getattr(_per_thread, "sentinel", None)
+    sentinel = getattr(per_thread, "sentinel", None)
     if sentinel is None:
-        sentinel = _per_thread.sentinel = _ThreadEndSentinel()
+        sentinel = per_thread.sentinel = _ThreadEndSentinel()
     sentinel.listeners.add(listener)
 
 
