@@ -31,22 +31,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import per_request
+from _callgrind import VALGRIND, collected, per_seed
 
 WARMUP = 200
 COUNTED = 300
 """Requests counted: the difference between a run of ``WARMUP`` and one of ``WARMUP + COUNTED``."""
 CONTENDERS = (per_request.BY_HAND, per_request.SCOPE, per_request.SCOPE_OFF)
-_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
 def child(label: str, contender: str, requests: int) -> int:
@@ -63,9 +61,7 @@ def child(label: str, contender: str, requests: int) -> int:
 def _count(label: str, contender: str, requests: int, seed: int) -> int:
     """Instructions executed by a child process running ``requests`` after the warm-up."""
     command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
+        *VALGRIND,
         sys.executable,
         __file__,
         "--child",
@@ -77,10 +73,10 @@ def _count(label: str, contender: str, requests: int, seed: int) -> int:
     ]
     env = {**os.environ, "PYTHONHASHSEED": str(seed)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    found = _COLLECTED.search(done.stderr)
-    if done.returncode != 0 or found is None:
+    instructions = collected(done.stderr)
+    if done.returncode != 0 or instructions is None:
         raise RuntimeError(f"{label} {contender}: the counted run failed:\n{done.stderr[-2000:]}")
-    return int(found.group(1))
+    return instructions
 
 
 def per_request_instructions(
@@ -91,13 +87,12 @@ def per_request_instructions(
 
 def measure(label: str, seeds: Sequence[int], jobs: int) -> dict[str, dict[int, float]]:
     """Instructions per request of each contender under each seed."""
-    pairs = [(contender, seed) for seed in seeds for contender in CONTENDERS]
-    with ThreadPoolExecutor(jobs) as pool:
-        counted = list(pool.map(lambda p: per_request_instructions(label, *p), pairs))
-    figures: dict[str, dict[int, float]] = {contender: {} for contender in CONTENDERS}
-    for (contender, seed), instructions in zip(pairs, counted, strict=True):
-        figures[contender][seed] = instructions
-    return figures
+    return per_seed(
+        lambda contender, seed: per_request_instructions(label, contender, seed),
+        CONTENDERS,
+        seeds,
+        jobs,
+    )
 
 
 def ratios(figures: dict[str, dict[int, float]], candidate: str) -> list[float]:

@@ -376,6 +376,30 @@ def test_web_instructions_benchmark_serves_each_variant_and_checks_its_rows(
         assert found is not None and int(found.group(1)) > 0, out
 
 
+def test_app_instructions_benchmark_calls_each_variant_and_checks_its_rows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``app_instructions.py --smoke``: each variant of the web benchmark's WSGI app answers
+    every request called in process, and wrote its rows (both checked by the benchmark)."""
+    import app_instructions
+
+    assert app_instructions.main(["--smoke"]) == 0
+    assert "each variant served and wrote its rows" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_app_instructions_counts_a_request_under_callgrind(tmp_path: Path) -> None:
+    """In process under callgrind, a request of the web app costs about two million
+    instructions (the zero-request run subtracted); skipped without valgrind."""
+    import app_instructions
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    with web_requests.database(tmp_path) as db:
+        counted = app_instructions.per_request(db, "sessionscope", 0, 20)
+    assert 300_000 < counted < 30_000_000
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case_text", ["gevent", "uvicorn FastAPI def"])
 def test_web_instructions_counts_a_servers_worker_under_callgrind(

@@ -21,6 +21,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 static PyObject *guard_type = NULL;          /* _ownership.SessionGuard */
 static PyObject *token_type = NULL;          /* _lineage.BorrowToken */
@@ -42,6 +43,86 @@ static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transa
     *s_owned, *s_owns, *s_state, *s_identity_map, *s_key, *s_installed, *s_install,
     *s_guards_by_id, *s_last_bind, *s_remember_session, *s_on_guard_death, *s_drop_dead,
     *s_min_rebuild, *s_raise, *s_warn, *s_prune_owned_at;
+
+/* ---- fields by offset ---------------------------------------------------------------------
+ *
+ * The guard, its borrow token and the unit of work keep their fields in __slots__ (or, for the
+ * guard's hot part, C members). PyObject_SetAttr and PyObject_GetAttr find such a field through
+ * the class: a type attribute cache lookup (and, when that entry has been evicted by another
+ * class's, a walk of the MRO's dicts) and a descriptor call, some 150-200 instructions each,
+ * about thirty times per session made. The field's offset is read once from its member
+ * descriptor (configure()), and an object of exactly that class is read and written there.
+ * An object of another class (a subclass may add a property of the same name) goes the usual
+ * way. */
+
+typedef struct {
+    PyObject *name;     /* the attribute (interned) */
+    Py_ssize_t offset;  /* its slot in an object of `owner`, or -1: the usual way */
+    int raise_if_unset; /* T_OBJECT_EX: reading an unset slot is an AttributeError */
+} Field;
+
+static PyTypeObject *guard_class = NULL, *token_class = NULL, *work_class = NULL;
+static Field f_mode, f_label, f_created_at, f_on_hand_off, f_session_key, f_of_async, f_owner_ref,
+    f_fast_key, f_owned_by_job, f_guard_generation, f_guard_token, f_state, f_token_parent,
+    f_token_length, f_token_rebuild_at, f_token_key, f_work_explicit, f_work_task, f_work_owned,
+    f_work_via, f_work_prune_owned_at;
+
+/* `field` of class `cls`: its offset if it is a writable object slot (a member descriptor). */
+static int
+find_field(Field *field, PyTypeObject *cls, PyObject *name)
+{
+    field->name = name;
+    field->offset = -1;
+    field->raise_if_unset = 1;
+    PyObject *descriptor = PyObject_GetAttr((PyObject *)cls, name);
+    if (descriptor == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    if (Py_IS_TYPE(descriptor, &PyMemberDescr_Type) &&
+        PyType_IsSubtype(cls, PyDescr_TYPE(descriptor))) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descriptor)->d_member;
+        if ((member->type == T_OBJECT_EX || member->type == T_OBJECT) &&
+            !(member->flags & READONLY)) {
+            field->offset = member->offset;
+            field->raise_if_unset = member->type == T_OBJECT_EX;
+        }
+    }
+    Py_DECREF(descriptor);
+    return 0;
+}
+
+/* obj.<field> = value (obj of class `cls`, or any other: then PyObject_SetAttr) */
+static inline int
+set_field(PyObject *obj, PyTypeObject *cls, Field *field, PyObject *value)
+{
+    if (field->offset < 0 || Py_TYPE(obj) != cls)
+        return PyObject_SetAttr(obj, field->name, value);
+    PyObject **slot = (PyObject **)((char *)obj + field->offset);
+    PyObject *old = *slot;
+    *slot = Py_NewRef(value);
+    Py_XDECREF(old);
+    return 0;
+}
+
+/* obj.<field>, a new reference (NULL with an error, as PyObject_GetAttr) */
+static inline PyObject *
+get_field(PyObject *obj, PyTypeObject *cls, Field *field)
+{
+    if (field->offset < 0 || Py_TYPE(obj) != cls)
+        return PyObject_GetAttr(obj, field->name);
+    PyObject *value = *(PyObject **)((char *)obj + field->offset);
+    if (value != NULL)
+        return Py_NewRef(value);
+    if (field->raise_if_unset) {
+        PyErr_Format(PyExc_AttributeError, "'%.100s' object has no attribute '%U'",
+                     Py_TYPE(obj)->tp_name, field->name);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
 
 /* A global of one of the configured modules (a borrowed reference), or NULL with an error. */
 static PyObject *
@@ -137,8 +218,8 @@ lend_from_here(PyObject *guard)
     if (PyContextVar_Get(lineage_var, Py_None, &head) < 0)
         goto error;
     if (head != Py_None) {
-        length = PyObject_GetAttr(head, s_length);
-        rebuild_at = length == NULL ? NULL : PyObject_GetAttr(head, s_rebuild_at);
+        length = get_field(head, token_class, &f_token_length);
+        rebuild_at = length == NULL ? NULL : get_field(head, token_class, &f_token_rebuild_at);
         if (rebuild_at == NULL)
             goto error;
         int full = PyObject_RichCompareBool(length, rebuild_at, Py_GE);
@@ -154,8 +235,8 @@ lend_from_here(PyObject *guard)
             if (head == NULL)
                 goto error;
             if (head != Py_None) {
-                length = PyObject_GetAttr(head, s_length);
-                rebuild_at = length == NULL ? NULL : PyObject_GetAttr(head, s_rebuild_at);
+                length = get_field(head, token_class, &f_token_length);
+                rebuild_at = length == NULL ? NULL : get_field(head, token_class, &f_token_rebuild_at);
                 if (rebuild_at == NULL)
                     goto error;
             }
@@ -180,9 +261,9 @@ lend_from_here(PyObject *guard)
         if (length == NULL)
             goto error;
     }
-    if (PyObject_SetAttr(token, s_parent, head) < 0 ||
-        PyObject_SetAttr(token, s_length, length) < 0 ||
-        PyObject_SetAttr(token, s_rebuild_at, rebuild_at) < 0)
+    if (set_field(token, token_class, &f_token_parent, head) < 0 ||
+        set_field(token, token_class, &f_token_length, length) < 0 ||
+        set_field(token, token_class, &f_token_rebuild_at, rebuild_at) < 0)
         goto error;
     PyObject *context_token = PyContextVar_Set(lineage_var, token);
     if (context_token == NULL)
@@ -209,33 +290,34 @@ own(PyObject *guard, PyObject *work)
         return -1;
     int rc = -1;
     PyObject *explicit = NULL, *task = NULL, *token = NULL, *owned = NULL, *prune_at;
-    if (PyObject_SetAttr(guard, s_owner_ref, owner_ref) < 0 ||
-        PyObject_SetAttr(guard, s_fast_key, owner_ref) < 0)
+    if (set_field(guard, guard_class, &f_owner_ref, owner_ref) < 0 ||
+        set_field(guard, guard_class, &f_fast_key, owner_ref) < 0)
         goto done;
-    explicit = PyObject_GetAttr(work, s_explicit);
-    task = explicit == NULL ? NULL : PyObject_GetAttr(work, s_task);
+    explicit = get_field(work, work_class, &f_work_explicit);
+    task = explicit == NULL ? NULL : get_field(work, work_class, &f_work_task);
     if (task == NULL)
         goto done;
     int is_explicit = PyObject_IsTrue(explicit);
     if (is_explicit < 0)
         goto done;
-    if (PyObject_SetAttr(guard, s_owned_by_job,
-                         !is_explicit && task == Py_None ? Py_True : Py_False) < 0)
+    if (set_field(guard, guard_class, &f_owned_by_job,
+                  !is_explicit && task == Py_None ? Py_True : Py_False) < 0)
         goto done;
     PyObject *generation = global_of(fork_globals, s_generation);
-    if (generation == NULL || PyObject_SetAttr(guard, s_generation, generation) < 0)
+    if (generation == NULL || set_field(guard, guard_class, &f_guard_generation, generation) < 0)
         goto done;
     token = lend_from_here(guard);
-    if (token == NULL || PyObject_SetAttr(guard, s_token, token) < 0)
+    if (token == NULL || set_field(guard, guard_class, &f_guard_token, token) < 0)
         goto done;
-    owned = PyObject_GetAttr(work, s_owned);
+    owned = get_field(work, work_class, &f_work_owned);
     if (owned == NULL)
         goto done;
     if (owned == Py_None) { /* WorkUnit.owns(), its first session */
-        if (PyObject_SetAttr(work, s_owned, token) < 0)
+        if (set_field(work, work_class, &f_work_owned, token) < 0)
             goto done;
     }
-    else if (PyList_CheckExact(owned) && (prune_at = PyObject_GetAttr(work, s_prune_owned_at))) {
+    else if (PyList_CheckExact(owned) &&
+             (prune_at = get_field(work, work_class, &f_work_prune_owned_at))) {
         /* WorkUnit.owns(), a long-lived work's next session: appended, if no prune is due */
         Py_ssize_t limit = PyLong_AsSsize_t(prune_at);
         Py_DECREF(prune_at);
@@ -260,7 +342,7 @@ own(PyObject *guard, PyObject *work)
             goto done;
         Py_DECREF(added);
     }
-    rc = PyObject_SetAttr(guard, s_state, owned_state);
+    rc = set_field(guard, guard_class, &f_state, owned_state);
 done:
     Py_DECREF(owner_ref);
     Py_XDECREF(explicit);
@@ -287,7 +369,7 @@ register_writes(PyObject *key, PyObject *token)
             return -1;
         Py_DECREF(done);
     }
-    if (PyObject_SetAttr(token, s_key, key) < 0)
+    if (set_field(token, token_class, &f_token_key, key) < 0)
         return -1;
     PyObject *guards = global_of(writes_globals, s_guards_by_id);
     if (guards == NULL)
@@ -304,8 +386,12 @@ forget_session_id(PyObject *module, PyObject *token)
         PyErr_SetString(PyExc_RuntimeError, "sessionscope._guard_setup is not configured");
         return NULL;
     }
-    PyObject *key = attribute_or_none(token, s_key);
-    if (key == NULL)
+    PyObject *key;
+    if (f_token_key.offset >= 0 && Py_TYPE(token) == token_class) {
+        key = *(PyObject **)((char *)token + f_token_key.offset); /* (unset: None) */
+        key = Py_NewRef(key == NULL ? Py_None : key);
+    }
+    else if ((key = attribute_or_none(token, s_key)) == NULL)
         return NULL;
     PyObject *guards = global_of(writes_globals, s_guards_by_id);
     int rc = 0;
@@ -358,7 +444,7 @@ usual_case(PyObject *session, PyObject *mode, PyObject *work, PyObject **sync, i
         return 0;
     int usual = 0;
     PyObject *existing = attribute_or_none(candidate, s_guard);
-    PyObject *via = existing == NULL ? NULL : PyObject_GetAttr(work, s_via);
+    PyObject *via = existing == NULL ? NULL : get_field(work, work_class, &f_work_via);
     PyObject *transaction = via == NULL ? NULL : PyObject_GetAttr(candidate, s_transaction);
     if (transaction == NULL)
         usual = -1;
@@ -415,16 +501,17 @@ guard_new_session(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     else
         Py_INCREF(site);
     guard = ((PyTypeObject *)guard_type)->tp_new((PyTypeObject *)guard_type, empty_tuple, NULL);
-    int failed = guard == NULL || PyObject_SetAttr(guard, s_mode, mode) < 0 ||
-                 PyObject_SetAttr(guard, s_label, label) < 0 ||
-                 PyObject_SetAttr(guard, s_created_at, site) < 0 ||
-                 PyObject_SetAttr(guard, s_on_hand_off, on_hand_off) < 0 ||
-                 PyObject_SetAttr(guard, s_session_key, key) < 0 ||
-                 PyObject_SetAttr(guard, s_of_async, of_async ? Py_True : Py_False) < 0;
+    PyTypeObject *cls = guard_class;
+    int failed = guard == NULL || set_field(guard, cls, &f_mode, mode) < 0 ||
+                 set_field(guard, cls, &f_label, label) < 0 ||
+                 set_field(guard, cls, &f_created_at, site) < 0 ||
+                 set_field(guard, cls, &f_on_hand_off, on_hand_off) < 0 ||
+                 set_field(guard, cls, &f_session_key, key) < 0 ||
+                 set_field(guard, cls, &f_of_async, of_async ? Py_True : Py_False) < 0;
     Py_DECREF(site);
     if (failed || own(guard, work) < 0)
         goto done;
-    PyObject *token = PyObject_GetAttr(guard, s_token);
+    PyObject *token = get_field(guard, cls, &f_guard_token);
     if (token == NULL)
         goto done;
     identity_map = PyObject_SetAttr(sync, s_guard, guard) < 0
@@ -457,18 +544,62 @@ module_dict_of(PyObject *module, PyObject **slot)
     return 0;
 }
 
+/* The offsets of the fields set and read here, in the configured classes (which are kept). */
+static int
+find_fields(PyTypeObject *guard, PyTypeObject *token, PyTypeObject *work)
+{
+    struct {
+        Field *field;
+        PyTypeObject *cls;
+        PyObject *name;
+    } wanted[] = {
+        {&f_mode, guard, s_mode},
+        {&f_label, guard, s_label},
+        {&f_created_at, guard, s_created_at},
+        {&f_on_hand_off, guard, s_on_hand_off},
+        {&f_session_key, guard, s_session_key},
+        {&f_of_async, guard, s_of_async},
+        {&f_owner_ref, guard, s_owner_ref},
+        {&f_fast_key, guard, s_fast_key},
+        {&f_owned_by_job, guard, s_owned_by_job},
+        {&f_guard_generation, guard, s_generation},
+        {&f_guard_token, guard, s_token},
+        {&f_state, guard, s_state},
+        {&f_token_parent, token, s_parent},
+        {&f_token_length, token, s_length},
+        {&f_token_rebuild_at, token, s_rebuild_at},
+        {&f_token_key, token, s_key},
+        {&f_work_explicit, work, s_explicit},
+        {&f_work_task, work, s_task},
+        {&f_work_owned, work, s_owned},
+        {&f_work_via, work, s_via},
+        {&f_work_prune_owned_at, work, s_prune_owned_at},
+    };
+    for (size_t i = 0; i < sizeof(wanted) / sizeof(wanted[0]); i++)
+        if (find_field(wanted[i].field, wanted[i].cls, wanted[i].name) < 0)
+            return -1;
+    Py_XSETREF(guard_class, (PyTypeObject *)Py_NewRef(guard));
+    Py_XSETREF(token_class, (PyTypeObject *)Py_NewRef(token));
+    Py_XSETREF(work_class, (PyTypeObject *)Py_NewRef(work));
+    return 0;
+}
+
 static PyObject *
 configure(PyObject *module, PyObject *args)
 {
-    PyObject *guard, *token, *lineage, *writes, *fork, *pools, *site, *watch, *owned, *async_type;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOO:configure", &guard, &token, &lineage, &writes, &fork,
-                          &pools, &site, &watch, &owned, &async_type))
+    PyObject *guard, *token, *lineage, *writes, *fork, *pools, *site, *watch, *owned, *async_type,
+        *work;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOO:configure", &guard, &token, &lineage, &writes, &fork,
+                          &pools, &site, &watch, &owned, &async_type, &work))
         return NULL;
-    if (!PyType_Check(guard) || !PyType_Check(token) || !PyType_Check(async_type)) {
-        PyErr_SetString(PyExc_TypeError, "configure(): SessionGuard, BorrowToken and "
-                                         "AsyncSession must be classes");
+    if (!PyType_Check(guard) || !PyType_Check(token) || !PyType_Check(async_type) ||
+        !PyType_Check(work)) {
+        PyErr_SetString(PyExc_TypeError, "configure(): SessionGuard, BorrowToken, AsyncSession "
+                                         "and WorkUnit must be classes");
         return NULL;
     }
+    if (find_fields((PyTypeObject *)guard, (PyTypeObject *)token, (PyTypeObject *)work) < 0)
+        return NULL;
     PyObject *var = PyObject_GetAttrString(lineage, "current_lineage");
     if (var == NULL)
         return NULL;
@@ -495,7 +626,7 @@ configure(PyObject *module, PyObject *args)
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(SessionGuard, BorrowToken, _lineage, _writes, _fork, _fork_pools, "
-     "application_site, watch_flagging, OWNED, AsyncSession): what the set-up reads."},
+     "application_site, watch_flagging, OWNED, AsyncSession, WorkUnit): what the set-up reads."},
     {"forget_session_id", forget_session_id, METH_O,
      "forget_session_id(token): a dead guard's session id, unregistered (_writes._forget)."},
     {"guard_new_session", (PyCFunction)(void (*)(void))guard_new_session, METH_FASTCALL,

@@ -97,6 +97,7 @@ def _load_guard_setup() -> GuardNewSession | None:
         watch_flagging,
         OWNED,
         AsyncSession,
+        WorkUnit,
     )
     # a dead guard's session id is forgotten in C too (``_writes._forget``, which it replaces)
     _lineage.on_guard_death = _guard_setup.forget_session_id

@@ -1,0 +1,35 @@
+"""What the benchmarks that count instructions under callgrind share.
+
+``request_instructions.py`` and ``app_instructions.py`` run each contender in a process of its
+own under ``valgrind --tool=callgrind``, once per hash seed, and read the total it prints.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+VALGRIND = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+"""The command prefix: callgrind, writing no profile (only its summary on stderr)."""
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def collected(stderr: str) -> int | None:
+    """The instructions a callgrind run reports on its standard error, or None if it did not."""
+    found = _COLLECTED.search(stderr)
+    return None if found is None else int(found.group(1))
+
+
+def per_seed(
+    count: Callable[[str, int], float], contenders: Sequence[str], seeds: Sequence[int], jobs: int
+) -> dict[str, dict[int, float]]:
+    """``count(contender, seed)`` for each contender and seed, ``jobs`` at a time: by contender,
+    then seed."""
+    pairs = [(contender, seed) for seed in seeds for contender in contenders]
+    with ThreadPoolExecutor(jobs) as pool:
+        counted = list(pool.map(lambda pair: count(*pair), pairs))
+    figures: dict[str, dict[int, float]] = {contender: {} for contender in contenders}
+    for (contender, seed), instructions in zip(pairs, counted, strict=True):
+        figures[contender][seed] = instructions
+    return figures
