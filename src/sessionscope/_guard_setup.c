@@ -203,6 +203,19 @@ error:
     return -1;
 }
 
+/* A lineage's head token's `length` and `rebuild_at` (new references): 0, or -1 with both NULL. */
+static int
+read_chain(PyObject *head, PyObject **length, PyObject **rebuild_at)
+{
+    *length = get_field(head, token_class, &f_token_length);
+    *rebuild_at = *length == NULL ? NULL : get_field(head, token_class, &f_token_rebuild_at);
+    if (*rebuild_at == NULL) {
+        Py_CLEAR(*length);
+        return -1;
+    }
+    return 0;
+}
+
 /* _lineage.lend_from_here(guard): a new borrow token, pushed on the running context's lineage
  * (a new reference, or NULL). */
 static PyObject *
@@ -218,9 +231,7 @@ lend_from_here(PyObject *guard)
     if (PyContextVar_Get(lineage_var, Py_None, &head) < 0)
         goto error;
     if (head != Py_None) {
-        length = get_field(head, token_class, &f_token_length);
-        rebuild_at = length == NULL ? NULL : get_field(head, token_class, &f_token_rebuild_at);
-        if (rebuild_at == NULL)
+        if (read_chain(head, &length, &rebuild_at) < 0)
             goto error;
         int full = PyObject_RichCompareBool(length, rebuild_at, Py_GE);
         if (full < 0)
@@ -234,12 +245,8 @@ lend_from_here(PyObject *guard)
             Py_CLEAR(rebuild_at);
             if (head == NULL)
                 goto error;
-            if (head != Py_None) {
-                length = get_field(head, token_class, &f_token_length);
-                rebuild_at = length == NULL ? NULL : get_field(head, token_class, &f_token_rebuild_at);
-                if (rebuild_at == NULL)
-                    goto error;
-            }
+            if (head != Py_None && read_chain(head, &length, &rebuild_at) < 0)
+                goto error;
         }
     }
     if (head == Py_None) {
