@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +33,35 @@ def require_server(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"CI requires this server: {reason}")
     pytest.skip(reason)
+
+
+def require_built(extension: str, built: bool, instead: str) -> None:
+    """Skip (locally) or fail (in CI) a test of C extension ``extension`` that was not built:
+    every CI stack builds it (gcc is on the machine), so there it means the install found no
+    compiler. ``instead``: what runs without it."""
+    if built:
+        return
+    if IN_CI:
+        pytest.fail(f"sessionscope.{extension} was not built (the install found no compiler?)")
+    pytest.skip(f"sessionscope.{extension} is not built here: {instead}")
+
+
+def in_new_thread(fn: Callable[[], Any], name: str = "other") -> Any:
+    """Run ``fn`` in a thread started by hand (an empty context: another unit, as a server's
+    or a worker's thread is) and wait for it: what it returned, or the exception it raised."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as error:  # noqa: BLE001 - handed back to the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join(30)
+    assert outcome, f"the thread {name!r} did not finish"
+    return outcome[0]
 
 
 def postgres_available() -> str | None:

@@ -5,28 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import threading
 from typing import Any
 
 import greenlet
 import pytest
 
 from sessionscope import ThreadUnit, current_unit, describe_unit
-
-
-def run_in_thread(fn: Any) -> Any:
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(fn()), name="worker-x")
-    thread.start()
-    thread.join()
-    return out[0]
+from tests.conftest import in_new_thread
 
 
 def test_a_thread_is_its_own_unit_and_stable_within_it() -> None:
     main = current_unit()
     assert isinstance(main, ThreadUnit)
     assert current_unit() is main
-    other = run_in_thread(current_unit)
+    other = in_new_thread(current_unit, name="worker-x")
     assert isinstance(other, ThreadUnit) and other is not main
     assert "worker-x" in describe_unit(other)
 
@@ -136,7 +128,7 @@ def test_a_forked_child_never_shares_a_unit_with_its_parent() -> None:
 def test_units_are_held_weakly_a_finished_thread_leaves_nothing_behind() -> None:
     import weakref
 
-    ref = run_in_thread(lambda: weakref.ref(current_unit()))
+    ref = in_new_thread(lambda: weakref.ref(current_unit()))
     assert ref() is None
 
 

@@ -11,7 +11,6 @@ guarded, and a write-only collection (its own attribute implementation) is still
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ from sqlalchemy.orm import (
 import sessionscope
 from sessionscope._guard._guarded_class import is_guarded_class
 from sessionscope._guard._install import guard_of
+from tests.conftest import in_new_thread
 from tests.models import Row
 
 
@@ -62,18 +62,8 @@ def shelves(engine: Engine) -> Iterator[Engine]:
 
 def in_thread(fn: Callable[[], Any]) -> BaseException | None:
     """Run ``fn`` in a new thread (another unit); the exception it raised, if any."""
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as error:  # noqa: BLE001 - returned to the test
-            raised.append(error)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    return raised[0] if raised else None
+    outcome = in_new_thread(fn)
+    return outcome if isinstance(outcome, BaseException) else None
 
 
 def test_a_makers_sessions_are_born_guarded_and_configure_still_applies(engine: Engine) -> None:

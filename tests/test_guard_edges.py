@@ -5,34 +5,19 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 import sessionscope
+from tests.conftest import in_new_thread
 from tests.models import Row
-
-
-def in_thread(fn: Any) -> Any:
-    result: list[Any] = []
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            result.append(exc)
-
-    thread = threading.Thread(target=run, name="other")
-    thread.start()
-    thread.join(30)
-    return result[0]
 
 
 def test_closing_an_ended_units_session_again_is_quiet(engine: Engine) -> None:
     Scoped = sessionscope.scoped_session(sessionmaker(engine))
-    ended = in_thread(lambda: Scoped().execute(text("select 1")) and Scoped())
+    ended = in_new_thread(lambda: Scoped().execute(text("select 1")) and Scoped())
     assert isinstance(ended, Session)
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     # what close_all_sessions() does to it, from the main thread (not called here: it would reach
@@ -92,7 +77,7 @@ def test_a_registry_over_a_guarded_sessionmaker_forgets_a_session_handed_off(
             session.commit()
             return len(session.scalars(select(Row)).all())
 
-    assert in_thread(adopter) == 1
+    assert in_new_thread(adopter) == 1
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 

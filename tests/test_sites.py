@@ -16,6 +16,7 @@ import greenlet
 import pytest
 
 from sessionscope._guard import _site, _state
+from tests.conftest import require_built
 
 NO_EXTENSIONS = bool(os.environ.get(_state.NO_EXTENSIONS_VARIABLE))
 BUILT_FOR_THIS_PYTHON = (3, 11) <= sys.version_info[:2] <= (3, 13) and not hasattr(
@@ -42,10 +43,7 @@ def test_the_c_walk_is_used_where_it_is_built() -> None:
     if not BUILT_FOR_THIS_PYTHON:
         assert _site._frame_walk is None
         return
-    if _site._frame_walk is None:
-        if os.environ.get("CI") == "true":  # every CI stack builds it: gcc is on the machine
-            pytest.fail("sessionscope._frames was not built (the install found no compiler?)")
-        pytest.skip("sessionscope._frames is not built here: the Python walk runs")
+    require_built("_frames", _site._frame_walk is not None, "the Python walk runs")
 
 
 def _in_a_plain_call() -> Both:

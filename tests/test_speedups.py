@@ -26,6 +26,7 @@ from sessionscope._guard import _checks, _state
 from sessionscope._guard._guarded_class import guarded_class
 from sessionscope._guard._install import guard_of
 from sessionscope._guard._state import INSIDE
+from tests.conftest import require_built
 from tests.models import Row
 
 NO_EXTENSIONS = bool(os.environ.get(_state.NO_EXTENSIONS_VARIABLE))
@@ -37,10 +38,7 @@ def test_the_checks_run_in_c_where_the_module_is_built() -> None:
         assert _state.GuardState is _state.PythonGuardState
         assert _registry.unit_session is _registry._unit_session_in_python
         return
-    if _state.speedups is None:
-        if os.environ.get("CI") == "true":  # every CI stack builds it: gcc is on the machine
-            pytest.fail("sessionscope._speedups was not built (the install found no compiler?)")
-        pytest.skip("sessionscope._speedups is not built here: the Python checks run")
+    require_built("_speedups", _state.speedups is not None, "the Python checks run")
     assert _checks.IN_C
     assert _state.GuardState is _state.speedups.GuardState
     assert type(guarded_class(Session).__dict__["add"]).__name__ == "CheckedMethod"
