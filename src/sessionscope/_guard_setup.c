@@ -57,7 +57,7 @@ static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transa
 
 typedef struct {
     PyObject *name;     /* the attribute (interned) */
-    Py_ssize_t offset;  /* its slot in an object of `owner`, or -1: the usual way */
+    Py_ssize_t offset;  /* its slot in an object of the configured class, or -1: the usual way */
     int raise_if_unset; /* T_OBJECT_EX: reading an unset slot is an AttributeError */
 } Field;
 
