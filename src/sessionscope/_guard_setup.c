@@ -393,13 +393,13 @@ forget_session_id(PyObject *module, PyObject *token)
         PyErr_SetString(PyExc_RuntimeError, "sessionscope._guard_setup is not configured");
         return NULL;
     }
-    PyObject *key;
-    if (f_token_key.offset >= 0 && Py_TYPE(token) == token_class) {
-        key = *(PyObject **)((char *)token + f_token_key.offset); /* (unset: None) */
-        key = Py_NewRef(key == NULL ? Py_None : key);
+    PyObject *key = get_field(token, token_class, &f_token_key);
+    if (key == NULL) { /* (getattr(token, "key", None)) */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+        key = Py_NewRef(Py_None);
     }
-    else if ((key = attribute_or_none(token, s_key)) == NULL)
-        return NULL;
     PyObject *guards = global_of(writes_globals, s_guards_by_id);
     int rc = 0;
     if (guards == NULL)

@@ -83,7 +83,6 @@ class RequestScope(UnitOfWork):
         "site",
         "ended",
         "started",
-        "in_own_context",
         "_start_response",
         "_current_token",
     )
@@ -108,9 +107,6 @@ class RequestScope(UnitOfWork):
         self.ended = False
         self.started = False
         """Whether the application has called ``start_response`` (the status went out)."""
-        self.in_own_context = False
-        """Whether the request runs, and ends, in :attr:`context` (a WSGI request does: see
-        :meth:`end`); a Flask app context's scope opens and ends in the running context."""
         self._start_response = start_response
         self._current_token: contextvars.Token[weakref.ref[RequestScope] | None] | None = None
 
@@ -164,12 +160,7 @@ class RequestScope(UnitOfWork):
             return
         self.ended = True
         token, self._current_token = self._current_token, None
-        if self.in_own_context:
-            # Ending in the request's own context, which nothing runs in again (the server
-            # drops it with the request; copies made of it for other work keep their values
-            # either way): its variables are left as they are, not reset for nobody.
-            self.scope._token = self._token = None
-        elif token is not None:
+        if token is not None:
             try:  # noqa: SIM105 - (contextlib.suppress is a context manager more, per request)
                 _current.reset(token)
             except ValueError:  # ended from another context: nothing to reset
@@ -221,7 +212,6 @@ def _serve(
 ) -> Iterable[bytes]:
     """One request, in its own context: the application's call, and the scope's end when the
     body is built (else the body ends it)."""
-    request.in_own_context = True  # (_serve and the body's steps run in request.context)
     request.open()
     try:
         result = app(environ, request)

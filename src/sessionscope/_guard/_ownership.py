@@ -239,9 +239,7 @@ class SessionGuard(GuardState):
             return  # handed off, shared, or ended already
         # (unsealed_session() and disown(), inlined: every request's session ends here)
         key = self.session_key
-        # (live_session(), inlined)
-        ref = None if key is None else _live_session_refs.get(key)
-        session: Any = None if ref is None else ref()
+        session: Any = None if key is None else live_session(key)
         if session is not None and getattr(session, "_close_state", None) is not _SEALED:
             if self.of_async:
                 session = AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
