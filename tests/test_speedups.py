@@ -183,8 +183,9 @@ def test_writes_and_row_iteration_are_checked_by_the_same_rules(engine: Engine) 
 
 
 def test_an_assignment_is_checked_whether_or_not_its_name_is_interned(engine: Engine) -> None:
-    """The C ``__setattr__`` tells most names apart by comparing interned strings; a name made
-    at run time (equal, not the same object) must be checked all the same."""
+    """A name made at run time (equal to a checked one, not the same object) is checked all the
+    same: the checked attributes are descriptors of the guarded class, which CPython finds by
+    the name's value (when they were a C ``__setattr__``, it compared interned pointers first)."""
     Scoped = sessionscope.scoped_session(sessionmaker(engine))
     session = Scoped()
     made = "".join(["auto", "flush"])

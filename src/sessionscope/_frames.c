@@ -69,7 +69,12 @@ site_of(_PyInterpreterFrame *frame)
 #else
     int line = PyCode_Addr2Line(code, _PyInterpreterFrame_LASTI(frame) * sizeof(_Py_CODEUNIT));
 #endif
-    return Py_BuildValue("(OiO)", code->co_filename, line, code->co_name);
+    PyObject *number = PyLong_FromLong(line);
+    if (number == NULL)
+        return NULL;
+    PyObject *site = PyTuple_Pack(3, code->co_filename, number, code->co_name);
+    Py_DECREF(number);
+    return site;
 }
 
 /* The kind of a frame's file: 0 the application's, 1 a library's (stepped over), 2 the standard

@@ -31,6 +31,9 @@ static PyObject *writes_globals = NULL;      /* _writes: _installed, _install, _
 static PyObject *fork_globals = NULL;        /* _fork: generation */
 static PyObject *pools_globals = NULL;       /* _fork_pools: _last_bind, remember_session */
 static PyObject *application_site = NULL;    /* _site.application_site */
+static PyObject *frame_walk = NULL;          /* _site._frame_walk (_frames' C walk), or None */
+static PyObject *file_kinds = NULL;          /* _site._kinds */
+static PyObject *judge_file = NULL;          /* _site._kind */
 static PyObject *watch_flagging = NULL;      /* _handles.watch_flagging */
 static PyObject *owned_state = NULL;         /* _state.OWNED */
 static PyTypeObject *async_session_type = NULL;
@@ -500,8 +503,17 @@ guard_new_session(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *one = PyLong_FromLong(1);
         PyObject *below = one == NULL ? NULL : PyNumber_Add(depth, one);
         Py_XDECREF(one);
-        site = below == NULL ? NULL : PyObject_CallOneArg(application_site, below);
-        Py_XDECREF(below);
+        if (below == NULL)
+            goto done;
+        if (frame_walk != Py_None) {
+            /* what application_site() calls, without its frame: the walk's depth 1 is then
+             * our caller's frame, where application_site's frame would have been depth 1 */
+            PyObject *walk_args[3] = {below, file_kinds, judge_file};
+            site = PyObject_Vectorcall(frame_walk, walk_args, 3, NULL);
+        }
+        else
+            site = PyObject_CallOneArg(application_site, below);
+        Py_DECREF(below);
         if (site == NULL)
             goto done;
     }
@@ -622,7 +634,24 @@ configure(PyObject *module, PyObject *args)
     }
     Py_XSETREF(lineage_var, var);
     Py_XSETREF(token_type, Py_NewRef(token));
-    Py_XSETREF(application_site, Py_NewRef(site));
+    PyObject *walk = PyObject_GetAttrString(site, "_frame_walk");
+    PyObject *kinds = walk == NULL ? NULL : PyObject_GetAttrString(site, "_kinds");
+    PyObject *judge = kinds == NULL ? NULL : PyObject_GetAttrString(site, "_kind");
+    PyObject *python_walk = judge == NULL ? NULL : PyObject_GetAttrString(site, "application_site");
+    if (python_walk == NULL || !PyDict_Check(kinds)) {
+        if (python_walk != NULL)
+            PyErr_SetString(PyExc_TypeError, "configure(): _site._kinds is no dict");
+        Py_XDECREF(walk);
+        Py_XDECREF(kinds);
+        Py_XDECREF(judge);
+        Py_XDECREF(python_walk);
+        Py_DECREF(var);
+        return NULL;
+    }
+    Py_XSETREF(frame_walk, walk);
+    Py_XSETREF(file_kinds, kinds);
+    Py_XSETREF(judge_file, judge);
+    Py_XSETREF(application_site, python_walk);
     Py_XSETREF(watch_flagging, Py_NewRef(watch));
     Py_XSETREF(owned_state, Py_NewRef(owned));
     Py_XSETREF(async_session_type, (PyTypeObject *)Py_NewRef(async_type));
@@ -633,7 +662,7 @@ configure(PyObject *module, PyObject *args)
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(SessionGuard, BorrowToken, _lineage, _writes, _fork, _fork_pools, "
-     "application_site, watch_flagging, OWNED, AsyncSession, WorkUnit): what the set-up reads."},
+     "_site, watch_flagging, OWNED, AsyncSession, WorkUnit): what the set-up reads."},
     {"forget_session_id", forget_session_id, METH_O,
      "forget_session_id(token): a dead guard's session id, unregistered (_writes._forget)."},
     {"guard_new_session", (PyCFunction)(void (*)(void))guard_new_session, METH_FASTCALL,

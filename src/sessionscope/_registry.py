@@ -14,6 +14,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy.util import ScopedRegistry
 
+from . import _fork
 from ._guard._state import speedups
 from ._scope import ScopeState
 from ._unit_local import UnitLocal
@@ -113,14 +114,26 @@ class UnitRegistry(Generic[S]):
         if scope is not None:
             return scope.session_for_use()
         # UnitLocal.get(), with the work kept for what follows (one lookup per new session)
-        task = running_task()
-        work = work_of_task(task)
-        if work is not None:
-            session: S | None = work.get_value(self._key)
-            if session is not None:
-                return session
-        else:  # the unit's first session: its unit of work now, once for the guard and storage
-            work = open_implicit_work(task if task is not None else unit_outside_tasks(), task)
+        work: Any = work_var.get()
+        if not (  # current_work()'s usual answer without its calls: a thread or greenlet in
+            # the work its context holds (a session made, then removed, as a thread makes many)
+            type(work) is WorkUnit
+            and not work.ended
+            and work.generation == _fork.generation
+            and _get_running_loop() is None
+            and "trio" not in _modules
+        ):
+            task = running_task()
+            work = work_of_task(task)
+            if work is None:  # the unit's first session: its unit of work now, once for both
+                work = open_implicit_work(task if task is not None else unit_outside_tasks(), task)
+        key = self._key
+        values = work.values  # (work.get_value(key), inlined)
+        session: S | None = (
+            work.value if work.value_key == key else None if values is None else values.get(key)
+        )
+        if session is not None:
+            return session
         session = self.createfunc()
         if work.ended:  # (ended meanwhile)
             work = current_or_new_work()
@@ -146,10 +159,15 @@ class UnitRegistry(Generic[S]):
         """``close(session)`` of the current unit's implicit session, if any, then forget it:
         ``remove()``, with one lookup of the unit of work (a close that raises forgets
         nothing, as ``implicit()``, close, ``clear()`` would)."""
-        work = current_work()
-        if work is None:
-            return
-        session = work.get_value(self._key)
+        work: Any = work_var.get()
+        # current_work()'s usual answer without its calls, as in _miss (an ended or pre-fork work
+        # holds no values: nothing is closed or forgotten, as when current_work() says None)
+        if type(work) is not WorkUnit or _get_running_loop() is not None or "trio" in _modules:
+            work = current_work()
+            if work is None:
+                return
+        key = self._key
+        session = work.value if work.value_key == key else work.get_value(key)
         if session is not None:
             close(session)
         self._local.pop(work)

@@ -16,9 +16,8 @@
  *   KIND_FETCH     a result's fetch: plain data (a soft-closed result, an ended guard) passes
  *   KIND_LAZY_LOAD a relationship's loader, called with the object's state: the guard is that of
  *                  the state's session (none: the load runs unchecked), admitted with its class
- *   KIND_ASSIGNMENT a guarded session class's `__setattr__`: an attribute named in `hook` (a
- *                  frozenset) goes to `method(session, name, value)`, which checks and assigns;
- *                  any other is assigned as `object.__setattr__` does, with nothing else run
+ *   KIND_REWATCH   a plain checked method that makes the session a new identity map
+ *                  (`expunge_all()`, which `close()` calls): the new map's flagging is checked
  *   KIND_WRITE     a method of SQLAlchemy's attribute implementations that writes, called as
  *                  `method(impl, state, ...)`: `check_write(state, impl.key, name)` first (not
  *                  a session's method: the guard is that of the state's session, if any)
@@ -36,15 +35,13 @@
 #define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
 #endif
 
-#define ASSIGNMENT_NAMES_MAX 8
-
 enum {
     KIND_PLAIN = 0,
     KIND_RETURNING = 1,
     KIND_FETCH = 2,
     KIND_LAZY_LOAD = 3,
-    KIND_ASSIGNMENT = 4,
-    KIND_WRITE = 5
+    KIND_WRITE = 4,
+    KIND_REWATCH = 5
 };
 
 static PyObject *guard_of_state(PyObject *state);
@@ -85,11 +82,6 @@ typedef struct {
     PyObject *dict;   /* __wrapped__, __name__, __doc__, ... (functools.update_wrapper) */
     int kind;
     vectorcallfunc vectorcall;
-    /* KIND_ASSIGNMENT: the names of `hook` when they are few and all interned (-1: look in the
-     * set). An attribute name from code is interned, so most assignments are told apart from
-     * the checked ones by comparing pointers, without hashing into the set. */
-    Py_ssize_t n_interned;
-    PyObject *interned[ASSIGNMENT_NAMES_MAX]; /* borrowed: the set holds them */
 } CheckedMethod;
 
 /* The hot part of a SessionGuard: what every check reads and writes, as C fields. The Python
@@ -364,56 +356,8 @@ cleanup_of_ended(GuardState *guard, PyObject *found)
     return same;
 }
 
-/* Whether `name` (a str) is one of a KIND_ASSIGNMENT method's checked names: 1, 0, -1 error. */
-static inline int
-is_checked_name(CheckedMethod *self, PyObject *name)
-{
-    if (self->n_interned >= 0 && PyUnicode_CheckExact(name) && PyUnicode_CHECK_INTERNED(name)) {
-        /* one interned string per value: an equal name is the same object */
-        for (Py_ssize_t i = 0; i < self->n_interned; i++)
-            if (self->interned[i] == name)
-                return 1;
-        return 0;
-    }
-    return PySet_Contains(self->hook, name);
-}
-
-/* A guarded session's `session.name = value` (KIND_ASSIGNMENT; `name` a str): a checked name
- * goes to the Python `method` (which checks, then assigns) except in _handles._assign()'s usual
- * cases, done here: a session whose guard is not set yet (its __init__), and a new identity map
- * (every close()). Any other name is assigned as object.__setattr__ does. 0, or -1 error. */
-static int
-assign(CheckedMethod *self, PyObject *session, PyObject *name, PyObject *value)
-{
-    int checked_name = is_checked_name(self, name);
-    if (checked_name < 0)
-        return -1;
-    if (!checked_name)
-        return PyObject_GenericSetAttr(session, name, value);
-    PyObject *guard = PyObject_GetAttr(session, s_guard);
-    if (guard == NULL)
-        return -1;
-    int is_map = 0;
-    if (guard != Py_None) {
-        is_map = PyUnicode_Compare(name, s_identity_map) == 0;
-        if (!is_map) {
-            Py_DECREF(guard);
-            PyObject *done = PyObject_CallFunctionObjArgs(self->method, session, name, value, NULL);
-            if (done == NULL)
-                return -1;
-            Py_DECREF(done);
-            return 0;
-        }
-    }
-    int rc = PyObject_GenericSetAttr(session, name, value);
-    if (rc == 0 && is_map)
-        rc = watch_flagging(value, guard);
-    Py_DECREF(guard);
-    return rc;
-}
-
 static PyObject *
-checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+checked_call(CheckedMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (!configured && not_configured() < 0)
@@ -431,13 +375,6 @@ checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, Py
         if (checked_ok < 0)
             return NULL;
         return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
-    }
-    if (self->kind == KIND_ASSIGNMENT) {
-        if (nargs != 3 || kwnames != NULL || !PyUnicode_Check(args[1]))
-            return PyObject_Vectorcall(self->method, args, nargsf, kwnames); /* its own error */
-        if (assign(self, args[0], args[1], args[2]) < 0)
-            return NULL;
-        Py_RETURN_NONE;
     }
     PyObject *found;
     if (self->kind == KIND_LAZY_LOAD) {
@@ -541,6 +478,34 @@ finish:
     return result;
 }
 
+/* KIND_REWATCH, after the call: the session's identity map is new, its flagging checked (what
+ * _handles._watching_new_maps does in Python). 0, or -1 with an error. */
+static int
+watch_new_map(PyObject *session)
+{
+    PyObject *guard = PyObject_GetAttr(session, s_guard);
+    if (guard == NULL)
+        return -1;
+    int rc = 0;
+    if (guard != Py_None) {
+        PyObject *identity_map = PyObject_GetAttr(session, s_identity_map);
+        rc = identity_map == NULL ? -1 : watch_flagging(identity_map, guard);
+        Py_XDECREF(identity_map);
+    }
+    Py_DECREF(guard);
+    return rc;
+}
+
+static PyObject *
+checked_vectorcall(CheckedMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyObject *result = checked_call(self, args, nargsf, kwnames);
+    if (self->kind == KIND_REWATCH && result != NULL && PyVectorcall_NARGS(nargsf) >= 1 &&
+        watch_new_map(args[0]) < 0)
+        Py_CLEAR(result);
+    return result;
+}
+
 static PyObject *
 checked_descr_get(PyObject *self, PyObject *obj, PyObject *type)
 {
@@ -560,12 +525,8 @@ checked_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "UO|iO:CheckedMethod", keywords, &name, &method,
                                      &kind, &hook))
         return NULL;
-    if (kind < KIND_PLAIN || kind > KIND_WRITE) {
+    if (kind < KIND_PLAIN || kind > KIND_REWATCH) {
         PyErr_SetString(PyExc_ValueError, "CheckedMethod: kind is 0 to 5");
-        return NULL;
-    }
-    if (kind == KIND_ASSIGNMENT && !PyFrozenSet_Check(hook)) {
-        PyErr_SetString(PyExc_TypeError, "CheckedMethod: an assignment needs a frozenset of names");
         return NULL;
     }
     if (kind == KIND_RETURNING && !PyCallable_Check(hook)) {
@@ -583,31 +544,6 @@ checked_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->hook = hook;
     self->kind = kind;
     self->vectorcall = (vectorcallfunc)checked_vectorcall;
-    self->n_interned = -1;
-    if (kind == KIND_ASSIGNMENT && PySet_GET_SIZE(hook) <= ASSIGNMENT_NAMES_MAX) {
-        PyObject *names = PyObject_GetIter(hook);
-        if (names == NULL) {
-            Py_DECREF(self);
-            return NULL;
-        }
-        Py_ssize_t n = 0;
-        PyObject *name;
-        while ((name = PyIter_Next(names)) != NULL) {
-            int interned = PyUnicode_CheckExact(name) && PyUnicode_CHECK_INTERNED(name);
-            Py_DECREF(name); /* (the set holds it) */
-            if (!interned || n == ASSIGNMENT_NAMES_MAX) {
-                n = -1; /* then the set is asked */
-                break;
-            }
-            self->interned[n++] = name;
-        }
-        Py_DECREF(names);
-        if (PyErr_Occurred()) {
-            Py_DECREF(self);
-            return NULL;
-        }
-        self->n_interned = n;
-    }
     return (PyObject *)self;
 }
 
@@ -672,6 +608,146 @@ static PyTypeObject CheckedMethodType = {
     .tp_members = checked_members,
     .tp_getset = checked_getset,
     .tp_repr = (reprfunc)checked_repr,
+};
+
+/* CheckedAttribute: one assignment-checked attribute of a guarded session class (`info`,
+ * `autoflush`, `expire_on_commit`), a data descriptor keeping the value in another instance
+ * attribute (`shadow`). Reads take the value as it is; an assignment is first handed to
+ * `check(guard, name)` once the session has a guard (None: its __init__ runs). A descriptor per
+ * name, not a class `__setattr__`: CPython specializes an attribute store only on a class whose
+ * `__setattr__` is object's, and SQLAlchemy's own code stores attributes of the session some
+ * twenty times in a session's life (see sessionscope._guard._handles, `_CheckedAttributeInPython`,
+ * the same in Python). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *name;   /* the attribute's name, for messages */
+    PyObject *shadow; /* the instance attribute that holds the value */
+    PyObject *check;  /* check(guard, name): raises when the running unit may not assign */
+    int memoized;     /* no value yet: a new dict, kept (SQLAlchemy's memoized `info`) */
+} CheckedAttribute;
+
+static PyObject *
+attribute_missing(CheckedAttribute *self, PyObject *obj)
+{
+    PyErr_Format(PyExc_AttributeError, "'%.100s' object has no attribute '%U'",
+                 Py_TYPE(obj)->tp_name, self->name);
+    return NULL;
+}
+
+static PyObject *
+attribute_get(CheckedAttribute *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    PyObject *value = PyObject_GenericGetAttr(obj, self->shadow);
+    if (value != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return value;
+    PyErr_Clear();
+    if (!self->memoized)
+        return attribute_missing(self, obj);
+    value = PyDict_New();
+    if (value != NULL && PyObject_GenericSetAttr(obj, self->shadow, value) < 0)
+        Py_CLEAR(value);
+    return value;
+}
+
+static int
+attribute_set(CheckedAttribute *self, PyObject *obj, PyObject *value)
+{
+    if (value == NULL) { /* del session.info: as of an instance attribute */
+        if (PyObject_GenericSetAttr(obj, self->shadow, NULL) == 0)
+            return 0;
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            attribute_missing(self, obj);
+        }
+        return -1;
+    }
+    PyObject *guard = PyObject_GetAttr(obj, s_guard);
+    if (guard == NULL)
+        return -1;
+    if (guard != Py_None) {
+        PyObject *done = PyObject_CallFunctionObjArgs(self->check, guard, self->name, NULL);
+        Py_DECREF(guard);
+        if (done == NULL)
+            return -1;
+        Py_DECREF(done);
+    }
+    else
+        Py_DECREF(guard);
+    return PyObject_GenericSetAttr(obj, self->shadow, value);
+}
+
+static PyObject *
+attribute_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"name", "shadow", "check", "memoized", NULL};
+    PyObject *name, *shadow, *check;
+    int memoized = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "UUO|p:CheckedAttribute", keywords, &name,
+                                     &shadow, &check, &memoized))
+        return NULL;
+    CheckedAttribute *self = (CheckedAttribute *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->name = Py_NewRef(name);
+    Py_INCREF(shadow);
+    PyUnicode_InternInPlace(&shadow); /* (looked up on every read) */
+    self->shadow = shadow;
+    self->check = Py_NewRef(check);
+    self->memoized = memoized;
+    return (PyObject *)self;
+}
+
+static int
+attribute_traverse(CheckedAttribute *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->check);
+    return 0;
+}
+
+static int
+attribute_clear(CheckedAttribute *self)
+{
+    Py_CLEAR(self->check);
+    return 0;
+}
+
+static void
+attribute_dealloc(CheckedAttribute *self)
+{
+    PyObject_GC_UnTrack(self);
+    attribute_clear(self);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->shadow);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+attribute_repr(CheckedAttribute *self)
+{
+    return PyUnicode_FromFormat("<checked attribute %R>", self->name);
+}
+
+static PyMemberDef attribute_members[] = {
+    {"__name__", T_OBJECT, offsetof(CheckedAttribute, name), READONLY},
+    {"shadow", T_OBJECT, offsetof(CheckedAttribute, shadow), READONLY},
+    {NULL},
+};
+
+static PyTypeObject CheckedAttributeType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sessionscope._speedups.CheckedAttribute",
+    .tp_doc = "An assignment-checked attribute of a guarded session class.",
+    .tp_basicsize = sizeof(CheckedAttribute),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = attribute_new,
+    .tp_dealloc = (destructor)attribute_dealloc,
+    .tp_traverse = (traverseproc)attribute_traverse,
+    .tp_clear = (inquiry)attribute_clear,
+    .tp_descr_get = (descrgetfunc)attribute_get,
+    .tp_descr_set = (descrsetfunc)attribute_set,
+    .tp_members = attribute_members,
+    .tp_repr = (reprfunc)attribute_repr,
 };
 
 static PyObject *
@@ -1443,7 +1519,8 @@ PyInit__speedups(void)
     INTERN(s_modified, "modified");
     FlaggingCheckedType.tp_base = &PySet_Type;
     if (PyType_Ready(&CheckedMethodType) < 0 || PyType_Ready(&GuardStateType) < 0 ||
-        PyType_Ready(&RowsCheckedOnResumeType) < 0 || PyType_Ready(&FlaggingCheckedType) < 0)
+        PyType_Ready(&RowsCheckedOnResumeType) < 0 || PyType_Ready(&FlaggingCheckedType) < 0 ||
+        PyType_Ready(&CheckedAttributeType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)
@@ -1473,11 +1550,17 @@ PyInit__speedups(void)
         Py_DECREF(module);
         return NULL;
     }
+    Py_INCREF(&CheckedAttributeType);
+    if (PyModule_AddObject(module, "CheckedAttribute", (PyObject *)&CheckedAttributeType) < 0) {
+        Py_DECREF(&CheckedAttributeType);
+        Py_DECREF(module);
+        return NULL;
+    }
     PyModule_AddIntConstant(module, "KIND_PLAIN", KIND_PLAIN);
     PyModule_AddIntConstant(module, "KIND_RETURNING", KIND_RETURNING);
     PyModule_AddIntConstant(module, "KIND_FETCH", KIND_FETCH);
     PyModule_AddIntConstant(module, "KIND_LAZY_LOAD", KIND_LAZY_LOAD);
-    PyModule_AddIntConstant(module, "KIND_ASSIGNMENT", KIND_ASSIGNMENT);
     PyModule_AddIntConstant(module, "KIND_WRITE", KIND_WRITE);
+    PyModule_AddIntConstant(module, "KIND_REWATCH", KIND_REWATCH);
     return module;
 }

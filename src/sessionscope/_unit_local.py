@@ -22,7 +22,13 @@ from typing import Any, Generic, TypeVar
 from greenlet import greenlet
 
 from . import _fork
-from ._work import WorkUnit, current_or_new_work, current_work, holds_values, register_end_hook
+from ._work import (
+    WorkUnit,
+    current_or_new_work,
+    current_work,
+    holding_values,
+    register_end_hook,
+)
 
 T = TypeVar("T")
 
@@ -66,9 +72,15 @@ class UnitLocal(Generic[T]):
         """
         if work is None:
             work = current_or_new_work()
-        if work.set_value(self._key, value):
+        if work.value_key is None and work.values is None:  # (set_value()'s usual case, inlined)
+            work.value_key = self._key
+            work.value = value
+            new = True
+        else:
+            new = work.set_value(self._key, value)
+        if new:
             self._count += 1
-            holds_values(work)
+            holding_values[id(work)] = weakref.ref(work)  # (see holding_values)
             if type(work.root) is weakref.ref:  # a greenlet's (see WorkUnit.root)
                 if len(self._greenlet_holders) >= self._sweep_at:
                     self._sweep()
@@ -83,9 +95,16 @@ class UnitLocal(Generic[T]):
             work = current_work()
             if work is None:
                 return None
-        value: T | None = work.pop_value(self._key)
-        if value is not None:
-            self._forget(work)
+        value: T | None
+        if work.value_key == self._key:  # (pop_value()'s usual case, inlined)
+            value = work.value
+            work.value_key = work.value = None
+        else:
+            value = work.pop_value(self._key)
+        if value is not None:  # (self._forget(work), inlined)
+            self._count -= 1
+            if type(work.root) is weakref.ref:
+                self._greenlet_holders.discard(work)
         return value
 
     def __len__(self) -> int:

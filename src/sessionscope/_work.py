@@ -65,18 +65,14 @@ _end_hooks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary(
 """What to do with a value a :class:`WorkUnit` holds under a key when it ends (``UnitLocal``)."""
 
 
-_holding_values: dict[int, weakref.ref[WorkUnit]] = {}
+holding_values: dict[int, weakref.ref[WorkUnit]] = {}
 """The works holding a registry value, by id (until they end): what a forked child empties.
+``UnitLocal.set`` adds to it.
 
 A weak reference without a callback is the one CPython shares per object (the guard's
 ``owner_ref`` is that same object), so this costs no object per unit, where a ``WeakSet`` made
 one per unit for the collector to walk.
 """
-
-
-def holds_values(work: WorkUnit) -> None:
-    """Tell that ``work`` holds a registry value now (``UnitLocal.set``)."""
-    _holding_values[id(work)] = weakref.ref(work)
 
 
 def register_end_hook(key: str, owner: Any) -> None:
@@ -258,7 +254,7 @@ class WorkUnit:
         if self.ended:
             return
         self.ended = True
-        _holding_values.pop(id(self), None)
+        holding_values.pop(id(self), None)
         # (take_values() and owned_guards(), inlined: every request ends a work)
         values = None
         if self.value_key is not None or self.values:
@@ -618,7 +614,7 @@ def _forget_works_after_fork() -> list[Any]:
     :func:`current_work` never returns them, and their guards are refused in the child.)
     """
     abandoned: list[Any] = []
-    for ref in list(_holding_values.values()):
+    for ref in list(holding_values.values()):
         work = ref()
         if work is None:
             continue
@@ -627,7 +623,7 @@ def _forget_works_after_fork() -> list[Any]:
         work.task = None
         work.ended = True
         abandoned.append(work)
-    _holding_values.clear()
+    holding_values.clear()
     return abandoned
 
 

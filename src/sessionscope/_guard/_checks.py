@@ -75,6 +75,24 @@ def checked_returning(name: str, method: F, hook: Hook) -> F:
     return _checked_in_python(name, method, hook=hook)
 
 
+def checked_then_watching(name: str, method: F, watch_new_map: Callable[[Any], None]) -> F:
+    """``method``, checked; then ``watch_new_map(session)``: for ``expunge_all()``, which gives
+    the session a new identity map whose flagging the guard checks (in C: what the C module's
+    own ``watch_flagging`` does, with no Python frame)."""
+    _remember(method)
+    if _speedups is not None:
+        return _wrapped(_speedups.CheckedMethod(name, method, _speedups.KIND_REWATCH), method)
+    check = _checked_in_python(name, method)
+
+    @functools.wraps(method)
+    def then_watching(self: Any, *args: Any, **kw: Any) -> Any:
+        result = check(self, *args, **kw)
+        watch_new_map(self)
+        return result
+
+    return then_watching  # type: ignore[return-value]
+
+
 def checked_fetch(name: str, method: F) -> F:
     """A result's fetch ``method``, checked unless the result is plain data by now."""
     _remember(method)

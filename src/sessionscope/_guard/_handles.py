@@ -22,8 +22,10 @@ unit using it is refused before anything reaches the driver, and a call made ins
   ``is_modified(obj)``, ``obj in session``, ``get_transaction()``, whose transaction is itself
   guarded), configuration and the application's own dict (``info``, ``identity_map``, ``bind``,
   ``autoflush``) are not checked on read: no connection is reached, and monitoring and test
-  harnesses read them from outside. *Assigning* them is checked, through descriptors that only
-  intercept writes (reads still go straight to the instance dict).
+  harnesses read them from outside. *Assigning* ``info``, ``autoflush`` and
+  ``expire_on_commit`` is checked (:class:`_CheckedAttributeInPython`, in C
+  ``CheckedAttribute``), and every new identity map (``expunge_all()``, which ``close()``
+  calls) has its flagging checked.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from sqlalchemy.engine.result import FilterResult
 from sqlalchemy.event.base import dispatcher as event_dispatcher
 from sqlalchemy.orm import SessionTransaction
 
-from ._checks import checked_assignment, checked_returning
+from ._checks import checked_assignment, checked_returning, checked_then_watching
 from ._guarded_class import (
     GUARD_ATTRIBUTE,
     GUARDED_METHODS,
@@ -108,7 +110,10 @@ from another unit can fail half-way), and ``no_autoflush``, which switches autof
 WRITE_CHECKED_ATTRIBUTES = ("info", "autoflush", "expire_on_commit")
 """Read freely (configuration and the application's own dict), checked when assigned."""
 _ASSIGNMENT_CHECKED = frozenset((*WRITE_CHECKED_ATTRIBUTES, "identity_map"))
-"""What a guarded session's ``__setattr__`` hands to :func:`_assign`."""
+"""What a guarded session's ``__setattr__`` hands to :func:`_assign`, for a session class with a
+``__setattr__`` of its own (see :func:`session_namespace`)."""
+SHADOWED = "_sessionscope_shadowed"
+"""A guarded class's names kept by checked attributes (``()``: checked by ``__setattr__``)."""
 
 
 # -- the session -------------------------------------------------------------------------------
@@ -255,7 +260,12 @@ and every map its ``close()`` makes: in C when the module is built)."""
 
 
 def session_namespace(base: type) -> dict[str, Any]:
-    """The checked methods, state and write-checked attributes of a guarded Session class."""
+    """The checked methods, state and write-checked attributes of a guarded Session class.
+
+    The assignments are checked by a descriptor per name (:func:`_checked_attributes`) where the
+    class lets them be, else by a ``__setattr__``, which costs every other assignment of the
+    session too (see :class:`_CheckedAttributeInPython`).
+    """
     namespace = checked_methods(base, GUARDED_METHODS)
     for name in RETURNING_HANDLES:
         namespace[name] = checked_returning(name, getattr(base, name), guard_handle)
@@ -265,13 +275,149 @@ def session_namespace(base: type) -> dict[str, Any]:
             if name in klass.__dict__:
                 namespace[name] = _checked_property(name, klass.__dict__[name])
                 break
-    base_setattr: Callable[[Any, str, Any], None] = base.__setattr__  # type: ignore[assignment]
-    namespace["__setattr__"] = checked_assignment(
-        _ASSIGNMENT_CHECKED, _assign(base_setattr), base_setattr
-    )
+    attributes = _checked_attributes(base)
+    if attributes is not None:
+        namespace.update(attributes)
+        namespace[SHADOWED] = tuple(attributes)
+        if "expunge_all" in namespace:  # (a new identity map: see _watch_new_map)
+            session_class: Any = base
+            namespace["expunge_all"] = checked_then_watching(
+                "expunge_all", session_class.expunge_all, _watch_new_map
+            )
+    else:
+        base_setattr: Callable[[Any, str, Any], None] = base.__setattr__  # type: ignore[assignment]
+        namespace["__setattr__"] = checked_assignment(
+            _ASSIGNMENT_CHECKED, _assign(base_setattr), base_setattr
+        )
+        namespace[SHADOWED] = ()
     namespace[GUARD_ATTRIBUTE] = None  # (until install() sets the instance's own)
     namespace.update(_inline_dispatch(base))
     return namespace
+
+
+def _check_assignment(guard: Any, name: str) -> None:
+    """What a checked attribute asks before a guarded session's ``info``, ``autoflush`` or
+    ``expire_on_commit`` is assigned."""
+    guard.check_use(f"={name}")
+
+
+def shadow_of(name: str) -> str:
+    """The instance attribute holding the value of checked attribute ``name``."""
+    return f"_sessionscope_{name}"
+
+
+class _CheckedAttributeInPython:
+    """An assignment-checked attribute of a guarded session class (the C module's
+    ``CheckedAttribute`` is the same, in C).
+
+    A data descriptor, keeping the value in another instance attribute (:func:`shadow_of`), never
+    through the instance's ``__dict__``: on CPython 3.11 asking for it ends the inline values that
+    SQLAlchemy's specialized reads of the session use (see :class:`_InlineDispatch`). A
+    descriptor per checked name rather than a class ``__setattr__``: CPython specializes an
+    attribute store only on a class whose ``__setattr__`` is ``object``'s, and SQLAlchemy's own
+    code assigns some twenty attributes in a session's life (``__init__``, ``close()``,
+    transactions), each taking the generic path through a ``__setattr__`` (about 10,000
+    instructions of a ``Session()`` then ``remove()`` of 124,000). Reading ``autoflush`` (each
+    query's autoflush) now costs a descriptor call instead of an inline read.
+    """
+
+    __slots__ = ("__name__", "shadow", "check", "memoized")
+
+    def __init__(
+        self, name: str, shadow: str, check: Callable[[Any, str], None], memoized: bool = False
+    ) -> None:
+        self.__name__ = name
+        self.shadow = shadow
+        self.check = check
+        self.memoized = memoized
+        """``info``: with no value yet, a new dict, kept (SQLAlchemy's ``memoized_property``)."""
+
+    def __get__(self, obj: Any, cls: type | None = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            return object.__getattribute__(obj, self.shadow)
+        except AttributeError:
+            if not self.memoized:
+                raise self._missing(obj) from None
+        value: dict[Any, Any] = {}
+        object.__setattr__(obj, self.shadow, value)
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        guard = obj._sessionscope_guard
+        if guard is not None:  # (None: its __init__ is running, not guarded yet)
+            self.check(guard, self.__name__)
+        object.__setattr__(obj, self.shadow, value)
+
+    def __delete__(self, obj: Any) -> None:
+        try:
+            object.__delattr__(obj, self.shadow)
+        except AttributeError:
+            raise self._missing(obj) from None
+
+    def _missing(self, obj: Any) -> AttributeError:
+        return AttributeError(f"{type(obj).__name__!r} object has no attribute {self.__name__!r}")
+
+    def __repr__(self) -> str:
+        return f"<checked attribute {self.__name__!r}>"
+
+
+_CheckedAttribute: Any = (
+    _CheckedAttributeInPython if speedups is None else speedups.CheckedAttribute
+)
+
+
+def _checked_attributes(base: type) -> dict[str, Any] | None:
+    """Descriptors for the assignment-checked attributes of a guarded subclass of ``base``; None
+    when ``base`` has a ``__setattr__`` of its own, or a descriptor that sets one of them (they
+    must run as they are)."""
+    if base.__setattr__ is not object.__setattr__:  # type: ignore[comparison-overlap]
+        return None
+    for name in WRITE_CHECKED_ATTRIBUTES:
+        for klass in base.__mro__:
+            if name in klass.__dict__:
+                if hasattr(type(klass.__dict__[name]), "__set__"):
+                    return None
+                break
+    memoized = {"info"}  # (SQLAlchemy's memoized_property: made on first read)
+    return {
+        name: _CheckedAttribute(name, shadow_of(name), _check_assignment, name in memoized)
+        for name in WRITE_CHECKED_ATTRIBUTES
+    }
+
+
+def _watch_new_map(session: Any) -> None:
+    """After a guarded session's ``expunge_all()``: its new identity map's flagging checked.
+
+    SQLAlchemy makes a new identity map in ``__init__`` (watched as the guard is installed) and
+    in ``expunge_all()``, which ``close()`` and ``reset()`` call; a map the application assigns
+    by hand is not watched (with checked attributes; a class with its own ``__setattr__`` is
+    checked by :func:`_assign`, which watches every map assigned).
+    """
+    guard = session._sessionscope_guard
+    if guard is not None:
+        watch_flagging(session.identity_map, guard)
+
+
+def move_shadowed(session: Any, to: type) -> None:
+    """Switch ``session`` to class ``to``, its checked attributes' values kept: between a class
+    that keeps them as plain attributes and one that keeps them shadowed (:data:`SHADOWED`).
+
+    Only for a class switch, which ends the instance's inline values anyway (reading its
+    ``__dict__`` here costs nothing more).
+    """
+    before: tuple[str, ...] = getattr(type(session), SHADOWED, ())
+    after: tuple[str, ...] = getattr(to, SHADOWED, ())
+    values = {}
+    state = session.__dict__
+    for name in WRITE_CHECKED_ATTRIBUTES:
+        key = shadow_of(name) if name in before else name
+        if key in state:
+            values[name] = state.pop(key)
+    session.__class__ = to
+    for name, value in values.items():
+        state[shadow_of(name) if name in after else name] = value
 
 
 def guard_session_state(session: Any, guard: Any) -> None:

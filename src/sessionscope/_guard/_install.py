@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .. import _fork, _fork_pools
 from .._arguments import refuse, what_it_is
 from .._work import WorkUnit
-from . import _lineage, _writes
+from . import _lineage, _site, _writes
 from ._guarded_class import (
     _CACHE_ATTRIBUTE,
     GUARD_ATTRIBUTE,
@@ -27,7 +27,7 @@ from ._guarded_class import (
     is_guarded_class,
     unguarded_class,
 )
-from ._handles import guard_session_state, watch_flagging
+from ._handles import guard_session_state, move_shadowed, watch_flagging
 from ._lineage import BorrowToken
 from ._ownership import MODES, Mode, SessionGuard
 from ._site import Site, application_site
@@ -93,7 +93,7 @@ def _load_guard_setup() -> GuardNewSession | None:
         _writes,
         _fork,
         _fork_pools,
-        application_site,
+        _site,  # (its C frame walk is called directly, else its application_site())
         watch_flagging,
         OWNED,
         AsyncSession,
@@ -172,7 +172,7 @@ def install_in_python(
     )
     cls = type(sync)
     if not is_guarded_class(cls):  # made by its own class (not born guarded): switched
-        sync.__class__ = cls.__dict__.get(_CACHE_ATTRIBUTE) or guarded_class(cls)
+        move_shadowed(sync, cls.__dict__.get(_CACHE_ATTRIBUTE) or guarded_class(cls))
     # an attribute like any other (never through __dict__: see _checks.checked_assignment)
     sync._sessionscope_guard = guard  # type: ignore[attr-defined]
     if sync._transaction is None:  # a new session: guard_session_state(), the short way
@@ -193,7 +193,7 @@ def _set_mode(session: Any, mode: Mode) -> None:
     elif mode == "off":
         guard.mode = "off"  # its handles (connection, transactions, results) keep a reference
         del sync._sessionscope_guard  # type: ignore[attr-defined]
-        sync.__class__ = unguarded_class(type(sync))
+        move_shadowed(sync, unguarded_class(type(sync)))
         _writes.unregister(sync.hash_key)
     else:
         guard.mode = mode
