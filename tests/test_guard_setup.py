@@ -228,6 +228,55 @@ def test_the_lineage_is_pruned_as_in_python(maker: sessionmaker[Session]) -> Non
     assert min(length for length, _ in by_c) < max(length for length, _ in by_c)  # (pruned)
 
 
+class _Owner:
+    """What a token's referent is read for: a guard's ``token`` (still owning by it, or not)."""
+
+    token: Any = None
+
+
+def _chain(spec: str) -> tuple[list[Any], list[_lineage.BorrowToken]]:
+    """Tokens linked oldest first, one per letter: ``l`` lendable, ``d`` its guard dead, ``o``
+    its guard owning by another token now. (The guards kept alive, and the tokens.)"""
+    guards: list[Any] = []
+    tokens: list[_lineage.BorrowToken] = []
+    parent = None
+    for length, kind in enumerate(spec, 1):
+        guard = _Owner()
+        token = _lineage.BorrowToken(guard)
+        token.parent, token.length, token.rebuild_at = parent, length, 99
+        guard.token = token if kind == "l" else object()
+        if kind != "d":
+            guards.append(guard)
+        tokens.append(token)
+        parent = token
+    gc.collect()  # (the dead ones' guards: freed now)
+    return guards, tokens
+
+
+@in_c
+@pytest.mark.parametrize("spec", ["", "l", "d", "ldldl", "dddd", "llll", "oldlo", "l" * 20 + "d"])
+def test_dead_tokens_are_dropped_as_in_python(spec: str) -> None:
+    """The C set-up's ``drop_dead`` (what it calls once a chain has grown to twice its live
+    length) relinks a chain as ``_lineage._drop_dead`` does: the same tokens, lengths and
+    rebuild point."""
+    from sessionscope import _guard_setup  # type: ignore[attr-defined]
+
+    def dropped(drop: Callable[[Any], Any]) -> list[tuple[int, int, int]]:
+        guards, tokens = _chain(spec)
+        head = drop(tokens[-1] if tokens else None)
+        found = []
+        while head is not None:
+            found.append((tokens.index(head), head.length, head.rebuild_at))
+            head = head.parent
+        del guards
+        return found
+
+    by_c = dropped(_guard_setup.drop_dead)
+    by_python = dropped(lambda head: None if head is None else _lineage._drop_dead(head))
+    assert by_c == by_python
+    assert [index for index, _, _ in by_c] == [i for i, k in enumerate(spec) if k == "l"][::-1]
+
+
 @in_c
 def test_what_is_not_the_usual_case_is_left_to_python(maker: sessionmaker[Session]) -> None:
     """The C set-up does nothing and answers None: the Python code then does it all."""

@@ -284,18 +284,20 @@ def test_several_registries_in_one_unit_each_find_their_own_session_without_a_mi
     """A unit of work keeps its first registry's session in two slots and the others in a dict
     (``WorkUnit.get_value``): every registry's lookup finds its own, on the fast path, also after
     the first one's session was removed and another registry's took its slot."""
-    from sessionscope._registry import UnitRegistry
     from tests.test_guard_handles import fast_path
 
     registries = [sessionscope.scoped_session(sessionmaker(engine)) for _ in range(3)]
     misses: list[int] = []
-    original_miss = UnitRegistry._miss
 
-    def counting_miss(self: Any, _depth: int = 3) -> Any:
-        misses.append(1)
-        return original_miss(self, _depth + 1)
+    def counting(miss: Any) -> Any:
+        def counting_miss() -> Any:
+            misses.append(1)
+            return miss()
 
-    monkeypatch.setattr(UnitRegistry, "_miss", counting_miss)
+        return counting_miss
+
+    for registry in registries:  # (what its lookup calls when it finds nothing)
+        monkeypatch.setattr(registry, "_miss", counting(registry._miss))
 
     def unit() -> None:
         first = [registry() for registry in registries]  # made: one miss each

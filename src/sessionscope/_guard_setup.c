@@ -44,7 +44,7 @@ static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transa
     *s_on_hand_off, *s_session_key, *s_of_async, *s_owner_ref, *s_fast_key, *s_owned_by_job,
     *s_explicit, *s_task, *s_generation, *s_token, *s_length, *s_rebuild_at, *s_parent,
     *s_owned, *s_owns, *s_state, *s_identity_map, *s_key, *s_installed, *s_install,
-    *s_guards_by_id, *s_last_bind, *s_remember_session, *s_on_guard_death, *s_drop_dead,
+    *s_guards_by_id, *s_last_bind, *s_remember_session, *s_on_guard_death,
     *s_min_rebuild, *s_raise, *s_warn, *s_prune_owned_at;
 
 /* ---- fields by offset ---------------------------------------------------------------------
@@ -219,6 +219,100 @@ read_chain(PyObject *head, PyObject **length, PyObject **rebuild_at)
     return 0;
 }
 
+/* BorrowToken.still_lendable(token): its guard is alive and still owns by this token. 1, 0, -1. */
+static int
+still_lendable(PyObject *token)
+{
+    PyObject *guard;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyWeakref_GetRef(token, &guard) < 0)
+        return -1;
+    if (guard == NULL) /* dead */
+        return 0;
+#else
+    guard = PyWeakref_GetObject(token); /* borrowed */
+    if (guard == NULL)
+        return -1;
+    if (guard == Py_None)
+        return 0;
+    Py_INCREF(guard);
+#endif
+    PyObject *owning = get_field(guard, guard_class, &f_guard_token);
+    Py_DECREF(guard);
+    if (owning == NULL)
+        return -1;
+    int same = owning == token;
+    Py_DECREF(owning);
+    return same;
+}
+
+/* _lineage._drop_dead(head): the chain from `head` linked past the tokens that can no longer be
+ * lent (their guard died, or owns by another token), lengths and rebuild point renewed; its
+ * newest live token or None (a new reference), NULL with an error. The Python function is the
+ * reference (tests/test_guard_setup.py compares both on the same chains). */
+static PyObject *
+drop_dead(PyObject *head)
+{
+    PyObject *live = PyList_New(0); /* newest first */
+    if (live == NULL)
+        return NULL;
+    PyObject *node = Py_NewRef(head);
+    while (node != Py_None) {
+        int lendable = still_lendable(node);
+        if (lendable < 0 || (lendable && PyList_Append(live, node) < 0))
+            goto error;
+        Py_SETREF(node, get_field(node, token_class, &f_token_parent));
+        if (node == NULL)
+            goto error;
+    }
+    Py_DECREF(node);
+    node = NULL;
+    PyObject *min_rebuild = global_of(lineage_globals, s_min_rebuild);
+    if (min_rebuild == NULL)
+        goto error;
+    Py_ssize_t count = PyList_GET_SIZE(live);
+    Py_ssize_t minimum = PyLong_AsSsize_t(min_rebuild);
+    if (minimum == -1 && PyErr_Occurred())
+        goto error;
+    PyObject *rebuild_at = PyLong_FromSsize_t(2 * count > minimum ? 2 * count : minimum);
+    if (rebuild_at == NULL)
+        goto error;
+    PyObject *parent = Py_None; /* borrowed: from the list, or None */
+    for (Py_ssize_t i = count - 1; i >= 0; i--) { /* oldest first: its length is 1 */
+        PyObject *token = PyList_GET_ITEM(live, i);
+        PyObject *length = PyLong_FromSsize_t(count - i);
+        int failed = length == NULL || set_field(token, token_class, &f_token_parent, parent) < 0 ||
+                     set_field(token, token_class, &f_token_length, length) < 0 ||
+                     set_field(token, token_class, &f_token_rebuild_at, rebuild_at) < 0;
+        Py_XDECREF(length);
+        if (failed) {
+            Py_DECREF(rebuild_at);
+            goto error;
+        }
+        parent = token;
+    }
+    Py_DECREF(rebuild_at);
+    Py_INCREF(parent);
+    Py_DECREF(live);
+    return parent;
+error:
+    Py_XDECREF(node);
+    Py_DECREF(live);
+    return NULL;
+}
+
+static PyObject *
+drop_dead_py(PyObject *module, PyObject *head)
+{
+    if (guard_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sessionscope._guard_setup is not configured");
+        return NULL;
+    }
+    if (head == Py_None)
+        Py_RETURN_NONE;
+    return drop_dead(head);
+}
+
 /* _lineage.lend_from_here(guard): a new borrow token, pushed on the running context's lineage
  * (a new reference, or NULL). */
 static PyObject *
@@ -240,10 +334,7 @@ lend_from_here(PyObject *guard)
         if (full < 0)
             goto error;
         if (full) { /* the chain has grown to twice its live length: drop the dead tokens */
-            PyObject *drop_dead = global_of(lineage_globals, s_drop_dead);
-            if (drop_dead == NULL)
-                goto error;
-            Py_SETREF(head, PyObject_CallOneArg(drop_dead, head));
+            Py_SETREF(head, drop_dead(head));
             Py_CLEAR(length);
             Py_CLEAR(rebuild_at);
             if (head == NULL)
@@ -663,6 +754,8 @@ static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(SessionGuard, BorrowToken, _lineage, _writes, _fork, _fork_pools, "
      "_site, watch_flagging, OWNED, AsyncSession, WorkUnit): what the set-up reads."},
+    {"drop_dead", drop_dead_py, METH_O,
+     "drop_dead(head): _lineage._drop_dead(head) in C, what the set-up calls (for tests)."},
     {"forget_session_id", forget_session_id, METH_O,
      "forget_session_id(token): a dead guard's session id, unregistered (_writes._forget)."},
     {"guard_new_session", (PyCFunction)(void (*)(void))guard_new_session, METH_FASTCALL,
@@ -721,7 +814,6 @@ PyInit__guard_setup(void)
     INTERN(s_last_bind, "_last_bind");
     INTERN(s_remember_session, "remember_session");
     INTERN(s_on_guard_death, "on_guard_death");
-    INTERN(s_drop_dead, "_drop_dead");
     INTERN(s_min_rebuild, "_MIN_REBUILD");
     INTERN(s_raise, "raise");
     INTERN(s_warn, "warn");

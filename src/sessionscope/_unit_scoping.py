@@ -12,6 +12,7 @@ switch (in ``__new__``) to a variant whose ``_proxied`` and ``__call__`` are SQL
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar, overload
@@ -19,6 +20,7 @@ from typing import Any, Generic, TypeVar, overload
 from . import _fork_pools
 from ._arguments import expect_flags, refuse
 from ._guard import Mode, born_guarded, check_mode, install
+from ._guard._install import guard_new_session
 from ._registry import ScopefuncRegistry, UnitRegistry, unit_session
 from ._scope import ScopeState, SessionScope, scoped_decorator
 from ._work import WorkUnit
@@ -55,9 +57,17 @@ class UnitScoping(Generic[S]):
         self._made_by = session_factory
         self._scope_var = ContextVar("sessionscope.scope", default=None)
 
+        mode = self.guard_mode
+
         def adopt_set(session: S, work: WorkUnit | None = None, depth: int = 2) -> None:
             # (called by the registry's set or _miss: at least two frames of sessionscope's own)
-            install(session, self.guard_mode, on_hand_off=forget, work=work, depth=depth)
+            if (  # install()'s usual case, without its frame (the walk starts one frame nearer)
+                guard_new_session is not None
+                and work is not None
+                and guard_new_session(session, mode, None, forget, work, depth - 1) is not None
+            ):
+                return
+            install(session, mode, on_hand_off=forget, work=work, depth=depth)
 
         if scopefunc:
             self.registry = ScopefuncRegistry(
@@ -66,8 +76,15 @@ class UnitScoping(Generic[S]):
             # Keys that never match: a subclass that kept the fast _proxied still answers right.
             self._key = ""
         else:
-            self.registry = UnitRegistry(make, self._scope_var, on_unit_end, adopt_set, adopt_set)
-            self._key = self.registry._key
+            registry = self.registry = UnitRegistry(
+                make, self._scope_var, on_unit_end, adopt_set, adopt_set
+            )
+            self._key = registry._key
+            # What the lookup calls on a miss (``_miss`` below, without its frame): four frames
+            # of sessionscope's own above the guard's install: adopt_set, the registry's _miss,
+            # the lookup (in Python; in C it has none) or ``__call__``, and their caller (the
+            # application, ``__call__`` or SQLAlchemy's proxy)
+            self._miss = functools.partial(registry._miss, 4)  # type: ignore[method-assign]
         forget = self.registry.forget  # one bound method for all the registry's sessions
 
     def session_maker(self) -> Callable[..., S]:
@@ -90,13 +107,10 @@ class UnitScoping(Generic[S]):
     _proxied = property(unit_session)
 
     def _miss(self) -> S:
-        registry = self.registry
-        if type(registry) is UnitRegistry:  # (its own lookup missed already: not twice)
-            # five frames of sessionscope's own above the guard's install: adopt_set, the
-            # registry's _miss, this one, the lookup and its caller (__call__ or SQLAlchemy's
-            # proxy; the application itself when it reads _proxied)
-            return registry._miss(5)
-        return registry()
+        """What the lookup calls when it finds nothing (its key never matches with an explicit
+        ``scopefunc``): SQLAlchemy's registry. A ``UnitRegistry``'s own ``_miss`` replaces this
+        per instance (see :meth:`_set_up_registry`)."""
+        return self.registry()
 
     _scopes_coroutines = False
     """True for the async registry: its ``scoped`` decorates coroutine functions."""
