@@ -24,7 +24,6 @@
 #include <structmember.h>
 
 static PyObject *guard_type = NULL;          /* _ownership.SessionGuard */
-static PyObject *token_type = NULL;          /* _lineage.BorrowToken */
 static PyObject *lineage_var = NULL;         /* _lineage.current_lineage */
 static PyObject *lineage_globals = NULL;     /* _lineage: on_guard_death, _drop_dead, _MIN_REBUILD */
 static PyObject *writes_globals = NULL;      /* _writes: _installed, _install, _guard_of_session_id */
@@ -321,7 +320,13 @@ lend_from_here(PyObject *guard)
     PyObject *on_death = global_of(lineage_globals, s_on_guard_death);
     if (on_death == NULL)
         return NULL;
-    PyObject *token = PyObject_CallFunctionObjArgs(token_type, guard, on_death, NULL);
+    /* BorrowToken(guard, on_death): the weak reference's own __new__, whose __init__ would only
+     * check the same arguments again */
+    PyObject *pair = PyTuple_Pack(2, guard, on_death);
+    if (pair == NULL)
+        return NULL;
+    PyObject *token = token_class->tp_new(token_class, pair, NULL);
+    Py_DECREF(pair);
     if (token == NULL)
         return NULL;
     PyObject *head = NULL, *length = NULL, *rebuild_at = NULL;
@@ -724,7 +729,6 @@ configure(PyObject *module, PyObject *args)
         return NULL;
     }
     Py_XSETREF(lineage_var, var);
-    Py_XSETREF(token_type, Py_NewRef(token));
     PyObject *walk = PyObject_GetAttrString(site, "_frame_walk");
     PyObject *kinds = walk == NULL ? NULL : PyObject_GetAttrString(site, "_kinds");
     PyObject *judge = kinds == NULL ? NULL : PyObject_GetAttrString(site, "_kind");

@@ -1007,7 +1007,18 @@ watch_flagging(PyObject *identity_map, PyObject *guard)
         Py_DECREF(modified);
         return 0;
     }
-    PyObject *watched = PyObject_CallOneArg((PyObject *)&FlaggingCheckedType, modified);
+    PyObject *watched;
+    if (PyAnySet_CheckExact(modified) && PySet_GET_SIZE(modified) == 0) {
+        /* a new map's set (every session made, every close()): an empty one of our type, made
+         * by set's own __new__ without a call of the type and its __init__ */
+        PyObject *no_arguments = PyTuple_New(0);
+        watched = no_arguments == NULL
+                      ? NULL
+                      : PySet_Type.tp_new(&FlaggingCheckedType, no_arguments, NULL);
+        Py_XDECREF(no_arguments);
+    }
+    else
+        watched = PyObject_CallOneArg((PyObject *)&FlaggingCheckedType, modified);
     Py_DECREF(modified);
     if (watched == NULL)
         return -1;
