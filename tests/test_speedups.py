@@ -45,6 +45,34 @@ def test_the_checks_run_in_c_where_the_module_is_built() -> None:
     # the registries' lookup too: a proxied call, Session() and registry() run no Python frame
     assert _registry.unit_session is _state.speedups.unit_session
     assert type(_registry.UnitRegistry.__dict__["__call__"]).__name__ == "method_descriptor"
+    call = sessionscope.scoped_session.__dict__["__call__"]
+    assert type(call).__name__ == "method_descriptor"
+    assert call.__doc__.startswith("Return the current unit's session")
+    # ... and the assignment-checked attributes are descriptors, not a __setattr__
+    assert type(guarded_class(Session).__dict__["autoflush"]).__name__ == "CheckedAttribute"
+
+
+@pytest.mark.parametrize("in_python", [False, True], ids=["c", "python"])
+def test_session_call_answers_alike_in_c_and_python(
+    engine: Engine, in_python: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Session()``: the lookup, a session made with arguments, SQLAlchemy's error when one is
+    present, a factory that makes no session left alone; the C ``__call__`` (where built) and
+    the Python one it falls back to for arguments."""
+    from sessionscope._scoping import scoped_session
+
+    if in_python:
+        monkeypatch.setattr(scoped_session, "__call__", scoped_session._call_in_python)
+    Scoped = sessionscope.scoped_session(sessionmaker(engine))
+    made = Scoped(autoflush=False)
+    assert made.autoflush is False and Scoped() is made and Scoped.registry() is made
+    with pytest.raises(Exception, match="Scoped session is already present"):
+        Scoped(autoflush=True)
+    Scoped.remove()
+    assert Scoped() is not made
+    Scoped.remove()
+    not_a_session = object()
+    assert sessionscope.scoped_session(lambda: not_a_session)() is not_a_session
 
 
 def test_sessionscope_no_extensions_keeps_the_c_module_out() -> None:

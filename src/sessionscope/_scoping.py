@@ -19,6 +19,7 @@ from sqlalchemy.util import warn_deprecated
 
 from ._arguments import expect_factory, expect_flags, expect_scopefunc
 from ._guard import Mode
+from ._guard._state import speedups
 from ._registry import UnitRegistry, unit_session
 from ._scope import SessionScope
 from ._session_end import close_at_unit_end
@@ -88,6 +89,10 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
             _warn_asyncio()
         return session
 
+    _call_in_python = __call__
+    """``__call__`` in Python: the reference, and what the C ``__call__`` (below the class) calls
+    with arguments."""
+
     def remove(self) -> None:
         """Close and discard the current unit's implicit session, if any.
 
@@ -122,6 +127,11 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
             self.guard_mode,
             self.registry,  # lookup
         )
+
+
+if speedups is not None:  # every Session() in C: its lookup, with no frame of its own
+    speedups.configure_call(scoped_session._call_in_python, _warn_asyncio)  # type: ignore[misc]
+    scoped_session.__call__ = speedups.call_method(scoped_session)  # type: ignore[method-assign]
 
 
 class _scopefunc_scoped_session(scoped_session[_S]):

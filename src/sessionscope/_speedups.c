@@ -1414,6 +1414,101 @@ lookup_method(PyObject *module, PyObject *cls)
     return PyDescr_NewMethod((PyTypeObject *)cls, &unit_session_method_def);
 }
 
+/* scoped_session.__call__ (sessionscope._scoping): with no arguments the lookup, then the
+ * deprecation warning SQLAlchemy's __call__ gives for an AsyncSession of a sync registry;
+ * with any, `with_arguments(self, *args, **kw)` (the Python method, which SQLAlchemy's own
+ * __call__ serves). Every `Session()` runs it: a Python frame was about half of its time. */
+static PyObject *call_with_arguments = NULL; /* _scoping.scoped_session._call_in_python */
+static PyObject *warn_asyncio_func = NULL;   /* _scoping._warn_asyncio */
+static PyObject *s_is_asyncio, *s_support_async;
+
+static PyObject *
+with_arguments(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t given = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
+    PyObject **all = PyMem_Malloc((given + 1) * sizeof(PyObject *));
+    if (all == NULL)
+        return PyErr_NoMemory();
+    all[0] = self;
+    for (Py_ssize_t i = 0; i < given; i++)
+        all[i + 1] = args[i];
+    PyObject *result = PyObject_Vectorcall(call_with_arguments, all, nargs + 1, kwnames);
+    PyMem_Free(all);
+    return result;
+}
+
+static PyObject *
+registry_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (call_with_arguments == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sessionscope._speedups: configure_call() first");
+        return NULL;
+    }
+    if (nargs != 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames)))
+        return with_arguments(self, args, nargs, kwnames);
+    PyObject *session = lookup(self);
+    if (session == NULL)
+        return NULL;
+    PyObject *is_asyncio = PyObject_GetAttr(session, s_is_asyncio);
+    if (is_asyncio == NULL) { /* not a session: left alone (SQLAlchemy's __call__ would fail) */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            goto error;
+        PyErr_Clear();
+        return session;
+    }
+    int asyncio_session = PyObject_IsTrue(is_asyncio);
+    Py_DECREF(is_asyncio);
+    if (asyncio_session <= 0) {
+        if (asyncio_session < 0)
+            goto error;
+        return session;
+    }
+    PyObject *support = PyObject_GetAttr(self, s_support_async);
+    int supported = support == NULL ? -1 : PyObject_IsTrue(support);
+    Py_XDECREF(support);
+    if (supported < 0)
+        goto error;
+    if (!supported) {
+        PyObject *warned = PyObject_CallNoArgs(warn_asyncio_func);
+        if (warned == NULL)
+            goto error;
+        Py_DECREF(warned);
+    }
+    return session;
+error:
+    Py_DECREF(session);
+    return NULL;
+}
+
+static PyMethodDef registry_call_def = {
+    "__call__", (PyCFunction)(void (*)(void))registry_call, METH_FASTCALL | METH_KEYWORDS,
+    "Return the current unit's session, creating it if needed (as SQLAlchemy's).\n\n"
+    "With keyword arguments and no session yet, a session is made with them; if one exists,\n"
+    "SQLAlchemy's \"Scoped session is already present\" error is raised.",
+};
+
+/* call_method(cls): registry_call as the __call__ of ``cls`` (a method descriptor) */
+static PyObject *
+call_method(PyObject *module, PyObject *cls)
+{
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "call_method(cls): a class");
+        return NULL;
+    }
+    return PyDescr_NewMethod((PyTypeObject *)cls, &registry_call_def);
+}
+
+static PyObject *
+configure_call(PyObject *module, PyObject *args)
+{
+    PyObject *with_arguments, *warn;
+    if (!PyArg_ParseTuple(args, "OO:configure_call", &with_arguments, &warn))
+        return NULL;
+    Py_XSETREF(warn_asyncio_func, Py_NewRef(warn));
+    Py_XSETREF(call_with_arguments, Py_NewRef(with_arguments));
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 configure(PyObject *module, PyObject *args)
 {
@@ -1477,6 +1572,11 @@ static PyMethodDef module_methods[] = {
      "what the checks and the registries' lookup read."},
     {"unit_session", unit_session, METH_O,
      "unit_session(holder): the current unit's session (sessionscope._registry.unit_session)."},
+    {"call_method", call_method, METH_O,
+     "call_method(cls): sessionscope.scoped_session.__call__ in C, as a method of cls."},
+    {"configure_call", configure_call, METH_VARARGS,
+     "configure_call(with_arguments, warn_asyncio): what registry_call calls besides the "
+     "lookup."},
     {"lookup_method", lookup_method, METH_O,
      "lookup_method(cls): unit_session as a method of cls, for its __call__."},
     {"configure_writes", configure_writes, METH_O,
@@ -1503,6 +1603,8 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     INTERN(s_guard, "_sessionscope_guard");
+    INTERN(s_is_asyncio, "_is_asyncio");
+    INTERN(s_support_async, "_support_async");
     INTERN(s_generation, "generation");
     INTERN(s_impl_key, "key");
     INTERN(s_identity_map, "identity_map");

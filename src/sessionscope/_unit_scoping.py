@@ -80,11 +80,11 @@ class UnitScoping(Generic[S]):
                 make, self._scope_var, on_unit_end, adopt_set, adopt_set
             )
             self._key = registry._key
-            # What the lookup calls on a miss (``_miss`` below, without its frame): four frames
-            # of sessionscope's own above the guard's install: adopt_set, the registry's _miss,
-            # the lookup (in Python; in C it has none) or ``__call__``, and their caller (the
-            # application, ``__call__`` or SQLAlchemy's proxy)
-            self._miss = functools.partial(registry._miss, 4)  # type: ignore[method-assign]
+            # What the lookup calls on a miss (``_miss`` below, without its frame): the walk for
+            # the "created at" site starts three frames above the guard's install (adopt_set,
+            # the registry's _miss, then the lookup's caller: the application when ``__call__``
+            # and the lookup are C's; their frames, or SQLAlchemy's proxy, are stepped over)
+            self._miss = functools.partial(registry._miss, 3)  # type: ignore[method-assign]
         forget = self.registry.forget  # one bound method for all the registry's sessions
 
     def session_maker(self) -> Callable[..., S]:
