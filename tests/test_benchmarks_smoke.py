@@ -362,6 +362,28 @@ def test_request_instructions_counts_a_request_under_callgrind() -> None:
     assert 100_000 < counted < 100_000_000  # a light ORM request: about 1.5 million
 
 
+def test_session_instructions_benchmark_runs_every_contender(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``session_instructions.py --smoke``: each contender makes and removes its session (and
+    is checked to be guarded, or not, as it says), without valgrind."""
+    import session_instructions
+
+    assert session_instructions.main(["--smoke"]) == 0
+    assert "every contender made and removed its session" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_session_instructions_counts_an_operation_under_callgrind() -> None:
+    """A counted run under valgrind gives instructions per ``Session()`` + ``remove()``."""
+    import session_instructions
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    counted = session_instructions.per_operation(session_instructions.RAISE, 0, 50)
+    assert 20_000 < counted < 1_000_000  # about 105,000 on CPython 3.11
+
+
 def test_web_instructions_benchmark_serves_each_variant_and_checks_its_rows(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

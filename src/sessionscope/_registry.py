@@ -8,6 +8,7 @@ answer with the active ``Session.scope()`` session first, so scopes work whateve
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Generic, Protocol, TypeVar
@@ -24,6 +25,7 @@ from ._work import (
     WorkUnit,
     current_or_new_work,
     current_work,
+    holding_values,
     open_implicit_work,
     running_task,
     work_of_task,
@@ -139,7 +141,14 @@ class UnitRegistry(Generic[S]):
             work = current_or_new_work()
         if self._on_create is not None:
             self._on_create(session, work, _depth)
-        self._local.set(session, work)
+        if work.value_key is None and work.values is None and type(work.root) is not weakref.ref:
+            # UnitLocal.set(session, work) where the work holds nothing yet and is no greenlet's
+            # (whose works the local also keeps for its sweep): its steps, without its frame
+            work.value_key, work.value = key, session
+            self._local._count += 1
+            holding_values[id(work)] = weakref.ref(work)
+        else:
+            self._local.set(session, work)
         return session
 
     def has(self) -> bool:
@@ -167,7 +176,16 @@ class UnitRegistry(Generic[S]):
             if work is None:
                 return
         key = self._key
-        session = work.value if work.value_key == key else work.get_value(key)
+        if work.value_key == key and type(work.root) is not weakref.ref:
+            # UnitLocal.pop(work) of the work's first value, not a greenlet's: its steps,
+            # without its frame (after the close: a close that raises forgets nothing)
+            session = work.value
+            if session is not None:
+                close(session)
+            work.value_key = work.value = None
+            self._local._count -= 1
+            return
+        session = work.get_value(key)
         if session is not None:
             close(session)
         self._local.pop(work)
