@@ -45,9 +45,9 @@ def test_the_checks_run_in_c_where_the_module_is_built() -> None:
     # the registries' lookup too: a proxied call, Session() and registry() run no Python frame
     assert _registry.unit_session is _state.speedups.unit_session
     assert type(_registry.UnitRegistry.__dict__["__call__"]).__name__ == "method_descriptor"
-    call = sessionscope.scoped_session.__dict__["__call__"]
-    assert type(call).__name__ == "method_descriptor"
-    assert call.__doc__.startswith("Return the current unit's session")
+    for name, doc in (("__call__", "Return the current unit's session"), ("remove", "Close")):
+        method = sessionscope.scoped_session.__dict__[name]  # Session() and remove() too
+        assert type(method).__name__ == "method_descriptor" and method.__doc__.startswith(doc)
     # ... and the assignment-checked attributes are descriptors, not a __setattr__
     assert type(guarded_class(Session).__dict__["autoflush"]).__name__ == "CheckedAttribute"
 
@@ -63,6 +63,7 @@ def test_session_call_answers_alike_in_c_and_python(
 
     if in_python:
         monkeypatch.setattr(scoped_session, "__call__", scoped_session._call_in_python)
+        monkeypatch.setattr(scoped_session, "remove", scoped_session._remove_in_python)
     Scoped = sessionscope.scoped_session(sessionmaker(engine))
     made = Scoped(autoflush=False)
     assert made.autoflush is False and Scoped() is made and Scoped.registry() is made
@@ -73,6 +74,12 @@ def test_session_call_answers_alike_in_c_and_python(
     Scoped.remove()
     not_a_session = object()
     assert sessionscope.scoped_session(lambda: not_a_session)() is not_a_session
+    keyed = sessionscope.scoped_session(sessionmaker(engine), scopefunc=lambda: "key")
+    session = keyed()  # SQLAlchemy's registry: remove() closes and forgets it all the same
+    session.connection()
+    keyed.remove()
+    assert not session.in_transaction() and keyed() is not session
+    keyed.remove()
 
 
 def test_sessionscope_no_extensions_keeps_the_c_module_out() -> None:

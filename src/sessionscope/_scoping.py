@@ -108,6 +108,10 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
             session.close()
         registry.clear()
 
+    _remove_in_python = remove
+    """``remove()`` in Python: the reference, and what the C ``remove()`` (below the class)
+    calls for a registry with an explicit ``scopefunc``."""
+
     def scope(self, *, new: bool = False, commit: bool = True, **kw: Any) -> SessionScope[_S]:
         """A block with its own session: commit on success, roll back on error, always close.
 
@@ -129,9 +133,20 @@ class scoped_session(UnitScoping[_S], _sa_scoped_session[_S]):  # type: ignore[m
         )
 
 
-if speedups is not None:  # every Session() in C: its lookup, with no frame of its own
-    speedups.configure_call(scoped_session._call_in_python, _warn_asyncio)  # type: ignore[misc]
+_close: Callable[[Any], object] = operator.methodcaller("close")
+"""``session.close()`` (a C callable: no Python frame per ``remove()``)."""
+
+
+if speedups is not None:  # every Session() and remove() in C, with no frame of their own
+    speedups.configure_call(
+        scoped_session._call_in_python,  # type: ignore[misc]
+        _warn_asyncio,
+        scoped_session._remove_in_python,  # type: ignore[misc]
+        UnitRegistry,
+        _close,
+    )
     scoped_session.__call__ = speedups.call_method(scoped_session)  # type: ignore[method-assign]
+    scoped_session.remove = speedups.remove_method(scoped_session)  # type: ignore[method-assign]
 
 
 class _scopefunc_scoped_session(scoped_session[_S]):
@@ -139,7 +154,3 @@ class _scopefunc_scoped_session(scoped_session[_S]):
 
     _proxied = _sa_scoped_session._proxied
     __call__ = _sa_scoped_session.__call__
-
-
-_close: Callable[[Any], object] = operator.methodcaller("close")
-"""``session.close()`` (a C callable: no Python frame per ``remove()``)."""

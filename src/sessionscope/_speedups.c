@@ -1498,13 +1498,61 @@ call_method(PyObject *module, PyObject *cls)
     return PyDescr_NewMethod((PyTypeObject *)cls, &registry_call_def);
 }
 
+/* scoped_session.remove (sessionscope._scoping): a UnitRegistry's `close_implicit(close)`, else
+ * the Python method (another registry). Every `remove()` runs it. */
+static PyObject *remove_in_python = NULL;   /* _scoping.scoped_session._remove_in_python */
+static PyObject *unit_registry_class = NULL; /* _registry.UnitRegistry */
+static PyObject *close_session = NULL;       /* _scoping._close */
+static PyObject *s_registry, *s_close_implicit;
+
+static PyObject *
+registry_remove(PyObject *self, PyObject *unused)
+{
+    if (remove_in_python == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sessionscope._speedups: configure_call() first");
+        return NULL;
+    }
+    PyObject *registry = PyObject_GetAttr(self, s_registry);
+    if (registry == NULL)
+        return NULL;
+    PyObject *done;
+    if ((PyObject *)Py_TYPE(registry) == unit_registry_class)
+        done = PyObject_CallMethodOneArg(registry, s_close_implicit, close_session);
+    else
+        done = PyObject_CallOneArg(remove_in_python, self);
+    Py_DECREF(registry);
+    return done;
+}
+
+static PyMethodDef registry_remove_def = {
+    "remove", registry_remove, METH_NOARGS,
+    "Close and discard the current unit's implicit session, if any.\n\n"
+    "Inside ``Session.scope()`` the scope's session is left alone: the block owns it and closes\n"
+    "it when it ends.",
+};
+
+/* remove_method(cls): registry_remove as the remove() of ``cls`` (a method descriptor) */
+static PyObject *
+remove_method(PyObject *module, PyObject *cls)
+{
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "remove_method(cls): a class");
+        return NULL;
+    }
+    return PyDescr_NewMethod((PyTypeObject *)cls, &registry_remove_def);
+}
+
 static PyObject *
 configure_call(PyObject *module, PyObject *args)
 {
-    PyObject *with_arguments, *warn;
-    if (!PyArg_ParseTuple(args, "OO:configure_call", &with_arguments, &warn))
+    PyObject *with_arguments, *warn, *remove, *unit_registry, *close;
+    if (!PyArg_ParseTuple(args, "OOOOO:configure_call", &with_arguments, &warn, &remove,
+                          &unit_registry, &close))
         return NULL;
     Py_XSETREF(warn_asyncio_func, Py_NewRef(warn));
+    Py_XSETREF(unit_registry_class, Py_NewRef(unit_registry));
+    Py_XSETREF(close_session, Py_NewRef(close));
+    Py_XSETREF(remove_in_python, Py_NewRef(remove));
     Py_XSETREF(call_with_arguments, Py_NewRef(with_arguments));
     Py_RETURN_NONE;
 }
@@ -1574,9 +1622,11 @@ static PyMethodDef module_methods[] = {
      "unit_session(holder): the current unit's session (sessionscope._registry.unit_session)."},
     {"call_method", call_method, METH_O,
      "call_method(cls): sessionscope.scoped_session.__call__ in C, as a method of cls."},
+    {"remove_method", remove_method, METH_O,
+     "remove_method(cls): sessionscope.scoped_session.remove in C, as a method of cls."},
     {"configure_call", configure_call, METH_VARARGS,
-     "configure_call(with_arguments, warn_asyncio): what registry_call calls besides the "
-     "lookup."},
+     "configure_call(with_arguments, warn_asyncio, remove_in_python, UnitRegistry, close): "
+     "what the C __call__ and remove() call."},
     {"lookup_method", lookup_method, METH_O,
      "lookup_method(cls): unit_session as a method of cls, for its __call__."},
     {"configure_writes", configure_writes, METH_O,
@@ -1604,6 +1654,8 @@ PyInit__speedups(void)
 {
     INTERN(s_guard, "_sessionscope_guard");
     INTERN(s_is_asyncio, "_is_asyncio");
+    INTERN(s_registry, "registry");
+    INTERN(s_close_implicit, "close_implicit");
     INTERN(s_support_async, "_support_async");
     INTERN(s_generation, "generation");
     INTERN(s_impl_key, "key");
