@@ -1,12 +1,16 @@
 """What the benchmarks that count instructions under callgrind share.
 
-``request_instructions.py`` and ``app_instructions.py`` run each contender in a process of its
-own under ``valgrind --tool=callgrind``, once per hash seed, and read the total it prints.
+``request_instructions.py``, ``session_instructions.py`` and ``app_instructions.py`` run each
+contender in a process of its own under ``valgrind --tool=callgrind``, once per hash seed, and
+read the total it prints (:func:`count`; ``app_instructions.py`` also checks each run's rows).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +23,18 @@ def collected(stderr: str) -> int | None:
     """The instructions a callgrind run reports on its standard error, or None if it did not."""
     found = _COLLECTED.search(stderr)
     return None if found is None else int(found.group(1))
+
+
+def count(arguments: Sequence[str], seed: int, what: str) -> int:
+    """Instructions of ``python arguments...`` run under callgrind with hash seed ``seed``;
+    RuntimeError (naming ``what``) if it fails or callgrind reports nothing."""
+    command = [*VALGRIND, sys.executable, *arguments]
+    env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    instructions = collected(done.stderr)
+    if done.returncode != 0 or instructions is None:
+        raise RuntimeError(f"{what}: the counted run failed:\n{done.stderr[-2000:]}")
+    return instructions
 
 
 def per_seed(

@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import per_request
-from _callgrind import VALGRIND, collected, per_seed
+from _callgrind import count, per_seed
 
 WARMUP = 200
 COUNTED = 300
@@ -60,23 +58,8 @@ def child(label: str, contender: str, requests: int) -> int:
 
 def _count(label: str, contender: str, requests: int, seed: int) -> int:
     """Instructions executed by a child process running ``requests`` after the warm-up."""
-    command = [
-        *VALGRIND,
-        sys.executable,
-        __file__,
-        "--child",
-        contender,
-        "--database",
-        label,
-        "--requests",
-        str(requests),
-    ]
-    env = {**os.environ, "PYTHONHASHSEED": str(seed)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    instructions = collected(done.stderr)
-    if done.returncode != 0 or instructions is None:
-        raise RuntimeError(f"{label} {contender}: the counted run failed:\n{done.stderr[-2000:]}")
-    return instructions
+    arguments = [__file__, "--child", contender, "--database", label, "--requests", str(requests)]
+    return count(arguments, seed, f"{label} {contender}")
 
 
 def per_request_instructions(

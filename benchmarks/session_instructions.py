@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _callgrind import VALGRIND, collected, per_seed
+from _callgrind import count, per_seed
 
 WARMUP = 2000
 COUNTED = 2000
@@ -80,13 +78,7 @@ def child(contender: str, operations: int) -> int:
 
 
 def _count(contender: str, operations: int, seed: int) -> int:
-    command = [*VALGRIND, sys.executable, __file__, "--child", contender, "--n", str(operations)]
-    env = {**os.environ, "PYTHONHASHSEED": str(seed)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    instructions = collected(done.stderr)
-    if done.returncode != 0 or instructions is None:
-        raise RuntimeError(f"{contender}: the counted run failed:\n{done.stderr[-2000:]}")
-    return instructions
+    return count([__file__, "--child", contender, "--n", str(operations)], seed, contender)
 
 
 def per_operation(contender: str, seed: int, counted: int = COUNTED) -> float:
