@@ -224,3 +224,27 @@ def test_killed_greenlets_leave_no_checked_out_connection_registry_entry_or_rows
         if framework == "gevent" and patch == "before":
             # Cooperative psycopg: two victims are killed while blocked inside a query.
             assert facts["in_query_victims"] == 2
+
+
+@pytest.mark.parametrize("db", DATABASES)
+def test_gevent_ends_a_unit_in_the_hub_unless_closing_reaches_the_database(
+    db: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """gevent runs a greenlet's links in the hub, which must never block. A session left in a
+    transaction is rolled back in a fresh greenlet (closing it reaches the server); one in none
+    is closed in the hub itself (closing only detaches its objects), without a greenlet spawned
+    per ended unit. Either way every session is closed and nothing is left checked out."""
+    url = database_url(db, tmp_path, request)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONWARNINGS", None)
+    command = [sys.executable, str(SCENARIOS / "hub_end.py"), "--url", url]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=90, env=env)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    facts = json.loads(lines[-1])
+    assert facts["detached_in"] == ["hub"] * 10  # the committed sessions' objects
+    assert facts["rolled_back_in"] == ["greenlet"] * 10  # the open transactions
+    assert facts["rows"] == {f"c{i}": 1 for i in range(10)}  # no row of a transaction left open
+    assert facts["sessions_left_with_objects"] == 0
+    assert (facts["pool_checkedout"], facts["registry_len"]) == (0, 0)
+    assert facts["logged"] == [] and facts["warnings"] == []

@@ -380,3 +380,32 @@ def test_tasks_end_in_a_fresh_context_and_loops_in_two_threads_never_collide(
     assert len(seen_at_end) == 400
     assert set(seen_at_end) == {("none", "none")}
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_thread_running_context_after_context_keeps_few_end_listeners_and_ends_the_live_ones(
+    Scoped: Any, engine: Engine
+) -> None:
+    """A thread that runs 300 fresh contexts, each a unit of work of its own holding a
+    connection, is told about each of them at its end (weakly): the works of dropped contexts end
+    as they are freed and their dead references are pruned (the list stays within twice the live
+    ones), and the works whose contexts outlive the loop end with the thread."""
+    from sessionscope._units._thread import per_thread
+
+    kept: list[tuple[contextvars.Context, Session]] = []
+    listening: list[int] = []
+
+    def body() -> None:
+        for i in range(300):
+            context = contextvars.Context()
+            session = context.run(hold_connection, Scoped)
+            if i % 100 == 0:
+                kept.append((context, session))  # alive until the thread has ended
+            listening.append(len(per_thread.sentinel.listeners))
+
+    with no_garbage_collector_cleanup():
+        thread = threading.Thread(target=body)
+        thread.start()
+        thread.join()
+    assert len(kept) == 3 and max(listening) <= 2 * (len(kept) + 1) + 16
+    assert not any(session.in_transaction() for _, session in kept)  # ended with the thread
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]

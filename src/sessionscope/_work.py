@@ -45,7 +45,7 @@ from greenlet import greenlet
 from . import _fork
 from ._units import ThreadUnit, Unit, _trio, describe_unit, unit_outside_tasks, watch_unit_end
 from ._units._asyncio import _get_running_loop, current_task_of_loop
-from ._units._greenlet import run_outside_hub
+from ._units._greenlet import hub_spawner
 from ._units._thread import (
     INTERPRETER,
     is_pool_worker,
@@ -61,8 +61,10 @@ work_var: ContextVar[WorkUnit | None] = ContextVar("sessionscope.unit_of_work", 
 """The running context's unit of work (it may not apply: see :func:`current_work`)."""
 
 EndHook = Callable[["WorkUnit", Any], None]
-_end_hooks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-"""What to do with a value a :class:`WorkUnit` holds under a key when it ends (``UnitLocal``)."""
+_end_hooks: dict[str, weakref.ref[Any]] = {}
+"""What to do with a value a :class:`WorkUnit` holds under a key when it ends (``UnitLocal``),
+held weakly (see :func:`end_hook`). A plain dict of weak references, not a
+``WeakValueDictionary``, whose ``get()`` is a Python call more at every unit's end."""
 
 
 holding_values: dict[int, weakref.ref[WorkUnit]] = {}
@@ -77,7 +79,17 @@ one per unit for the collector to walk.
 
 def register_end_hook(key: str, owner: Any) -> None:
     """Tell work units that values under ``key`` end through ``owner.work_ended(work, value)``."""
-    _end_hooks[key] = owner
+
+    def forget(_: weakref.ref[Any], key: str = key, hooks: dict[str, Any] = _end_hooks) -> None:
+        hooks.pop(key, None)  # (hooks bound: at interpreter exit the module's globals may be gone)
+
+    _end_hooks[key] = weakref.ref(owner, forget)
+
+
+def end_hook(key: str) -> Any:
+    """The owner registered for ``key``, or None (never registered, or freed since)."""
+    ref = _end_hooks.get(key)
+    return None if ref is None else ref()
 
 
 _MIN_PRUNE = 16
@@ -264,7 +276,8 @@ class WorkUnit:
         self.owned = None
         if values is not None:
             for key, value in values:
-                hook = _end_hooks.get(key)
+                ref = _end_hooks.get(key)  # (end_hook(), inlined: every unit ends here)
+                hook = None if ref is None else ref()
                 if hook is not None:
                     _run_hook(self, collected, hook.work_ended, self, value)
         if owned is not None:
@@ -314,8 +327,25 @@ class WorkUnit:
         It runs in a new, empty context: an asyncio loop's end callbacks share one context (see
         ``_units._asyncio.watch_end``), and what the end runs (the application's session event
         listeners) must not leave variables there for the next unit's end.
+
+        A gevent greenlet's link runs in the hub, which must never block: there the end runs
+        in a fresh greenlet if it may reach the database (a session in a transaction to roll
+        back), and in the hub itself otherwise (closing a session in none only forgets its
+        objects). A fresh greenlet per ended unit was most of what a gevent unit's end cost.
         """
-        Context().run(run_outside_hub, self.end)
+        Context().run(self._end_off_the_hub)
+
+    def _end_off_the_hub(self) -> None:
+        spawn = hub_spawner()
+        if spawn is None:
+            self.end()
+            return
+        from ._work_end import may_block_to_end  # (that module imports this one)
+
+        if may_block_to_end(self):
+            spawn(self.end)
+        else:
+            self.end()
 
     __call__ = unit_ended
     """The work is its own end-of-unit callback (``add_done_callback(work)``, ``rawlink(work)``):

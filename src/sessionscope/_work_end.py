@@ -19,7 +19,7 @@ from ._async_session_end import _closing, closers_on_its_loop
 from ._guard._lineage import cleanup
 from ._session_end import close_quietly_or_invalidate, needs_io_to_close
 from ._units._asyncio import _get_running_loop
-from ._work import WorkUnit, _end_hooks
+from ._work import WorkUnit, end_hook
 
 
 def closers_for(session: Any) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -67,6 +67,11 @@ async def end_awaited(work: WorkUnit) -> None:
         await asyncio.shield(asyncio.gather(*started, return_exceptions=True))
 
 
+def may_block_to_end(work: WorkUnit) -> bool:
+    """Whether ending ``work`` may block on the database (see :func:`_any_blocking_close`)."""
+    return _any_blocking_close(_sessions_of(work))
+
+
 def _sessions_of(work: WorkUnit) -> list[Any]:
     """The sessions ending ``work`` may close: its registries' and those it owns that are not
     closed for good (a scope's sealed session holds nothing)."""
@@ -108,7 +113,7 @@ async def close_lent_async_sessions(loop: asyncio.AbstractEventLoop) -> None:
         for key, value in work.value_items():
             if isinstance(value, AsyncSession):
                 work.pop_value(key)
-                hook = _end_hooks.get(key)
+                hook = end_hook(key)
                 if hook is not None:
                     hook.work_ended(work, value)
         for ref in work.owned_guards():

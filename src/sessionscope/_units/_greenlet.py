@@ -37,35 +37,26 @@ def main_greenlet() -> greenlet:
     return main
 
 
-def _in_hub() -> Callable[[Callable[[], None]], None] | None:
+def hub_spawner() -> Callable[[Callable[[], None]], None] | None:
     """If running in a gevent or eventlet hub, a way to run work in a fresh greenlet instead.
 
     Closing a session may do network I/O, and a hub must never block: gevent raises
-    ``BlockingSwitchOutError`` and eventlet deadlocks.
+    ``BlockingSwitchOutError`` and eventlet deadlocks. (Work that cannot block may run in the
+    hub itself: a fresh greenlet per ended unit is most of what a gevent unit's end costs.)
     """
-    current = getcurrent()
-    gevent_hub = sys.modules.get("gevent.hub")
-    if gevent_hub is not None and isinstance(current, gevent_hub.Hub):
+    gevent_hub = sys.modules.get("gevent.hub")  # (no hub without its module: nothing to ask)
+    if gevent_hub is not None and isinstance(getcurrent(), gevent_hub.Hub):
         import gevent
 
         return lambda fn: gevent.spawn(fn) and None
     eventlet_hubs = sys.modules.get("eventlet.hubs")
     if eventlet_hubs is not None:
         hub = getattr(eventlet_hubs._threadlocal, "hub", None)
-        if hub is not None and hub.greenlet is current:
+        if hub is not None and hub.greenlet is getcurrent():
             import eventlet
 
             return lambda fn: eventlet.spawn_n(fn) and None
     return None
-
-
-def run_outside_hub(callback: Callable[[], None]) -> None:
-    """Run ``callback`` now, or in a fresh greenlet when the caller is a gevent/eventlet hub."""
-    spawn = _in_hub()
-    if spawn is None:
-        callback()
-    else:
-        spawn(callback)
 
 
 def watch_end(unit: greenlet, listener: Any) -> None:

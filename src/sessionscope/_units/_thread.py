@@ -20,6 +20,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from greenlet import getcurrent
+
 
 class ThreadUnit:
     """The identity of one OS thread (the real one, also under monkey-patching).
@@ -76,19 +78,42 @@ def _at_exit() -> None:
     _interpreter["shutting_down"] = True
 
 
-class _ThreadEndSentinel:
-    """Lives in the thread's own local storage; telling listeners when the thread is done."""
+_MIN_PRUNE = 16
+"""A sentinel's list of listeners is first pruned of dead references at this length."""
 
-    __slots__ = ("listeners",)
+
+class _ThreadEndSentinel:
+    """Lives in the thread's own local storage; telling listeners when the thread is done.
+
+    Listeners are held weakly (see :func:`watch_end`), in a list of weak references: most threads
+    have one listener, and a ``WeakSet`` (a set, a removal callback and its list, made per
+    thread, and an iteration guard at the end) was most of what the sentinel cost a thread. A
+    pool thread gets a listener per job, whose works end (and are freed) job after job: once the
+    list has doubled since it was last pruned, the dead references are dropped (amortised O(1)
+    per job). A listener added twice is told twice, which listeners take (a second end does
+    nothing).
+    """
+
+    __slots__ = ("listeners", "prune_at")
 
     def __init__(self) -> None:
-        self.listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.listeners: list[weakref.ref[Any]] = []
+        self.prune_at = _MIN_PRUNE
+
+    def add(self, listener: Any) -> None:
+        listeners = self.listeners
+        listeners.append(weakref.ref(listener))
+        if len(listeners) >= self.prune_at:
+            listeners[:] = [ref for ref in listeners if ref() is not None]
+            self.prune_at = max(_MIN_PRUNE, 2 * len(listeners))
 
     def __del__(self, _interpreter: dict[str, bool] = _interpreter) -> None:
         if _interpreter["shutting_down"]:
             return  # connections die with the process; nothing may run this late
-        for listener in list(self.listeners):
-            listener.unit_ended()
+        for ref in list(self.listeners):  # (a copy: an end may make a new listener)
+            listener = ref()
+            if listener is not None:
+                listener.unit_ended()
 
 
 per_thread = _unpatched("_local")()
@@ -131,8 +156,6 @@ def thread_ident() -> int:
 
 
 def _main_greenlet() -> Any:
-    from greenlet import getcurrent
-
     main = getcurrent()
     while main.parent is not None:
         main = main.parent
@@ -183,7 +206,7 @@ def watch_end(unit: Any, listener: UnitEndListener) -> None:
     sentinel = getattr(per_thread, "sentinel", None)
     if sentinel is None:
         sentinel = per_thread.sentinel = _ThreadEndSentinel()
-    sentinel.listeners.add(listener)
+    sentinel.add(listener)
 
 
 def describe(unit: Any) -> str:
