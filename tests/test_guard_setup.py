@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import os
 import threading
@@ -319,3 +320,41 @@ def test_a_dead_guards_session_id_is_forgotten(
     assert keys and keys[0] not in _writes._guard_of_session_id
     if _install.guard_new_session is not None:
         assert _lineage.on_guard_death.__name__ == "forget_session_id"
+
+
+@in_c
+def test_the_guards_reference_to_its_work_is_left_to_reference_counting(
+    maker: sessionmaker[Session],
+) -> None:
+    """The guard's weak reference to its unit of work (callback-less: CPython's one per work) is
+    untracked by the collector, one object less per live unit for it to walk; the borrow token
+    (whose callback forgets the session's write checks) stays tracked. Works and guards that die
+    in collected cycles clear the reference, and the token's callback still runs."""
+    Scoped = sessionscope.scoped_session(maker)
+
+    def unit() -> tuple[Any, Any, int]:
+        session = Scoped()
+        guard = guard_of(session)
+        assert guard is not None
+        return guard.owner_ref, guard.token, session.hash_key
+
+    holder: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: holder.update(result=unit()))
+    thread.start()
+    thread.join()
+    owner_ref, token, key = holder["result"]
+    assert not gc.is_tracked(owner_ref) and gc.is_tracked(token)
+    assert owner_ref() is None  # the thread's work ended and was freed: the reference cleared
+    assert key not in _writes._guard_of_session_id
+
+    keys = []
+    for _ in range(200):  # works and guards freed by the collector, in cycles
+        context = contextvars.Context()
+        session = context.run(Scoped)
+        keys.append(session.hash_key)
+        cycle: list[Any] = [context, session]
+        cycle.append(cycle)
+        del context, session, cycle
+    gc.collect()
+    assert not [k for k in keys if k in _writes._guard_of_session_id]  # the tokens' callbacks ran
+    assert len(Scoped.registry) == 0

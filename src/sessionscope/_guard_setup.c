@@ -312,6 +312,22 @@ drop_dead_py(PyObject *module, PyObject *head)
     return drop_dead(head);
 }
 
+/* Take `ref`, a weak reference without a callback, out of the garbage collector's lists. The
+ * guard's weak reference to its unit of work lives as long as the unit, and with 100,000 units
+ * alive at once what a unit costs grows with the tracked objects it keeps (docs/design.md, "A
+ * unit's memory"). Such a reference holds nothing strongly, so it can be in no reference cycle;
+ * the collector still clears it when its referent dies in a collection (it finds it through the
+ * referent), and without a callback there is nothing it would have to queue (a reference *with*
+ * a callback is moved between the collector's lists then, so a borrow token must stay tracked).
+ * CPython shares one callback-less reference per object: this is the one `weakref.ref(work)`
+ * returns anywhere, and it is as acyclic there. */
+static void
+untrack_acyclic(PyObject *ref)
+{
+    if (((PyWeakReference *)ref)->wr_callback == NULL && PyObject_GC_IsTracked(ref))
+        PyObject_GC_UnTrack(ref);
+}
+
 /* _lineage.lend_from_here(guard): a new borrow token, pushed on the running context's lineage
  * (a new reference, or NULL). */
 static PyObject *
@@ -394,6 +410,7 @@ own(PyObject *guard, PyObject *work)
     PyObject *owner_ref = PyWeakref_NewRef(work, NULL);
     if (owner_ref == NULL)
         return -1;
+    untrack_acyclic(owner_ref);
     int rc = -1;
     PyObject *explicit = NULL, *task = NULL, *token = NULL, *owned = NULL, *prune_at;
     if (set_field(guard, guard_class, &f_owner_ref, owner_ref) < 0 ||
