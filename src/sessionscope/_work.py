@@ -155,10 +155,8 @@ class WorkUnit:
         """Whether asyncio tasks the opening thread runs may take the work over, one at a time."""
         self.via: Any = None
         """What a pool job's context holds instead of the work (a weak proxy); else None."""
-        try:  # (thread_ident(), inlined: a request opens a work)
-            self.thread: int = per_thread.ident
-        except AttributeError:
-            self.thread = thread_ident()
+        ident = per_thread.ident  # (thread_ident(), inlined: a request opens a work)
+        self.thread: int = thread_ident() if ident is None else ident
         """The thread that opened the work: a task's runs its loop. The C check uses it to see
         the task that opened the work without asking asyncio for the running loop (a system
         call on Python 3.10 and 3.11)."""

@@ -69,11 +69,8 @@ def unit_outside_tasks() -> Unit:
     (Callers that have just looked the running task up save the second lookup.)
     """
     if getcurrent().parent is None:  # a thread's main greenlet: the thread itself
-        try:  # (current_thread_unit(), inlined: every unit of work asks)
-            unit: Unit = _thread.per_thread.unit
-        except AttributeError:
-            return _thread.current_thread_unit()
-        return unit
+        unit: Unit | None = _thread.per_thread.unit  # (current_thread_unit(), inlined)
+        return _thread.current_thread_unit() if unit is None else unit
     current: Unit = _greenlet.driving_greenlet()
     if current.parent is None:  # type: ignore[attr-defined]
         return _thread.current_thread_unit()

@@ -116,10 +116,31 @@ class _ThreadEndSentinel:
                 listener.unit_ended()
 
 
-per_thread = _unpatched("_local")()
-"""What sessionscope keeps per OS thread (its unit, its ident, its pool job): a ``threading.local``
-that gevent's patching cannot make per-greenlet. Hot callers read ``unit`` and ``ident`` on it
-directly, falling back to :func:`current_thread_unit` and :func:`thread_ident` when unset."""
+class _PerThread(_unpatched("_local")):  # type: ignore[misc]
+    """What sessionscope keeps per OS thread: a ``threading.local`` that gevent's patching cannot
+    make per-greenlet (the interpreter's own ``_thread._local``).
+
+    Every field starts as None in each thread (a local's ``__init__`` runs in each thread on its
+    first use there): a field read before it is set would raise ``AttributeError``, whose
+    message is formatted as it is raised, and a new thread that takes a session read four such
+    fields (about 10,000 instructions of a thread's unit, ``unit_cost.py``).
+    """
+
+    def __init__(self) -> None:
+        self.unit: ThreadUnit | None = None
+        """The thread's identity (:func:`current_thread_unit`)."""
+        self.ident: int | None = None
+        """The thread's ident, one int object per thread (:func:`thread_ident`)."""
+        self.sentinel: _ThreadEndSentinel | None = None
+        """What tells the thread's listeners that it ended (:func:`watch_end`)."""
+        self.last_job: Any = None
+        """A pool thread's current job's unit of work (:func:`replace_last_job`)."""
+
+
+per_thread = _PerThread()
+"""What sessionscope keeps per OS thread (its unit, its ident, its end sentinel, its pool job).
+Hot callers read ``unit`` and ``ident`` on it directly, falling back to
+:func:`current_thread_unit` and :func:`thread_ident` while they are None."""
 
 
 THREAD_UNIT_ATTRIBUTE = "_sessionscope_thread_unit"
@@ -131,9 +152,8 @@ INTERPRETER = _interpreter
 
 def current_thread_unit() -> ThreadUnit:
     """The running thread's identity (also kept on its main greenlet, to name it in messages)."""
-    try:
-        unit: ThreadUnit = per_thread.unit
-    except AttributeError:
+    unit = per_thread.unit
+    if unit is None:
         unit = per_thread.unit = ThreadUnit()
         # weakly: a thread's main greenlet is freed late (by the main thread), its unit must not be
         _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = weakref.ref(unit)
@@ -148,9 +168,8 @@ def thread_ident() -> int:
     """The OS thread's ident (``_thread.get_ident()``, unpatched), as one int object per thread:
     every unit of work records it, and a fresh int per call would be 32 bytes more per live
     unit."""
-    try:
-        ident: int = per_thread.ident
-    except AttributeError:
+    ident = per_thread.ident
+    if ident is None:
         ident = per_thread.ident = _os_thread_ident()
     return ident
 
@@ -163,14 +182,14 @@ def _main_greenlet() -> Any:
 
 
 def is_current(unit: ThreadUnit) -> bool:
-    return getattr(per_thread, "unit", None) is unit
+    return per_thread.unit is unit
 
 
 def renew_after_fork() -> list[Any]:
     """In a forked child the surviving thread gets a new identity; the old one is abandoned."""
-    old = getattr(per_thread, "unit", None)
-    per_thread.unit = ThreadUnit()
-    _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = weakref.ref(per_thread.unit)
+    old = per_thread.unit
+    per_thread.unit = unit = ThreadUnit()
+    _main_greenlet().__dict__[THREAD_UNIT_ATTRIBUTE] = weakref.ref(unit)
     return [old] if old is not None else []
 
 
@@ -191,7 +210,7 @@ def is_pool_worker() -> bool:
 
 def replace_last_job(work: Any) -> Any:
     """Hold ``work`` as this pool thread's current job's; return the previous one, if any."""
-    previous = getattr(per_thread, "last_job", None)
+    previous = per_thread.last_job
     per_thread.last_job = work
     return previous
 
@@ -203,7 +222,7 @@ def watch_end(unit: Any, listener: UnitEndListener) -> None:
     not pile up. It is told before the thread's context is torn down, which is not a safe moment
     to run Python code that touches context variables.
     """
-    sentinel = getattr(per_thread, "sentinel", None)
+    sentinel = per_thread.sentinel
     if sentinel is None:
         sentinel = per_thread.sentinel = _ThreadEndSentinel()
     sentinel.add(listener)
