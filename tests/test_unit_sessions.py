@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import gc
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -15,9 +16,12 @@ from typing import Any
 import greenlet
 import pytest
 from sqlalchemy import Engine, event, text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 import sessionscope
+from sessionscope import _async_session_end, _work_end
+from sessionscope._units import _asyncio as _asyncio_units
 
 UNITS = 10_000
 
@@ -409,3 +413,53 @@ def test_a_thread_running_context_after_context_keeps_few_end_listeners_and_ends
     assert len(kept) == 3 and max(listening) <= 2 * (len(kept) + 1) + 16
     assert not any(session.in_transaction() for _, session in kept)  # ended with the thread
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11) or sys.version_info >= (3, 13),
+    reason="a loop's inline attribute values show in gc.get_referents() on 3.11 and 3.12 only",
+)
+def test_what_sessionscope_keeps_on_an_event_loop_leaves_its_attributes_inline(
+    Scoped: Any,
+) -> None:
+    """Tasks' end context, the loops whose ``close()`` finishes pending AsyncSession closes and
+    a lending thread's works are kept by loop, not on the loop: asking a loop for its
+    ``__dict__``, or adding attributes past its class's 30 names, turns its inline attribute
+    values into a dict, and every attribute read of asyncio's own loop code then takes the
+    generic path (slower). The one attribute set is ``close``, the hook itself."""
+    engine = create_async_engine("sqlite+aiosqlite://")
+    AsyncScoped = sessionscope.async_scoped_session(async_sessionmaker(engine))
+
+    def attributes_are_a_dict(loop: asyncio.AbstractEventLoop) -> bool:
+        return any(type(r) is dict and "_ready" in r for r in gc.get_referents(loop))
+
+    async def sync_unit() -> None:
+        hold_connection(Scoped)  # ended by the task's end callback
+
+    async def async_unit() -> None:
+        await AsyncScoped().execute(text("select 1"))  # closed on the loop as the task ends
+
+    async def main() -> None:
+        await asyncio.gather(*(sync_unit() for _ in range(5)), async_unit())
+
+    probe = asyncio.new_event_loop()
+    probe.close = probe.close  # type: ignore[method-assign]  # (what the hook sets)
+    if attributes_are_a_dict(probe):  # earlier code in this process used up the 30 names
+        probe.close()
+        pytest.skip("this process's loops have no room left for an inline attribute")
+    probe.close()
+    loop = asyncio.new_event_loop()
+    try:
+        assert not attributes_are_a_dict(loop)
+        before = set(vars(type(loop)))
+        loop.run_until_complete(main())
+        with sessionscope.unit_of_work(lend_to_tasks=True):
+            loop.run_until_complete(async_unit())  # a thread's work lent to the loop's task
+        assert _asyncio_units._end_contexts.get(loop) is not None
+        assert loop in _async_session_end._hooked and loop in _work_end._lent
+        assert not attributes_are_a_dict(loop)
+        assert set(vars(type(loop))) == before
+    finally:
+        loop.close()  # finishes the pending closes first
+        engine.sync_engine.dispose()
+    assert AsyncScoped.registry.has() is False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -76,7 +77,9 @@ def start_close(session: Any, *, then_seal: bool = False) -> asyncio.Future[None
     return task
 
 
-_HOOKED = "_sessionscope_finishes_closes"
+_hooked: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+"""The loops whose ``close()`` finishes pending closes first (kept here, not on the loop: see
+``_units._asyncio.watch_end``)."""
 
 
 def finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
@@ -86,11 +89,11 @@ def finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
     task ends, so the close that the task's end schedules never gets a step; a worker that then
     calls ``loop.close()`` (one loop per job) would leave the connection checked out, idle in
     transaction. ``asyncio.run()`` needs none of this (it waits for cancelled tasks). A loop
-    type that takes no attributes (uvloop) keeps its pending closes until it is run again.
+    type that takes no attributes keeps its pending closes until it is run again.
     Works a thread lent to the loop's tasks (``_work_end.lent_on_loop``) outlive the loop: their
     AsyncSessions are closed here too.
     """
-    if loop.__dict__.get(_HOOKED) if hasattr(loop, "__dict__") else True:
+    if loop in _hooked:
         return
     original_close = loop.close
 
@@ -106,8 +109,11 @@ def finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
             loop.run_until_complete(finish())
         original_close()
 
-    loop.close = close  # type: ignore[method-assign]
-    loop.__dict__[_HOOKED] = True
+    try:
+        loop.close = close  # type: ignore[method-assign]
+    except AttributeError:  # a loop that takes no attributes keeps its closes until it runs
+        return
+    _hooked.add(loop)
 
 
 def _report_failure(task: asyncio.Future[None]) -> None:

@@ -90,17 +90,16 @@ def _any_blocking_close(sessions: list[Any]) -> bool:
     return any(not isinstance(s, AsyncSession) and needs_io_to_close(s) for s in sessions)
 
 
-_LENT = "_sessionscope_lent_works"
+_lent: weakref.WeakKeyDictionary[Any, weakref.WeakSet[WorkUnit]] = weakref.WeakKeyDictionary()
+"""The works lent to each loop's tasks (by loop, not on it: see ``_units._asyncio.watch_end``)."""
 
 
 def lent_on_loop(loop: asyncio.AbstractEventLoop, work: WorkUnit) -> None:
     """Remember that ``work`` was lent to a task of ``loop``: its AsyncSessions (connected on
     that loop) are closed before the loop closes, since the work itself outlives the loop."""
-    if not hasattr(loop, "__dict__"):
-        return  # uvloop: they are closed when the work ends, if its loop still runs then
-    works = loop.__dict__.get(_LENT)
+    works = _lent.get(loop)
     if works is None:
-        works = loop.__dict__[_LENT] = weakref.WeakSet()
+        works = _lent[loop] = weakref.WeakSet()
         from ._async_session_end import finish_closes_before_loop_close
 
         finish_closes_before_loop_close(loop)
@@ -109,7 +108,7 @@ def lent_on_loop(loop: asyncio.AbstractEventLoop, work: WorkUnit) -> None:
 
 async def close_lent_async_sessions(loop: asyncio.AbstractEventLoop) -> None:
     """On ``loop``, before it closes: close the AsyncSessions of works lent to its tasks."""
-    for work in list(loop.__dict__.get(_LENT, ())):
+    for work in list(_lent.get(loop, ())):
         for key, value in work.value_items():
             if isinstance(value, AsyncSession):
                 work.pop_value(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import weakref
 from collections.abc import Callable
 from contextvars import Context
 from typing import Any
@@ -36,8 +37,11 @@ def running_task() -> asyncio.Task[Any] | None:
     return current_task_of_loop(loop)
 
 
-_END_CONTEXT = "_sessionscope_end_context"
-"""Where a loop keeps the empty context its tasks' end callbacks run in (``loop.__dict__``)."""
+_end_contexts: weakref.WeakKeyDictionary[Any, Context] = weakref.WeakKeyDictionary()
+"""Each loop's empty context its tasks' end callbacks run in (see :func:`watch_end`)."""
+_last_end_context: tuple[Callable[[], Any], Context | None] = (lambda: None, None)
+"""(a weak reference to the loop that last asked, its end context): most processes run one
+loop, which then finds its context without a call."""
 
 
 def watch_end(task: asyncio.Task[Any], listener: Any) -> None:
@@ -52,20 +56,30 @@ def watch_end(task: asyncio.Task[Any], listener: Any) -> None:
     set there reaches the next task's end. One context per loop, not per process: a context
     cannot be entered twice at once, and a loop runs one callback at a time, where two loops
     (threads, or greenlets of one thread) may not.
+
+    The contexts are kept here, by loop, not on the loop: on CPython 3.11-3.13 a loop whose
+    ``__dict__`` was asked for keeps its attributes in a dict, after which every attribute read
+    of asyncio's own loop code (``self._ready``, ``self._debug``) takes the generic path (a loop
+    running callbacks was 8-25% slower), and a loop class's instances keep their attributes
+    inline only up to 30 attribute names in all, which attributes added by libraries use up.
     """
     loop = task.get_loop()
+    last = _last_end_context
+    if last[0]() is not loop:
+        last = _end_context_of(loop)
+    task.add_done_callback(listener, context=last[1])
+
+
+def _end_context_of(loop: Any) -> tuple[Callable[[], Any], Context]:
+    global _last_end_context
     try:
-        context = loop.__dict__[_END_CONTEXT]
-    except (KeyError, AttributeError):
-        context = _end_context_of(loop)
-    task.add_done_callback(listener, context=context)
-
-
-def _end_context_of(loop: Any) -> Context:
-    context = Context()
-    if hasattr(loop, "__dict__"):  # (without one: a context per task, as asyncio makes)
-        loop.__dict__[_END_CONTEXT] = context
-    return context
+        context = _end_contexts.get(loop)
+        if context is None:
+            context = _end_contexts[loop] = Context()
+        last = _last_end_context = (weakref.ref(loop), context)
+    except TypeError:  # a loop that takes no weak reference: a context per task, as asyncio makes
+        return (lambda: None, Context())
+    return last
 
 
 def describe(task: asyncio.Task[Any]) -> str:
