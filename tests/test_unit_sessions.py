@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import Engine, event, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 import sessionscope
 from sessionscope import _async_session_end, _work_end
@@ -427,7 +428,7 @@ def test_what_sessionscope_keeps_on_an_event_loop_leaves_its_attributes_inline(
     ``__dict__``, or adding attributes past its class's 30 names, turns its inline attribute
     values into a dict, and every attribute read of asyncio's own loop code then takes the
     generic path (slower). The one attribute set is ``close``, the hook itself."""
-    engine = create_async_engine("sqlite+aiosqlite://")
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=NullPool)  # (closed as returned)
     AsyncScoped = sessionscope.async_scoped_session(async_sessionmaker(engine))
 
     def attributes_are_a_dict(loop: asyncio.AbstractEventLoop) -> bool:
@@ -438,6 +439,10 @@ def test_what_sessionscope_keeps_on_an_event_loop_leaves_its_attributes_inline(
 
     async def async_unit() -> None:
         await AsyncScoped().execute(text("select 1"))  # closed on the loop as the task ends
+
+    async def committed_unit() -> None:  # (a lent work ends outside the loop: nothing to close)
+        await AsyncScoped().execute(text("select 1"))
+        await AsyncScoped.commit()
 
     async def main() -> None:
         await asyncio.gather(*(sync_unit() for _ in range(5)), async_unit())
@@ -453,13 +458,12 @@ def test_what_sessionscope_keeps_on_an_event_loop_leaves_its_attributes_inline(
         assert not attributes_are_a_dict(loop)
         before = set(vars(type(loop)))
         loop.run_until_complete(main())
-        with sessionscope.unit_of_work(lend_to_tasks=True):
-            loop.run_until_complete(async_unit())  # a thread's work lent to the loop's task
+        with sessionscope.unit_of_work(lend_to_tasks=True):  # a thread's work, lent to a task
+            loop.run_until_complete(committed_unit())
         assert _asyncio_units._end_contexts.get(loop) is not None
         assert loop in _async_session_end._hooked and loop in _work_end._lent
         assert not attributes_are_a_dict(loop)
         assert set(vars(type(loop))) == before
     finally:
         loop.close()  # finishes the pending closes first
-        engine.sync_engine.dispose()
     assert AsyncScoped.registry.has() is False

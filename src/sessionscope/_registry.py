@@ -27,6 +27,7 @@ from ._work import (
     current_work,
     holding_values,
     open_implicit_work,
+    open_task_work,
     running_task,
     work_of_task,
     work_var,
@@ -125,10 +126,17 @@ class UnitRegistry(Generic[S]):
             and _get_running_loop() is None
             and "trio" not in _modules
         ):
-            task = running_task()
-            work = work_of_task(task)
-            if work is None:  # the unit's first session: its unit of work now, once for both
-                work = open_implicit_work(task if task is not None else unit_outside_tasks(), task)
+            loop = _get_running_loop()
+            task = None if loop is None else current_task_of_loop(loop)
+            if work is None and task is not None:  # an asyncio task's first session, in no
+                work = open_task_work(task)  # work: what the calls below conclude, in one
+            else:
+                if task is None:
+                    task = running_task()  # (trio's, or none)
+                work = work_of_task(task)
+                if work is None:  # the unit's first session: its unit of work now, for both
+                    unit = task if task is not None else unit_outside_tasks()
+                    work = open_implicit_work(unit, task)
         key = self._key
         values = work.values  # (work.get_value(key), inlined)
         session: S | None = (

@@ -45,6 +45,7 @@ from greenlet import greenlet
 from . import _fork
 from ._units import ThreadUnit, Unit, _trio, describe_unit, unit_outside_tasks, watch_unit_end
 from ._units._asyncio import _get_running_loop, current_task_of_loop
+from ._units._asyncio import watch_end as watch_task_end
 from ._units._greenlet import hub_spawner
 from ._units._thread import (
     INTERPRETER,
@@ -465,6 +466,15 @@ def open_implicit_work(unit: Unit, task: Any) -> WorkUnit:
     watch_unit_end(unit, work)  # a task's end, a gevent/eventlet greenlet's, a thread's (weakly)
     if isinstance(unit, ThreadUnit) and is_pool_worker():
         _hold_in_the_pool_thread(work)
+    return work
+
+
+def open_task_work(task: asyncio.Task[Any]) -> WorkUnit:
+    """:func:`open_implicit_work` for the running asyncio ``task`` (what it does for a task,
+    without asking which model the unit is: a registry's miss opens one per task)."""
+    work = WorkUnit(task, task, False)  # not explicit
+    work_var.set(work)
+    watch_task_end(task, work)
     return work
 
 
