@@ -7,12 +7,14 @@ read the total it prints (:func:`count`; ``app_instructions.py`` also checks eac
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 VALGRIND = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
 """The command prefix: callgrind, writing no profile (only its summary on stderr)."""
@@ -49,3 +51,18 @@ def per_seed(
     for (contender, seed), instructions in zip(pairs, counted, strict=True):
         figures[contender][seed] = instructions
     return figures
+
+
+def counting_parser(doc: str, seeds: int, smoke: str) -> argparse.ArgumentParser:
+    """The options every counting benchmark takes: ``--seeds``, ``--jobs``, ``--smoke`` (``smoke``
+    says what it does), ``--json``, and the hidden ``--child`` its counted processes are run with.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument(
+        "--seeds", type=int, default=seeds, help=f"hash seeds per contender ({seeds})"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="counted processes at once (2)")
+    parser.add_argument("--smoke", action="store_true", help=f"no valgrind: {smoke}")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser

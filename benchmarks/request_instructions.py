@@ -34,10 +34,9 @@ import shutil
 import statistics
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import per_request
-from _callgrind import count, per_seed
+from _callgrind import count, counting_parser, per_seed
 
 WARMUP = 200
 COUNTED = 300
@@ -84,13 +83,8 @@ def ratios(figures: dict[str, dict[int, float]], candidate: str) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="hash seeds per contender (3)")
-    parser.add_argument("--jobs", type=int, default=2, help="counted processes at once (2)")
+    parser = counting_parser(__doc__, 3, "run each child once")
     parser.add_argument("-k", metavar="TEXT", default="sqlite", help="databases matching TEXT")
-    parser.add_argument("--smoke", action="store_true", help="no valgrind: run each child once")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=int, default=COUNTED, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

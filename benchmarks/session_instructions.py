@@ -28,10 +28,9 @@ import shutil
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from _callgrind import count, per_seed
+from _callgrind import count, counting_parser, per_seed
 
 WARMUP = 2000
 COUNTED = 2000
@@ -87,12 +86,7 @@ def per_operation(contender: str, seed: int, counted: int = COUNTED) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="hash seeds per contender (3)")
-    parser.add_argument("--jobs", type=int, default=2, help="counted processes at once (2)")
-    parser.add_argument("--smoke", action="store_true", help="no valgrind: run each child once")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser = counting_parser(__doc__, 3, "run each child once")
     parser.add_argument("--n", type=int, default=COUNTED, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

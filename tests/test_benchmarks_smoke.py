@@ -439,3 +439,25 @@ def test_web_instructions_counts_a_servers_worker_under_callgrind(
         counted = web_instructions.count(case, "by-hand", 0, db, seconds=(3.0, 4.0))
     assert counted.requests > 0
     assert 500_000 < counted.per_request < 50_000_000  # about 2-3 million
+
+
+def test_unit_instructions_benchmark_runs_every_kind_and_contender(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``unit_instructions.py --smoke``: units of each kind take a session of their own with each
+    contender, and sessionscope's ended units leave nothing in the registry, without valgrind."""
+    import unit_instructions
+
+    assert unit_instructions.main(["--smoke"]) == 0
+    assert "every contender ran its units" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_unit_instructions_counts_a_unit_under_callgrind() -> None:
+    """A counted run under valgrind gives instructions per unit (skipped without valgrind)."""
+    import unit_instructions
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    counted = unit_instructions.per_unit("thread", unit_instructions.SESSIONSCOPE, 0, 20)
+    assert 50_000 < counted < 5_000_000  # about 265,000 on CPython 3.11

@@ -338,10 +338,7 @@ class WorkUnit:
         spawn = hub_spawner()
         if spawn is None:
             self.end()
-            return
-        from ._work_end import may_block_to_end  # (that module imports this one)
-
-        if may_block_to_end(self):
+        elif _may_block_to_end(self):
             spawn(self.end)
         else:
             self.end()
@@ -356,6 +353,17 @@ class WorkUnit:
         # globals may be gone already; the default argument survives).
         if not self.ended and not _interpreter["shutting_down"]:
             self.end(collected=True)
+
+
+def _may_block_to_end(work: WorkUnit) -> bool:
+    """``_work_end.may_block_to_end``, imported on first use (that module imports this one),
+    then called directly: this function replaces itself (an import statement per gevent unit's
+    end went through importlib's Python code)."""
+    global _may_block_to_end
+    from ._work_end import may_block_to_end
+
+    _may_block_to_end = may_block_to_end
+    return may_block_to_end(work)
 
 
 def _weak_root(root: Any) -> Any:
