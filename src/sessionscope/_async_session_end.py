@@ -93,7 +93,11 @@ def finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
     Works a thread lent to the loop's tasks (``_work_end.lent_on_loop``) outlive the loop: their
     AsyncSessions are closed here too.
     """
-    if loop in _hooked:
+    try:
+        if loop in _hooked:
+            return
+        _hooked.add(loop)
+    except TypeError:  # a loop that takes no weak reference keeps its closes until it runs
         return
     original_close = loop.close
 
@@ -109,11 +113,8 @@ def finish_closes_before_loop_close(loop: asyncio.AbstractEventLoop) -> None:
             loop.run_until_complete(finish())
         original_close()
 
-    try:
-        loop.close = close  # type: ignore[method-assign]
-    except AttributeError:  # a loop that takes no attributes keeps its closes until it runs
-        return
-    _hooked.add(loop)
+    with contextlib.suppress(AttributeError):  # a loop that takes no attributes keeps its
+        loop.close = close  # type: ignore[method-assign]  # closes until it runs again
 
 
 def _report_failure(task: asyncio.Future[None]) -> None:

@@ -97,7 +97,10 @@ _lent: weakref.WeakKeyDictionary[Any, weakref.WeakSet[WorkUnit]] = weakref.WeakK
 def lent_on_loop(loop: asyncio.AbstractEventLoop, work: WorkUnit) -> None:
     """Remember that ``work`` was lent to a task of ``loop``: its AsyncSessions (connected on
     that loop) are closed before the loop closes, since the work itself outlives the loop."""
-    works = _lent.get(loop)
+    try:
+        works = _lent.get(loop)
+    except TypeError:  # a loop that takes no weak reference: they are closed when the work
+        return  # ends, if its loop still runs then
     if works is None:
         works = _lent[loop] = weakref.WeakSet()
         from ._async_session_end import finish_closes_before_loop_close
