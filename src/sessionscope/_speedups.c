@@ -1402,16 +1402,24 @@ static PyMethodDef unit_session_method_def = {
     "Return the current unit's session (the registry's lookup, in C).",
 };
 
-/* lookup_method(cls): unit_session as a method of ``cls`` (a method descriptor: it binds, and
- * ``registry()`` calls it without a bound method) */
+/* `def` as a method of `cls`, a method descriptor: it binds, and a call through the instance
+ * (`registry()`, `Session()`, `Session.remove()`) makes no bound method. `who` names the caller
+ * in the error for anything but a class. */
+static PyObject *
+method_of(PyObject *cls, PyMethodDef *def, const char *who)
+{
+    if (!PyType_Check(cls)) {
+        PyErr_Format(PyExc_TypeError, "%s(cls): a class", who);
+        return NULL;
+    }
+    return PyDescr_NewMethod((PyTypeObject *)cls, def);
+}
+
+/* lookup_method(cls): unit_session as a method of ``cls`` */
 static PyObject *
 lookup_method(PyObject *module, PyObject *cls)
 {
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "lookup_method(cls): a class");
-        return NULL;
-    }
-    return PyDescr_NewMethod((PyTypeObject *)cls, &unit_session_method_def);
+    return method_of(cls, &unit_session_method_def, "lookup_method");
 }
 
 /* scoped_session.__call__ (sessionscope._scoping): with no arguments the lookup, then the
@@ -1491,11 +1499,7 @@ static PyMethodDef registry_call_def = {
 static PyObject *
 call_method(PyObject *module, PyObject *cls)
 {
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "call_method(cls): a class");
-        return NULL;
-    }
-    return PyDescr_NewMethod((PyTypeObject *)cls, &registry_call_def);
+    return method_of(cls, &registry_call_def, "call_method");
 }
 
 /* scoped_session.remove (sessionscope._scoping): a UnitRegistry's `close_implicit(close)`, else
@@ -1535,11 +1539,7 @@ static PyMethodDef registry_remove_def = {
 static PyObject *
 remove_method(PyObject *module, PyObject *cls)
 {
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "remove_method(cls): a class");
-        return NULL;
-    }
-    return PyDescr_NewMethod((PyTypeObject *)cls, &registry_remove_def);
+    return method_of(cls, &registry_remove_def, "remove_method");
 }
 
 static PyObject *

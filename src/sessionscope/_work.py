@@ -336,9 +336,7 @@ class WorkUnit:
 
     def _end_off_the_hub(self) -> None:
         spawn = hub_spawner()
-        if spawn is None:
-            self.end()
-        elif _may_block_to_end(self):
+        if spawn is not None and _may_block_to_end(self):
             spawn(self.end)
         else:
             self.end()
