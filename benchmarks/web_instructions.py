@@ -5,6 +5,7 @@
     python benchmarks/web_instructions.py -k gevent    # cases whose label has "gevent"
     python benchmarks/web_instructions.py --smoke      # no valgrind: only checks the code works
     python benchmarks/web_instructions.py --json out.json
+    python benchmarks/web_instructions.py --keep DIR   # keep the dumps, for callgrind_annotate
 
 Why: the issues' bar for a web request is in requests/s (at least 0.97x a hand-written
 session), and on this shared 2-core machine ``web_requests.py``'s ratio moves by about ±0.05
@@ -121,14 +122,20 @@ def callgrind_control(option: str, pid: int) -> None:
         raise RuntimeError(f"callgrind_control {option} {pid}: {done.stdout}{done.stderr}")
 
 
-def dumped_instructions(out: Path, pid: int) -> int:
-    """The instructions in the one dump ``callgrind_control -d`` wrote for ``pid``."""
+def dump_of(out: Path, pid: int) -> Path:
+    """The one dump ``callgrind_control -d`` wrote for ``pid``."""
     dumps = glob.glob(f"{out}/cg.{pid}.*")
     if len(dumps) != 1:
         raise RuntimeError(f"expected one callgrind dump of {pid} in {out}, found {dumps}")
-    found = _TOTAL.search(Path(dumps[0]).read_text())
+    return Path(dumps[0])
+
+
+def dumped_instructions(out: Path, pid: int) -> int:
+    """The instructions in the one dump ``callgrind_control -d`` wrote for ``pid``."""
+    dump = dump_of(out, pid)
+    found = _TOTAL.search(dump.read_text())
     if found is None:
-        raise RuntimeError(f"no total in {dumps[0]}")
+        raise RuntimeError(f"no total in {dump}")
     return int(found.group(1))
 
 
@@ -154,9 +161,12 @@ def count(
     *,
     callgrind: bool = True,
     seconds: tuple[float, float] = (WARMUP_SECONDS, COUNTED_SECONDS),
+    keep: Path | None = None,
 ) -> Count:
     """Instructions per request of ``variant``'s server: ``seconds`` of warm-up, then of load
-    counted. Without ``callgrind`` the server runs as it is and counts 0 (a smoke run)."""
+    counted. Without ``callgrind`` the server runs as it is and counts 0 (a smoke run). With
+    ``keep``, the counted dump is copied there (``{case}-{variant}-{seed}.out``) to be read
+    function by function with ``callgrind_annotate``."""
     warmup_seconds, counted_seconds = seconds
     with tempfile.TemporaryDirectory(prefix="sessionscope-web-instructions-") as directory:
         out = Path(directory)
@@ -172,6 +182,9 @@ def count(
             if callgrind:
                 callgrind_control("-d", pid)
                 instructions = dumped_instructions(out, pid)
+                if keep is not None:
+                    name = re.sub(r"\W+", "-", case.label).strip("-").lower()
+                    shutil.copy(dump_of(out, pid), keep / f"{name}-{variant}-{seed}.out")
         written = db.hits(variant)
         with db.engine.begin() as conn:  # the next run starts from the same table
             conn.execute(delete(Hit).where(Hit.tag == variant))
@@ -182,12 +195,14 @@ def count(
     return Count(requests, instructions)
 
 
-def measure(case: WebCase, seeds: Sequence[int], db: Database) -> dict[str, dict[int, Count]]:
+def measure(
+    case: WebCase, seeds: Sequence[int], db: Database, keep: Path | None = None
+) -> dict[str, dict[int, Count]]:
     """Each variant's count under each seed; the two variants of a seed run at once."""
     figures: dict[str, dict[int, Count]] = {variant: {} for variant in VARIANTS}
     with ThreadPoolExecutor(len(VARIANTS)) as pool:
         for seed in seeds:
-            counts = pool.map(lambda v, s=seed: count(case, v, s, db), VARIANTS)
+            counts = pool.map(lambda v, s=seed: count(case, v, s, db, keep=keep), VARIANTS)
             for variant, counted in zip(VARIANTS, counts, strict=True):
                 figures[variant][seed] = counted
     return figures
@@ -234,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="no valgrind: one short run each")
     parser.add_argument("--sqlite", action="store_true", help="SQLite even if PostgreSQL answers")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the counted dumps in DIR")
     args = parser.parse_args(argv)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
     cases = [c for c in build_cases(CLIENTS) if args.k.lower() in c.label.lower()]
     if not args.smoke and shutil.which("callgrind_control") is None:
         print("valgrind (callgrind_control) is not installed: nothing to count with (see --smoke)")
@@ -259,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         results = []
         for case in cases:
-            figures = measure(case, range(args.seeds), db)
+            figures = measure(case, range(args.seeds), db, args.keep)
             results.append((case, figures))
             print(line(case, figures), flush=True)
     table = markdown(results)

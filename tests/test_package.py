@@ -78,8 +78,8 @@ def sdist_of(dist: Path) -> Path:
 
 
 def test_build_makes_one_sdist_and_one_wheel_of_the_package_version(dist: Path) -> None:
-    # the wheel holds the compiled extensions (sessionscope._speedups, _frames, _guard_setup): one
-    # per Python and platform, as SQLAlchemy's and greenlet's
+    # the wheel holds the compiled extensions (sessionscope._speedups, _frames, _guard_setup,
+    # _work_state): one per Python and platform, as SQLAlchemy's and greenlet's
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     assert wheel_of(dist).name.startswith(f"sessionscope-{VERSION}-{tag}-{tag}-")
     assert sdist_of(dist).name == f"sessionscope-{VERSION}.tar.gz"
@@ -94,7 +94,8 @@ def test_the_wheel_holds_the_package_typed_and_nothing_else(dist: Path) -> None:
     names = zipfile.ZipFile(wheel_of(dist)).namelist()
     assert "sessionscope/py.typed" in names
     assert "sessionscope/__main__.py" in names
-    for extension in ("_speedups", "_frames", "_guard_setup"):  # (_frames: empty outside 3.11-3.13)
+    # (_frames: empty outside 3.11-3.13)
+    for extension in ("_speedups", "_frames", "_guard_setup", "_work_state"):
         assert [
             n for n in names if n.startswith(f"sessionscope/{extension}.") and n.endswith(".so")
         ]
@@ -117,6 +118,7 @@ def test_the_sdist_holds_license_readme_changelog_docs_and_tests(dist: Path) -> 
         "src/sessionscope/_speedups.c",
         "src/sessionscope/_frames.c",
         "src/sessionscope/_guard_setup.c",
+        "src/sessionscope/_work_state.c",
         "src/sessionscope/py.typed",
         "docs/conf.py",
         "docs/errors.md",

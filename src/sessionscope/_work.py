@@ -38,11 +38,12 @@ import weakref
 from collections.abc import Callable
 from contextvars import Context, ContextVar, Token
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from greenlet import greenlet
 
 from . import _fork
+from ._extensions import load_extension
 from ._units import ThreadUnit, Unit, _trio, describe_unit, unit_outside_tasks, watch_unit_end
 from ._units._asyncio import _get_running_loop, current_task_of_loop
 from ._units._asyncio import watch_end as watch_task_end
@@ -97,15 +98,28 @@ _MIN_PRUNE = 16
 """A work's list of owned sessions is first pruned of dead references at this length."""
 
 
-class WorkUnit:
-    """One unit of work: its implicit sessions, who opened it, whether it has ended.
+def _run_hook(work: WorkUnit, collected: bool, hook: Callable[..., object], *args: Any) -> None:
+    try:
+        hook(*args)
+    except Exception:  # an end-of-work hook must never break a loop, a hub or a thread's exit
+        _hook_failed(work, collected)
 
-    It holds one value per registry (a registry's key to its implicit session, see
-    :meth:`get_value`): the first in two slots the registry lookup reads directly, any others in
-    a dict made for them. ``task`` is the asyncio or trio task that opened the work (None for a
-    thread or greenlet): only that task, and threads or greenlets running in a copy of its
-    context, are in the work.
-    """
+
+def _hook_failed(work: WorkUnit, collected: bool, error: BaseException | None = None) -> None:
+    """Log the failure of an end-of-work hook (see :meth:`WorkUnit.end`): ``error``, or the one
+    being handled."""
+    exc_info: BaseException | bool = True if error is None else error
+    if collected:
+        log.debug("sessionscope: closing after %s failed", work.describe(), exc_info=exc_info)
+    else:
+        log.error("sessionscope: cleaning up after %s failed", work.describe(), exc_info=exc_info)
+
+
+class PythonWorkState:
+    """A unit of work's fields, its start and its end: what the C ``WorkState`` of
+    ``sessionscope._work_state`` does when it is built (see ``_work_state.c``), and the
+    reference it is compared with (``tests/test_work_state.py``). :class:`WorkUnit` derives from
+    :data:`WorkState`, one or the other."""
 
     __slots__ = (
         "value_key",
@@ -161,6 +175,96 @@ class WorkUnit:
         """The thread that opened the work: a task's runs its loop. The C check uses it to see
         the task that opened the work without asking asyncio for the running loop (a system
         call on Python 3.10 and 3.11)."""
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def end(self, *, collected: bool = False) -> None:
+        """End the work: its sessions are closed (rolled back if uncommitted), once.
+
+        ``collected``: the garbage collector freed the work's last context in a reference cycle,
+        together with whatever else the cycle held; SQLAlchemy may have reclaimed the connection
+        first, so a close that fails then is no news (logged at debug level).
+        """
+        if self.ended:
+            return
+        work = cast("WorkUnit", self)  # (what every instance is: this is WorkUnit's base)
+        self.ended = True
+        holding_values.pop(id(self), None)
+        # (take_values() and owned_guards(), inlined: every request ends a work)
+        values = None
+        if self.value_key is not None or self.values:
+            values = work.take_values()
+        task, self.task = self.task, None  # a task's context holds its work: no cycle left
+        owned = self.owned
+        self.owned = None
+        if values is not None:
+            for key, value in values:
+                ref = _end_hooks.get(key)  # (end_hook(), inlined: every unit ends here)
+                hook = None if ref is None else ref()
+                if hook is not None:
+                    _run_hook(work, collected, hook.work_ended, work, value)
+        if owned is not None:
+            for ref in owned if isinstance(owned, list) else (owned,):
+                guard = ref()
+                if guard is not None:
+                    try:  # (_run_hook(), inlined: a request's session ends here)
+                        guard.owner_ended(work)
+                    except Exception:
+                        _hook_failed(work, collected)
+        if task is not None and self.root is task:
+            # A task's context holds its work, and the work its task: a cycle the collector
+            # alone could free (8 objects per task, the coroutine's frame among them, kept
+            # into older generations). Held weakly now the work has ended, the task is freed
+            # by reference counting as the loop drops it. (A thread's or greenlet's root is
+            # no such cycle: a greenlet is held weakly from the start.)
+            self.root = _weak_root(task)
+
+    def __del__(self, _interpreter: dict[str, bool] = INTERPRETER) -> None:
+        # Freed with the last context holding it: a thread's context in the ending thread, a
+        # pool job's as the pool drops it. At interpreter shutdown nothing may run (module
+        # globals may be gone already; the default argument survives).
+        # (A work whose __init__ failed has no fields: nothing to end.)
+        if not getattr(self, "ended", True) and not _interpreter["shutting_down"]:
+            self.end(collected=True)
+
+
+def _load_work_state() -> Any:
+    """``sessionscope._work_state``, configured, or None (not built, or extensions off)."""
+    module = load_extension("_work_state")
+    if module is not None:
+        module.configure(
+            _fork,
+            per_thread,
+            thread_ident,
+            greenlet,
+            holding_values,
+            _end_hooks,
+            _hook_failed,  # (called with the failure: the C end handles no exception)
+            INTERPRETER,
+            _MIN_PRUNE,
+        )
+    return module
+
+
+_work_state = _load_work_state()
+
+if TYPE_CHECKING:
+    WorkState = PythonWorkState
+else:
+    WorkState = PythonWorkState if _work_state is None else _work_state.WorkState
+
+
+class WorkUnit(WorkState):
+    """One unit of work: its implicit sessions, who opened it, whether it has ended.
+
+    It holds one value per registry (a registry's key to its implicit session, see
+    :meth:`get_value`): the first in two slots the registry lookup reads directly, any others in
+    a dict made for them. ``task`` is the asyncio or trio task that opened the work (None for a
+    thread or greenlet): only that task, and threads or greenlets running in a copy of its
+    context, are in the work.
+    """
+
+    __slots__ = ()
 
     # -- who -----------------------------------------------------------------------------------
 
@@ -255,46 +359,6 @@ class WorkUnit:
 
     # -- the end -------------------------------------------------------------------------------
 
-    def end(self, *, collected: bool = False) -> None:
-        """End the work: its sessions are closed (rolled back if uncommitted), once.
-
-        ``collected``: the garbage collector freed the work's last context in a reference cycle,
-        together with whatever else the cycle held; SQLAlchemy may have reclaimed the connection
-        first, so a close that fails then is no news (logged at debug level).
-        """
-        if self.ended:
-            return
-        self.ended = True
-        holding_values.pop(id(self), None)
-        # (take_values() and owned_guards(), inlined: every request ends a work)
-        values = None
-        if self.value_key is not None or self.values:
-            values = self.take_values()
-        task, self.task = self.task, None  # a task's context holds its work: no cycle left
-        owned = self.owned
-        self.owned = None
-        if values is not None:
-            for key, value in values:
-                ref = _end_hooks.get(key)  # (end_hook(), inlined: every unit ends here)
-                hook = None if ref is None else ref()
-                if hook is not None:
-                    _run_hook(self, collected, hook.work_ended, self, value)
-        if owned is not None:
-            for ref in owned if isinstance(owned, list) else (owned,):
-                guard = ref()
-                if guard is not None:
-                    try:  # (_run_hook(), inlined: a request's session ends here)
-                        guard.owner_ended(self)
-                    except Exception:
-                        _hook_failed(self, collected)
-        if task is not None and self.root is task:
-            # A task's context holds its work, and the work its task: a cycle the collector
-            # alone could free (8 objects per task, the coroutine's frame among them, kept
-            # into older generations). Held weakly now the work has ended, the task is freed
-            # by reference counting as the loop drops it. (A thread's or greenlet's root is
-            # no such cycle: a greenlet is held weakly from the start.)
-            self.root = _weak_root(task)
-
     def myself(self) -> WorkUnit:
         """The work itself, also when asked through the weak proxy a pool job's context holds."""
         return self
@@ -345,13 +409,6 @@ class WorkUnit:
     """The work is its own end-of-unit callback (``add_done_callback(work)``, ``rawlink(work)``):
     no bound method is made and kept per unit."""
 
-    def __del__(self, _interpreter: dict[str, bool] = INTERPRETER) -> None:
-        # Freed with the last context holding it: a thread's context in the ending thread, a
-        # pool job's as the pool drops it. At interpreter shutdown nothing may run (module
-        # globals may be gone already; the default argument survives).
-        if not self.ended and not _interpreter["shutting_down"]:
-            self.end(collected=True)
-
 
 def _may_block_to_end(work: WorkUnit) -> bool:
     """``_work_end.may_block_to_end``, imported on first use (that module imports this one),
@@ -370,21 +427,6 @@ def _weak_root(root: Any) -> Any:
         return weakref.ref(root)
     except TypeError:
         return root
-
-
-def _run_hook(work: WorkUnit, collected: bool, hook: Callable[..., object], *args: Any) -> None:
-    try:
-        hook(*args)
-    except Exception:  # an end-of-work hook must never break a loop, a hub or a thread's exit
-        _hook_failed(work, collected)
-
-
-def _hook_failed(work: WorkUnit, collected: bool) -> None:
-    """Log the failure being handled of an end-of-work hook (see :meth:`WorkUnit.end`)."""
-    if collected:
-        log.debug("sessionscope: closing after %s failed", work.describe(), exc_info=True)
-    else:
-        log.exception("sessionscope: cleaning up after %s failed", work.describe())
 
 
 def running_task() -> Any:

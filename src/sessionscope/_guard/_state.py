@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from greenlet import getcurrent
 
+from .._extensions import NO_EXTENSIONS_VARIABLE as NO_EXTENSIONS_VARIABLE
 from .._units._asyncio import _get_running_loop, current_task_of_loop
 from .._work import work_var
-
-NO_EXTENSIONS_VARIABLE = "SESSIONSCOPE_NO_EXTENSIONS"
 
 OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
 """The values of a guard's ``state``."""
