@@ -64,7 +64,15 @@ _IN_ORDER = (
 
 
 class ScopeState(Generic[S]):
-    """The session of one active (or ended) scope, who opened it, and the scopes nested in it."""
+    """The session of one active (or ended) scope, who opened it, and the scopes nested in it.
+
+    What the registry's scope variable holds, apart from the :class:`SessionScope`: the scope
+    keeps the variable's ``Token``, and a token holds the context it was made in, so a context
+    holding the scope itself would be a reference cycle. A request whose body the server drops
+    without ``close()`` would then end (and close its session) only when the collector runs,
+    instead of as its context is freed (``tests/test_flask.py`` caught it when the two were
+    merged to save an object per request).
+    """
 
     __slots__ = ("session", "owner", "ended", "nested", "recover")
 
