@@ -149,12 +149,15 @@ class UnitRegistry(Generic[S]):
             work = current_or_new_work()
         if self._on_create is not None:
             self._on_create(session, work, _depth)
-        if work.value_key is None and work.values is None and type(work.root) is not weakref.ref:
-            # UnitLocal.set(session, work) where the work holds nothing yet and is no greenlet's
-            # (whose works the local also keeps for its sweep): its steps, without its frame
+        if work.value_key is None and work.values is None:
+            # UnitLocal.set(session, work) where the work holds nothing yet: its steps, without
+            # its frame
             work.value_key, work.value = key, session
-            self._local._count += 1
+            local = self._local
+            local._count += 1
             holding_values[id(work)] = weakref.ref(work)
+            if type(work.root) is weakref.ref:  # a greenlet's work (see UnitLocal._sweep)
+                local.greenlet_holds()
         else:
             self._local.set(session, work)
         return session

@@ -40,19 +40,22 @@ _all_locals: weakref.WeakSet[UnitLocal[Any]] = weakref.WeakSet()
 class UnitLocal(Generic[T]):
     """One value per unit of work, with ``on_end(value)`` called when the work ends.
 
-    The values live in the works themselves; the local only counts them (``len()``) and keeps
-    weak references to the works of greenlets: a raw greenlet's end goes unannounced, and the
-    sweep (:meth:`_sweep`) also ends a finished gevent greenlet's work before the hub runs its
+    The values live in the works themselves; the local only counts them (``len()``), and
+    counts apart those held by the works of greenlets: a raw greenlet's end goes unannounced, and
+    the sweep (:meth:`_sweep`) also ends a finished gevent greenlet's work before the hub runs its
     link, which keeps fewer sessions alive at once (docs/design.md, "How the end of a unit is
-    seen"). A weak reference per task or thread would be one more object per live unit for the
-    garbage collector to walk, for nothing: their ends are announced.
+    seen"). The sweep walks ``holding_values`` (every work holding a value has its shared weak
+    reference there): a ``WeakSet`` of the greenlets' works was a weak reference with a callback
+    per live greenlet unit, one more object for the garbage collector, and three Python calls
+    (``add``, ``len``, ``discard``) per unit.
     """
 
     def __init__(self, on_end: Callable[[T], None]) -> None:
         self._key = f"_sessionscope_local_{next(_ids)}"
         self._on_end = on_end
         self._count = 0
-        self._greenlet_holders: weakref.WeakSet[WorkUnit] = weakref.WeakSet()
+        self._greenlet_count = 0
+        """How many of the works counted are greenlets' (``type(work.root) is weakref.ref``)."""
         self._sweep_at = _SWEEP_MIN
         register_end_hook(self._key, self)
         _all_locals.add(self)
@@ -82,9 +85,13 @@ class UnitLocal(Generic[T]):
             self._count += 1
             holding_values[id(work)] = weakref.ref(work)  # (see holding_values)
             if type(work.root) is weakref.ref:  # a greenlet's (see WorkUnit.root)
-                if len(self._greenlet_holders) >= self._sweep_at:
-                    self._sweep()
-                self._greenlet_holders.add(work)
+                self.greenlet_holds()
+
+    def greenlet_holds(self) -> None:
+        """A greenlet's work has just been given a value (and counted): sweep when due."""
+        self._greenlet_count += 1
+        if self._greenlet_count >= self._sweep_at:
+            self._sweep()
 
     def pop(self, work: WorkUnit | None = None) -> T | None:
         """Forget the current unit of work's value without ending it; return it (or None).
@@ -104,7 +111,7 @@ class UnitLocal(Generic[T]):
         if value is not None:  # (self._forget(work), inlined)
             self._count -= 1
             if type(work.root) is weakref.ref:
-                self._greenlet_holders.discard(work)
+                self._greenlet_count -= 1
         return value
 
     def __len__(self) -> int:
@@ -119,23 +126,26 @@ class UnitLocal(Generic[T]):
     def _forget(self, work: WorkUnit) -> None:
         self._count -= 1
         if type(work.root) is weakref.ref:
-            self._greenlet_holders.discard(work)
+            self._greenlet_count -= 1
 
     def _sweep(self) -> None:
         """End the works of greenlets that finished (a raw one still referenced by the
-        application, a gevent one whose link the hub has not run yet)."""
-        for work in list(self._greenlet_holders):
-            root = work.root_unit()
-            if isinstance(root, greenlet) and root.dead:
-                work.end()
-        self._sweep_at = max(_SWEEP_MIN, 2 * len(self._greenlet_holders))
+        application, a gevent one whose link the hub has not run yet): any work holding a
+        value, this local's or another's (ending a work ends all its values)."""
+        for ref in list(holding_values.values()):
+            work = ref()
+            if work is not None and type(work.root) is weakref.ref:
+                root = work.root()
+                if isinstance(root, greenlet) and root.dead:
+                    work.end()
+        self._sweep_at = max(_SWEEP_MIN, 2 * self._greenlet_count)
 
 
 def _forget_parent_works() -> list[Any]:
     """In a forked child no local counts the parent's works (``_work`` empties them)."""
     for local in list(_all_locals):
         local._count = 0
-        local._greenlet_holders = weakref.WeakSet()
+        local._greenlet_count = 0
     return []
 
 

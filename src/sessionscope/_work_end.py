@@ -68,8 +68,31 @@ async def end_awaited(work: WorkUnit) -> None:
 
 
 def may_block_to_end(work: WorkUnit) -> bool:
-    """Whether ending ``work`` may block on the database (see :func:`_any_blocking_close`)."""
-    return _any_blocking_close(_sessions_of(work))
+    """Whether ending ``work`` may block on the database (see :func:`_any_blocking_close`).
+
+    Asked at every gevent or eventlet unit's end, in the hub: one pass that stops at the first
+    session that may block, and checks a registry's session once, though the work also owns it
+    (what ``_any_blocking_close(_sessions_of(work))`` answers, without building the lists).
+    """
+    first = work.value if work.value_key is not None else None
+    if first is not None and _may_block(first):
+        return True
+    if work.values and any(_may_block(value) for value in work.values.values()):
+        return True
+    owned = work.owned
+    if owned is None:
+        return False
+    for ref in owned if isinstance(owned, list) else (owned,):
+        guard = ref()
+        session = guard.unsealed_session() if guard is not None else None
+        if session is not None and session is not first and _may_block(session):
+            return True
+    return False
+
+
+def _may_block(session: Any) -> bool:
+    """Whether closing ``session`` may block: a sync session in a transaction."""
+    return not isinstance(session, AsyncSession) and needs_io_to_close(session)
 
 
 def _sessions_of(work: WorkUnit) -> list[Any]:
@@ -87,7 +110,7 @@ def _sessions_of(work: WorkUnit) -> list[Any]:
 def _any_blocking_close(sessions: list[Any]) -> bool:
     """Whether one of ``sessions`` is a sync session whose close can block (one in a
     transaction): only then is a worker thread worth its hop (per request, under ASGI)."""
-    return any(not isinstance(s, AsyncSession) and needs_io_to_close(s) for s in sessions)
+    return any(_may_block(s) for s in sessions)
 
 
 _lent: weakref.WeakKeyDictionary[Any, weakref.WeakSet[WorkUnit]] = weakref.WeakKeyDictionary()
