@@ -9,6 +9,7 @@ connection".
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 from ._guard._install import guard_of
@@ -27,11 +28,9 @@ def close_at_unit_end(session: Any) -> None:
     guard = guard_of(session)
     if guard is None:
         close_quietly_or_invalidate(session)
-    else:
-        guard.end(
-            lambda: close_quietly_or_invalidate(session),
-            lambda: close_quietly_or_invalidate(session),
-        )
+    else:  # (one partial for both: no closure, and no frame of its own when called)
+        close = functools.partial(close_quietly_or_invalidate, session)
+        guard.end(close, close)
 
 
 def close_quietly_or_invalidate(session: Any) -> None:
