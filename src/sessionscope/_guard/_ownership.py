@@ -237,9 +237,11 @@ class SessionGuard(GuardState):
         leaves); from then on nobody may use it."""
         if self.owner_ref() is not work:
             return  # handed off, shared, or ended already
-        # (unsealed_session() and disown(), inlined: every request's session ends here)
+        # (unsealed_session(), live_session() and disown(), inlined: every request's session
+        # ends here)
         key = self.session_key
-        session: Any = None if key is None else live_session(key)
+        ref = None if key is None else _live_session_refs.get(key)
+        session: Any = None if ref is None else ref()
         if session is not None and getattr(session, "_close_state", None) is not _SEALED:
             if self.of_async:
                 session = AsyncSession._retrieve_proxy_for_target(session, regenerate=False)
