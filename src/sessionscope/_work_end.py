@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -70,24 +70,10 @@ async def end_awaited(work: WorkUnit) -> None:
 def may_block_to_end(work: WorkUnit) -> bool:
     """Whether ending ``work`` may block on the database (see :func:`_any_blocking_close`).
 
-    Asked at every gevent or eventlet unit's end, in the hub: one pass that stops at the first
-    session that may block, and checks a registry's session once, though the work also owns it
-    (what ``_any_blocking_close(_sessions_of(work))`` answers, without building the lists).
+    Asked at every gevent or eventlet unit's end, in the hub: it stops at the first session that
+    may block, without building a list.
     """
-    first = work.value if work.value_key is not None else None
-    if first is not None and _may_block(first):
-        return True
-    if work.values and any(_may_block(value) for value in work.values.values()):
-        return True
-    owned = work.owned
-    if owned is None:
-        return False
-    for ref in owned if isinstance(owned, list) else (owned,):
-        guard = ref()
-        session = guard.unsealed_session() if guard is not None else None
-        if session is not None and session is not first and _may_block(session):
-            return True
-    return False
+    return any(_may_block(session) for session in _each_session_of(work))
 
 
 def _may_block(session: Any) -> bool:
@@ -96,15 +82,28 @@ def _may_block(session: Any) -> bool:
 
 
 def _sessions_of(work: WorkUnit) -> list[Any]:
+    """The sessions ending ``work`` may close (see :func:`_each_session_of`), as a list."""
+    return list(_each_session_of(work))
+
+
+def _each_session_of(work: WorkUnit) -> Iterator[Any]:
     """The sessions ending ``work`` may close: its registries' and those it owns that are not
-    closed for good (a scope's sealed session holds nothing)."""
-    sessions = [value for _, value in work.value_items()]
-    for ref in work.owned_guards():
+    closed for good (a scope's sealed session holds nothing). A registry's session is also owned
+    by the work: it comes once (the first registry's is the usual one; it used to be checked
+    twice at every gevent unit's end)."""
+    first = work.value if work.value_key is not None else None
+    if first is not None:
+        yield first
+    if work.values:
+        yield from work.values.values()
+    owned = work.owned
+    if owned is None:
+        return
+    for ref in owned if isinstance(owned, list) else (owned,):
         guard = ref()
         session = guard.unsealed_session() if guard is not None else None
-        if session is not None:
-            sessions.append(session)
-    return sessions
+        if session is not None and session is not first:
+            yield session
 
 
 def _any_blocking_close(sessions: list[Any]) -> bool:

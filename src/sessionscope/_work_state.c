@@ -158,6 +158,16 @@ hook_failure(WorkState *self, PyObject *collected)
     return 0;
 }
 
+/* What a hook's call returned (`done`, NULL if it raised): dropped, or the failure handled. */
+static int
+hook_returned(WorkState *self, PyObject *done, PyObject *collected)
+{
+    if (done == NULL)
+        return hook_failure(self, collected);
+    Py_DECREF(done);
+    return 0;
+}
+
 /* What the referent of weak reference `ref` is (a new reference), or NULL without an error. */
 static PyObject *
 referent(PyObject *ref)
@@ -196,9 +206,7 @@ end_values(WorkState *self, PyObject *items, PyObject *collected)
         PyObject *done = PyObject_CallMethodObjArgs(hook, s_work_ended, (PyObject *)self,
                                                     PyTuple_GET_ITEM(item, 1), NULL);
         Py_DECREF(hook);
-        if (done != NULL)
-            Py_DECREF(done);
-        else if (hook_failure(self, collected) < 0)
+        if (hook_returned(self, done, collected) < 0)
             return -1;
     }
     return 0;
@@ -215,9 +223,7 @@ end_owned(WorkState *self, PyObject *owned, PyObject *collected)
             continue;
         PyObject *done = PyObject_CallMethodOneArg(guard, s_owner_ended, (PyObject *)self);
         Py_DECREF(guard);
-        if (done != NULL)
-            Py_DECREF(done);
-        else if (hook_failure(self, collected) < 0)
+        if (hook_returned(self, done, collected) < 0)
             return -1;
     }
     return 0;

@@ -8,7 +8,6 @@ sessionmaker makes sessions that are guarded from birth, owned by the unit that 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .. import _fork, _fork_pools
 from .._arguments import refuse, what_it_is
+from .._extensions import load_extension
 from .._work import WorkUnit
 from . import _lineage, _site, _writes
 from ._guarded_class import (
@@ -31,7 +31,7 @@ from ._handles import guard_session_state, move_shadowed, watch_flagging
 from ._lineage import BorrowToken
 from ._ownership import MODES, Mode, SessionGuard
 from ._site import Site, application_site
-from ._state import NO_EXTENSIONS_VARIABLE, OWNED
+from ._state import OWNED
 
 T = TypeVar("T")
 HandOffHook = Callable[[Any], None]
@@ -80,11 +80,8 @@ GuardNewSession = Callable[[Any, Mode, "Site | None", "HandOffHook | None", Work
 def _load_guard_setup() -> GuardNewSession | None:
     """``sessionscope._guard_setup.guard_new_session``, configured, or None (not built, or
     ``SESSIONSCOPE_NO_EXTENSIONS`` set): :func:`install`'s usual case in one C call."""
-    if os.environ.get(NO_EXTENSIONS_VARIABLE):
-        return None
-    try:
-        from .. import _guard_setup  # type: ignore[attr-defined]
-    except ImportError:  # not built: the Python code below does it all
+    _guard_setup: Any = load_extension("_guard_setup")
+    if _guard_setup is None:  # not built, or turned off: the Python code below does it all
         return None
     _guard_setup.configure(
         SessionGuard,

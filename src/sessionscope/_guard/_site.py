@@ -17,7 +17,7 @@ from types import FrameType
 import sqlalchemy
 from greenlet import getcurrent
 
-from ._state import NO_EXTENSIONS_VARIABLE
+from .._extensions import load_extension
 
 _LIBRARY_DIRS = tuple(
     os.path.dirname(path) + os.sep
@@ -105,11 +105,8 @@ FrameWalk = Callable[[int, dict[str, int], Callable[[str], int]], "Site | None"]
 
 def _load_frame_walk() -> FrameWalk | None:
     """The C module's walk (``sessionscope/_frames.c``: no frame objects are made), or None."""
-    if os.environ.get(NO_EXTENSIONS_VARIABLE):
-        return None
-    try:
-        from .. import _frames  # type: ignore[attr-defined]
-    except ImportError:  # not built (no compiler at install time)
+    _frames = load_extension("_frames")
+    if _frames is None:
         return None
     walk: FrameWalk | None = getattr(_frames, "application_site", None)
     return walk  # (CPython 3.11-3.13 only: elsewhere the module is empty)

@@ -10,7 +10,6 @@ test suite runs both.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from greenlet import getcurrent
 
 from .._extensions import NO_EXTENSIONS_VARIABLE as NO_EXTENSIONS_VARIABLE
+from .._extensions import load_extension
 from .._units._asyncio import _get_running_loop, current_task_of_loop
 from .._work import work_var
 
@@ -40,11 +40,8 @@ def _load_speedups() -> Any:
 
     Configured here, where it is loaded, so that no user of :data:`speedups` finds it unready.
     """
-    if os.environ.get(NO_EXTENSIONS_VARIABLE):
-        return None
-    try:
-        from .. import _speedups  # type: ignore[attr-defined]
-    except ImportError:  # not built (no compiler at install time): the Python checks
+    _speedups: Any = load_extension("_speedups")
+    if _speedups is None:  # not built, or turned off: the Python checks
         return None
     _speedups.configure(
         getcurrent, work_var, _get_running_loop, current_task_of_loop, sys.modules, ENDED, INSIDE
