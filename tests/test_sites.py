@@ -189,3 +189,33 @@ def test_the_c_walk_makes_no_frame_object() -> None:
     in_c = _retained_by(all_library, 20)
     assert in_python > 20 * 100  # (the measure sees frame objects: about 190 bytes each)
     assert in_c < 1_000
+
+
+@needs_the_c_walk
+def test_sessions_made_at_one_line_share_its_site() -> None:
+    """A guarded session keeps its site as long as it lives: the C walk hands out one tuple per
+    line (a tuple each was 64 bytes per live session), and a new one for another line."""
+    walk = _site._frame_walk
+    assert walk is not None
+    at_one_line = [walk(1, _site._kinds, _site._kind) for _ in range(3)]
+    at_another = walk(1, _site._kinds, _site._kind)
+    assert at_one_line[0] is at_one_line[1] is at_one_line[2]
+    assert at_another is not at_one_line[0]
+    assert at_another[1] == at_one_line[0][1] + 1
+
+
+@needs_the_c_walk
+def test_a_shared_site_is_never_another_codes() -> None:
+    """Code objects made and freed one after another (often at one address) each get their own
+    file, line and function, never a site kept for the one before."""
+    walk = _site._frame_walk
+    assert walk is not None
+    for i in range(200):
+        filename, function = f"<generated-{i % 7}>", f"made_{i % 5}"
+        padding = "\n" * (i % 3)
+        namespace: dict[str, Any] = {"walk": walk, "kinds": _site._kinds, "kind": _site._kind}
+        source = f"{padding}def {function}():\n    return walk(1, kinds, kind)\n"
+        exec(compile(source, filename, "exec"), namespace)
+        site = namespace[function]()
+        assert site == (filename, 2 + i % 3, function)
+        del namespace

@@ -9,7 +9,8 @@
  * task's coroutine): one frame object more per live unit, and some 250 ns per session.
  *
  * This module takes the same steps over the interpreter's own frames, which exist anyway, and
- * makes only the (file, line, function) tuple. It reads CPython's internal frame structure
+ * makes only the (file, line, function) tuple, shared by the sessions made at the same line
+ * (see recent_sites). It reads CPython's internal frame structure
  * (as greenlet and Cython do), so it is built for CPython 3.11 to 3.13 only; elsewhere it
  * defines nothing and `sessionscope._guard._site` walks frame objects in Python (on 3.10, frame
  * objects are the frames: there is nothing to save). Which frames count, and the line of each,
@@ -60,6 +61,42 @@ code_of(_PyInterpreterFrame *frame)
 #endif
 }
 
+/*
+ * The sites made lately, shared: a guarded session keeps its site for as long as it lives (its
+ * unit's life), and an application makes its sessions at a handful of lines, so one tuple per
+ * line serves them all. A tuple of its own was 64 bytes per live session, and 32 more for a line
+ * number above 256 (Python caches smaller ints); sharing also saves making them.
+ *
+ * A direct-mapped table keyed by (code object address, line). An entry is only trusted if its
+ * tuple holds the very filename and function-name objects of the code found now: a code object
+ * freed and another made at its address either holds those same objects (then the site, which
+ * is made of nothing else, is the same) or misses. The table holds strong references to its
+ * tuples only, at most SITE_SLOTS of them. It relies on the GIL (the free-threaded build does not
+ * use it).
+ */
+#define SITE_SLOTS 256
+
+typedef struct {
+    const void *code;
+    int line;
+    PyObject *site; /* (filename, line, function), or NULL */
+} SiteSlot;
+
+#ifndef Py_GIL_DISABLED
+static SiteSlot recent_sites[SITE_SLOTS];
+#endif
+
+static PyObject *
+make_site(PyCodeObject *code, int line)
+{
+    PyObject *number = PyLong_FromLong(line);
+    if (number == NULL)
+        return NULL;
+    PyObject *site = PyTuple_Pack(3, code->co_filename, number, code->co_name);
+    Py_DECREF(number);
+    return site;
+}
+
 static PyObject *
 site_of(_PyInterpreterFrame *frame)
 {
@@ -69,12 +106,25 @@ site_of(_PyInterpreterFrame *frame)
 #else
     int line = PyCode_Addr2Line(code, _PyInterpreterFrame_LASTI(frame) * sizeof(_Py_CODEUNIT));
 #endif
-    PyObject *number = PyLong_FromLong(line);
-    if (number == NULL)
+#ifdef Py_GIL_DISABLED
+    return make_site(code, line);
+#else
+    size_t hash = ((size_t)code >> 4) ^ ((size_t)line * 0x9E3779B1u);
+    SiteSlot *slot = &recent_sites[(hash ^ (hash >> 8)) % SITE_SLOTS];
+    PyObject *known = slot->site;
+    if (known != NULL && slot->code == code && slot->line == line &&
+        PyTuple_GET_ITEM(known, 0) == code->co_filename &&
+        PyTuple_GET_ITEM(known, 2) == code->co_name)
+        return Py_NewRef(known);
+    PyObject *site = make_site(code, line);
+    if (site == NULL)
         return NULL;
-    PyObject *site = PyTuple_Pack(3, code->co_filename, number, code->co_name);
-    Py_DECREF(number);
+    slot->code = code;
+    slot->line = line;
+    slot->site = Py_NewRef(site);
+    Py_XDECREF(known); /* (last: freeing it may run no code of ours, but the slot is set) */
     return site;
+#endif
 }
 
 /* The kind of a frame's file: 0 the application's, 1 a library's (stepped over), 2 the standard
