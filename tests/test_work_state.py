@@ -156,6 +156,45 @@ def test_the_end_calls_the_same_hooks_in_the_same_order() -> None:
     assert held["value_key"] is None and held["value"] is None and held["values"] is None
 
 
+@pytest.mark.parametrize("how", ["an older generation", "a fork under way in another process"])
+def test_a_parent_process_s_work_is_abandoned_untouched_by_both(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A work of a parent process ending in a forked child (after the fork's callbacks, or
+    while CPython frees the parent's other threads, before them): no hook and no guard is
+    called, and its values are parked in ``_fork._orphans``, never closed."""
+    seen = []
+    for work in both(current_unit(), None, False):
+        calls: list[Any] = []
+        orphans_before = len(_fork._orphans)
+        with monkeypatch.context() as patch:
+            if how == "an older generation":
+                patch.setattr(_fork, "generation", _fork.generation + 1)
+            else:  # the forking process's id is not this one's: this is its child
+                patch.setattr(_fork, "forking_pid", os.getpid() + 1)
+            ended_with(work, calls)
+        orphaned = _fork._orphans[orphans_before:]
+        del _fork._orphans[orphans_before:]
+        seen.append((calls, fields(work), id(work) in _work.holding_values, orphaned))
+    assert seen[0] == seen[1]
+    calls, held, holding, orphaned = seen[0]
+    assert calls == [] and sorted(orphaned) == ["value-a", "value-b", "value-none"]
+    assert held["ended"] is True and held["owned"] is None and not holding
+    assert held["value_key"] is None and held["value"] is None and held["values"] is None
+
+
+def test_a_fork_under_way_in_this_process_ends_works_as_usual(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parent, between a fork's start and its return (another thread ending its work
+    meanwhile): its works are its own, and end as usual."""
+    monkeypatch.setattr(_fork, "forking_pid", os.getpid())
+    for work in both(current_unit(), None, False):
+        calls: list[Any] = []
+        ended_with(work, calls)
+        assert len(calls) == 4
+
+
 def test_the_end_runs_once() -> None:
     for work in both(current_unit(), None, False):
         calls: list[Any] = []

@@ -190,6 +190,10 @@ class PythonWorkState:
         work = cast("WorkUnit", self)  # (what every instance is: this is WorkUnit's base)
         self.ended = True
         holding_values.pop(id(self), None)
+        if (self.generation != _fork.generation or _fork.forking_pid) and _fork.abandon_if_parents(
+            self
+        ):
+            return  # a parent process's work, ending in a child: nothing of it is touched
         # (take_values() and owned_guards(), inlined: every request ends a work)
         values = None
         if self.value_key is not None or self.values:

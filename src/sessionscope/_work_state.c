@@ -31,7 +31,7 @@ static PyObject *interpreter = NULL;    /* _units._thread.INTERPRETER: {"shuttin
 
 static PyObject *min_prune = NULL;      /* _work._MIN_PRUNE */
 static PyObject *s_generation, *s_ident, *s_work_ended, *s_owner_ended, *s_shutting_down,
-    *s_collected;
+    *s_collected, *s_forking_pid, *s_abandon_if_parents;
 
 typedef struct {
     PyObject_HEAD
@@ -264,6 +264,48 @@ take_values(WorkState *self)
     return items;
 }
 
+/* 1 if the work was a parent process's, ending in a forked child, and _fork abandoned what it
+ * holds (nothing of it is touched: see _fork.forking_pid); 0 if not; -1 with an exception. The
+ * usual end only reads _fork's generation and forking_pid. */
+static int
+abandoned_in_child(WorkState *self)
+{
+    PyObject *generation = PyDict_GetItemWithError(fork_globals, s_generation); /* borrowed */
+    PyObject *forking = generation == NULL
+                            ? NULL
+                            : PyDict_GetItemWithError(fork_globals, s_forking_pid); /* borrowed */
+    if (forking == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "sessionscope._fork has no generation or "
+                                                "forking_pid");
+        return -1;
+    }
+    int maybe = generation != self->generation;
+    if (maybe) {
+        int equal = PyObject_RichCompareBool(generation, self->generation, Py_EQ);
+        if (equal < 0)
+            return -1;
+        maybe = !equal;
+    }
+    if (!maybe) {
+        maybe = PyObject_IsTrue(forking);
+        if (maybe <= 0)
+            return maybe;
+    }
+    PyObject *abandon = PyDict_GetItemWithError(fork_globals, s_abandon_if_parents); /* borrowed */
+    if (abandon == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "sessionscope._fork has no abandon_if_parents");
+        return -1;
+    }
+    PyObject *done = PyObject_CallOneArg(abandon, (PyObject *)self);
+    if (done == NULL)
+        return -1;
+    int abandoned = PyObject_IsTrue(done);
+    Py_DECREF(done);
+    return abandoned;
+}
+
 /* WorkUnit.end(collected): its sessions closed (rolled back if uncommitted), once. */
 static int
 end_work(WorkState *self, PyObject *collected)
@@ -283,6 +325,9 @@ end_work(WorkState *self, PyObject *collected)
             PyErr_Clear(); /* it held no registry value */
         }
     }
+    int abandoned = abandoned_in_child(self);
+    if (abandoned != 0)
+        return abandoned < 0 ? -1 : 0;
     PyObject *items = NULL;
     if (self->value_key != Py_None ||
         (PyDict_Check(self->values) && PyDict_GET_SIZE(self->values))) {
@@ -475,6 +520,8 @@ PyInit__work_state(void)
     INTERN(s_owner_ended, "owner_ended");
     INTERN(s_shutting_down, "shutting_down");
     INTERN(s_collected, "collected");
+    INTERN(s_forking_pid, "forking_pid");
+    INTERN(s_abandon_if_parents, "abandon_if_parents");
     if (PyType_Ready(&WorkStateType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&work_state_module);
