@@ -71,9 +71,13 @@ def may_block_to_end(work: WorkUnit) -> bool:
     """Whether ending ``work`` may block on the database (see :func:`_any_blocking_close`).
 
     Asked at every gevent or eventlet unit's end, in the hub: it stops at the first session that
-    may block, without building a list.
+    may block, without building a list (a loop, not ``any()`` over a generator expression: a
+    frame less per unit).
     """
-    return any(_may_block(session) for session in _each_session_of(work))
+    for session in _each_session_of(work):
+        if not isinstance(session, AsyncSession) and needs_io_to_close(session):  # (_may_block)
+            return True
+    return False
 
 
 def _may_block(session: Any) -> bool:
@@ -90,10 +94,14 @@ def _each_session_of(work: WorkUnit) -> Iterator[Any]:
     """The sessions ending ``work`` may close: its registries' and those it owns that are not
     closed for good (a scope's sealed session holds nothing). A registry's session is also owned
     by the work: it comes once (the first registry's is the usual one; it used to be checked
-    twice at every gevent unit's end)."""
+    twice at every gevent unit's end). Its guard is recognised by the session's ``hash_key``,
+    without looking the session up (an AsyncSession has none: its guard's session is looked
+    up, and recognised by identity)."""
     first = work.value if work.value_key is not None else None
+    first_key = None
     if first is not None:
         yield first
+        first_key = getattr(first, "hash_key", None)
     if work.values:
         yield from work.values.values()
     owned = work.owned
@@ -101,7 +109,9 @@ def _each_session_of(work: WorkUnit) -> Iterator[Any]:
         return
     for ref in owned if isinstance(owned, list) else (owned,):
         guard = ref()
-        session = guard.unsealed_session() if guard is not None else None
+        if guard is None or (first_key is not None and guard.session_key == first_key):
+            continue
+        session = guard.unsealed_session()
         if session is not None and session is not first:
             yield session
 
