@@ -52,10 +52,16 @@ def abandon_if_parents(work: Any) -> bool:
     """
     if not is_parents(work.generation):
         return False
+    abandon(work)
+    return True
+
+
+def abandon(work: Any) -> None:
+    """Park what a parent process's unit of work holds in :data:`_orphans`, untouched (never
+    closed, so nothing is said on the parent's sockets), and forget whom it owns and serves."""
     _orphans.extend(value for _, value in work.take_values())
     work.owned = None
     work.task = None
-    return True
 
 
 def _before_fork() -> None:

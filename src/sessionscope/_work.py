@@ -701,16 +701,15 @@ def _forget_works_after_fork() -> list[Any]:
     """In a forked child: the parent's works hold nothing, and nothing of theirs is touched.
 
     (Works holding no registry value need nothing: their generation is the parent's, so
-    :func:`current_work` never returns them, and their guards are refused in the child.)
+    :func:`current_work` never returns them, their guards are refused in the child, and their
+    end abandons what they own: ``_fork.abandon_if_parents``.)
     """
     abandoned: list[Any] = []
     for ref in list(holding_values.values()):
         work = ref()
         if work is None:
             continue
-        abandoned.extend(value for _, value in work.take_values())
-        work.owned = None
-        work.task = None
+        _fork.abandon(work)
         work.ended = True
         abandoned.append(work)
     holding_values.clear()
