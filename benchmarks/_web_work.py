@@ -8,7 +8,10 @@ really wrote.
 The applications are configured by environment variables:
 
     BENCH_WEB_URL       the database URL (sync driver; the async one is derived from it)
-    BENCH_WEB_VARIANT   ``sessionscope`` or ``by-hand``
+    BENCH_WEB_VARIANT   ``sessionscope``, ``by-hand``, or (WSGI only) ``registry``: sessionscope's
+                        registry without the integration, ``Session()`` then ``remove()`` in
+                        a ``finally`` (a layer of the sessionscope variant, to tell its costs
+                        apart)
     BENCH_WEB_TAG       what the rows and answers are tagged with (default: the variant); two
                         servers of one variant (``--same``) need two tags
     BENCH_WEB_SESSION   ASGI only: ``sync`` (``def`` endpoint, Session) or ``async``
@@ -28,7 +31,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 SESSIONSCOPE = "sessionscope"
 BY_HAND = "by-hand"
+REGISTRY = "registry"
 VARIANTS = (SESSIONSCOPE, BY_HAND)
+"""What the benchmarks compare; ``REGISTRY`` is a layer of the first, served on request."""
+KNOWN_VARIANTS = (*VARIANTS, REGISTRY)
 Guard = Literal["raise", "warn", "off"]
 GUARDS = ("raise", "warn", "off")
 ITEMS = 100
@@ -64,8 +70,8 @@ class Config:
     def __init__(self) -> None:
         self.url = os.environ["BENCH_WEB_URL"]
         self.variant = os.environ["BENCH_WEB_VARIANT"]
-        if self.variant not in VARIANTS:
-            raise ValueError(f"BENCH_WEB_VARIANT={self.variant!r}: not one of {VARIANTS}")
+        if self.variant not in KNOWN_VARIANTS:
+            raise ValueError(f"BENCH_WEB_VARIANT={self.variant!r}: not one of {KNOWN_VARIANTS}")
         self.tag = os.environ.get("BENCH_WEB_TAG", self.variant)
         self.session = os.environ.get("BENCH_WEB_SESSION", "sync")
         self.pool = int(os.environ.get("BENCH_WEB_POOL", "10"))

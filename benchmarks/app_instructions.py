@@ -100,25 +100,42 @@ def _env(db: Database, variant: str, tag: str, seed: int) -> dict[str, str]:
     }
 
 
-def _run(db: Database, variant: str, seed: int, requests: int, *, callgrind: bool) -> int:
-    """A child process's instructions (0 without callgrind); its rows checked, then deleted."""
-    tag = f"{variant[:8]}-{seed}-{requests}"  # (each run's own rows; a tag holds 20 characters)
-    command = [sys.executable, __file__, "--child", "--requests", str(requests)]
-    if callgrind:
-        command = [*VALGRIND, *command]
-    env = _env(db, variant, tag, seed)
+def run_child(
+    db: Database,
+    variant: str,
+    seed: int,
+    requests: int,
+    *,
+    prefix: Sequence[str] = (),
+    guard: str = "raise",
+    tag: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run :func:`child` (the warm-up, then ``requests``) in a process of its own under
+    ``prefix`` (a counting tool's command), with sessionscope's ``guard``; its rows checked, then
+    deleted. What it printed is returned, for the counting tool's figure."""
+    tag = tag or f"{variant[:8]}-{seed}-{requests}"  # (each run's own rows; 20 characters)
+    command = [*prefix, sys.executable, __file__, "--child", "--requests", str(requests)]
+    env = {**_env(db, variant, tag, seed), "BENCH_WEB_GUARD": guard}
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")])
     )
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    instructions = collected(done.stderr)
-    if done.returncode != 0 or (callgrind and instructions is None):
+    if done.returncode != 0:
         raise RuntimeError(f"{variant}, seed {seed}: the run failed:\n{done.stderr[-2000:]}")
     written = db.hits(tag)
     with db.engine.begin() as conn:
         conn.execute(delete(Hit).where(Hit.tag == tag))
     if written != WARMUP + requests:
         raise RuntimeError(f"{variant}, seed {seed}: {WARMUP + requests} requests, {written} rows")
+    return done
+
+
+def _run(db: Database, variant: str, seed: int, requests: int, *, callgrind: bool) -> int:
+    """A child process's instructions (0 without callgrind)."""
+    done = run_child(db, variant, seed, requests, prefix=VALGRIND if callgrind else ())
+    instructions = collected(done.stderr)
+    if callgrind and instructions is None:
+        raise RuntimeError(f"{variant}, seed {seed}: callgrind reported nothing:\n{done.stderr}")
     return instructions or 0
 
 

@@ -6,6 +6,9 @@
   ``sessionscope.scoped_session(sessionmaker(engine))``; the endpoint uses ``Session()``.
 - ``by-hand``: what people write without it: a plain ``Session`` from ``sessionmaker(engine)``
   opened per request, used, and closed in a ``finally``.
+- ``registry``: the sessionscope variant's registry alone, with no middleware, unit of work or
+  scope: ``Session()``, used, then ``Session.remove()`` in a ``finally`` (what the registry and
+  its guard cost, apart from the request's boundary).
 
 ``POST /work/{item_id}`` does :func:`_web_work.work` (SELECT by primary key, INSERT, commit) and
 answers ``{"variant": ..., "item": ...}``; ``GET /health`` answers without touching the database.
@@ -17,7 +20,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from _web_work import BY_HAND, Config, work
+from _web_work import BY_HAND, REGISTRY, Config, work
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,6 +60,20 @@ def create_app() -> WsgiApp:
     from sessionscope.wsgi import SessionScopeMiddleware
 
     Scoped = sessionscope.scoped_session(sessionmaker(engine), guard=config.guard)
+
+    if variant == REGISTRY:
+
+        def registry_alone(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            path: str = environ["PATH_INFO"]
+            if not path.startswith("/work/"):
+                return respond(start_response, "200 OK", HEALTH)
+            try:
+                body = work(Scoped(), int(path[6:]), tag)
+            finally:
+                Scoped.remove()
+            return respond(start_response, "200 OK", json.dumps(body).encode())
+
+        return registry_alone
 
     def scoped(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path: str = environ["PATH_INFO"]

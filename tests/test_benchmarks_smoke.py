@@ -6,6 +6,7 @@ import importlib.util
 import json
 import re
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -192,6 +193,8 @@ def test_web_cases_serve_both_variants_and_stop_their_servers(
             assert min(rounds) > 0
         # every 200 counted wrote its row (checked by the benchmark too), the checked ones at least
         assert min(row["rows_written"].values()) > web_requests.CHECK_REQUESTS
+        # one pair: resampling it gives back its own ratio
+        assert row["ratio_interval_95"] == [row["ratio_median"]] * 2
         for url in row["servers"]:
             with pytest.raises(httpx.TransportError):
                 httpx.get(url + "/health", timeout=2)
@@ -410,6 +413,18 @@ def test_app_instructions_benchmark_calls_each_variant_and_checks_its_rows(
     assert "each variant served and wrote its rows" in capsys.readouterr().out
 
 
+def test_type_cache_misses_benchmark_calls_each_variant_and_checks_its_rows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``type_cache_misses.py --smoke``: the same children as ``app_instructions.py``, with the
+    guard chosen, each checked for its rows; nothing counted (no uprobe is added)."""
+    import type_cache_misses
+
+    assert type_cache_misses.main(["--smoke", "--guard", "off"]) == 0
+    assert "each variant served and wrote its rows" in capsys.readouterr().out
+    assert Path(type_cache_misses.interpreter_binary()).exists()
+
+
 @pytest.mark.slow
 def test_app_instructions_counts_a_request_under_callgrind(tmp_path: Path) -> None:
     """In process under callgrind, a request of the web app costs about two million
@@ -462,3 +477,31 @@ def test_unit_instructions_counts_a_unit_under_callgrind() -> None:
         pytest.skip("valgrind is not installed")
     counted = unit_instructions.per_unit("thread", unit_instructions.SESSIONSCOPE, 0, 20)
     assert 50_000 < counted < 5_000_000  # about 265,000 on CPython 3.11
+
+
+def test_the_interval_over_pairs_resamples_whole_pairs() -> None:
+    """Pairs that agree give a tight interval around their ratio; pairs that disagree a wide
+    one, which holds the median of all rounds, and no pair's rounds are split up."""
+    agreeing = [[0.95, 0.96, 0.95, 0.96]] * 10
+    assert web_requests.interval_over_pairs(agreeing) == pytest.approx((0.955, 0.955))
+    spread = [[0.80, 0.82], [0.90, 0.92], [1.00, 1.02], [0.95, 0.96], [0.85, 0.86]]
+    low, high = web_requests.interval_over_pairs(spread)
+    everything = sorted(r for pair in spread for r in pair)
+    assert everything[0] <= low < statistics.median(everything) < high <= everything[-1]
+    assert high - low > 0.05
+    assert web_requests.interval_over_pairs(spread) == (low, high)  # seeded
+    assert web_requests.interval_over_pairs([]) == (0.0, 0.0)
+
+
+def test_the_registry_alone_is_a_candidate_for_the_wsgi_cases(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--candidate registry`` serves the WSGI app's registry-only variant against by-hand (its
+    rows counted like the integration's); the ASGI cases have no such variant and are refused."""
+    assert web_requests.main(["--smoke", "-k", "gthread", "--candidate", "registry"]) == 0
+    out = capsys.readouterr().out
+    assert web_requests.LAYER_NOTE in out
+    assert re.search(r"gunicorn gthread WSGI\s+by-hand .* registry .* ratio \d", out)
+    with pytest.raises(SystemExit):
+        web_requests.main(["--smoke", "-k", "uvicorn", "--candidate", "registry"])
+    assert "--candidate registry is for the WSGI app" in capsys.readouterr().err
