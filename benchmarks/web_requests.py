@@ -695,10 +695,9 @@ def header(settings: WebSettings, database: str, names: tuple[str, str]) -> str:
 
 def verdict(result: WebResult) -> str:
     """How the ratio stands against the target, given its interval over pairs."""
-    low, high = result.interval
     if result.ratio >= TARGET:
         return ""
-    if high >= TARGET:
+    if result.interval[1] >= TARGET:
         return f"  < {TARGET} target, not resolved (its interval reaches it)"
     return f"  < {TARGET} target"
 

@@ -505,3 +505,24 @@ def test_the_registry_alone_is_a_candidate_for_the_wsgi_cases(
     with pytest.raises(SystemExit):
         web_requests.main(["--smoke", "-k", "uvicorn", "--candidate", "registry"])
     assert "--candidate registry is for the WSGI app" in capsys.readouterr().err
+
+
+def test_a_ratio_below_the_target_is_resolved_only_when_its_interval_is() -> None:
+    """Below 0.97: flagged, and "not resolved" while the interval over pairs reaches 0.97."""
+    from _timing import Comparison
+
+    def result(candidate: float, interval: tuple[float, float]) -> Any:
+        return web_requests.WebResult(
+            web_requests.CASES[0],
+            "SQLite",
+            web_requests.SMOKE,
+            Comparison([100.0, 100.0], [candidate, candidate]),
+            {"by-hand": 1, "sessionscope": 1},
+            interval=interval,
+        )
+
+    assert web_requests.verdict(result(99.0, (0.95, 1.01))) == ""
+    assert "not resolved" in web_requests.verdict(result(95.0, (0.90, 0.98)))
+    below = web_requests.verdict(result(90.0, (0.86, 0.92)))
+    assert "0.97 target" in below and "not resolved" not in below
+    assert "[95% over pairs 0.860-0.920]" in web_requests.line(result(90.0, (0.86, 0.92)))
