@@ -189,6 +189,51 @@ def test_an_interrupted_fan_out_starts_nothing_more_and_waits_for_the_running_it
     assert engine.pool.checkedout() == 0
 
 
+def test_ctrl_c_while_the_threads_start_waits_for_every_item_a_thread_took(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C can reach the caller inside a ``Thread.start()`` whose thread already took an item
+    (the start waits for its thread to run, and a loaded machine runs it at once). fan_out waits
+    for that item too, and the threads it never started take nothing. (Before, such a thread
+    counted as not started: fan_out could leave with its item still writing, as a CI run on
+    Python 3.13 showed.)"""
+    seed(engine, 20)
+    Session = sessionscope.scoped_session(sessionmaker(engine))
+    started: list[int] = []
+    ended: list[int] = []
+    second_took_one = threading.Event()
+
+    def work(parent_id: int) -> int:
+        started.append(parent_id)
+        if len(started) == 2:
+            second_took_one.set()
+        Session().add(Child(name=f"flushed-{parent_id}", parent_id=parent_id))
+        Session().flush()
+        time.sleep(0.05 if parent_id == 1 else 0.5)  # the first thread's item ends long before
+        ended.append(parent_id)
+        return parent_id
+
+    real_start = threading.Thread.start
+    starts: list[str] = []
+
+    def start(thread: threading.Thread) -> None:
+        real_start(thread)
+        starts.append(thread.name)
+        if len(starts) == 2 and thread.name.startswith("sessionscope.fan_out_"):
+            assert second_took_one.wait(30)
+            raise KeyboardInterrupt  # Ctrl-C as this start() returns: its thread runs an item
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        sessionscope.fan_out(work, range(1, 21), session=Session, limit=4)
+    monkeypatch.undo()
+    assert len(starts) == 2  # the other two threads were never started
+    assert sorted(started) == sorted(ended)  # the second thread's item was waited for
+    assert {1, 2} <= set(started)
+    assert stored(engine)["children"] == {}
+    assert engine.pool.checkedout() == 0
+
+
 def test_what_an_item_did_not_commit_is_rolled_back(engine: Engine) -> None:
     seed(engine, 20)
     Session = sessionscope.scoped_session(sessionmaker(engine))

@@ -260,6 +260,11 @@ def _in_threads(fn: Any, items: list[Any], registry: Any, limit: int | None) -> 
     The caller wakes every ``_POLL`` seconds while it waits: a SIGINT that the kernel hands to one
     of the item threads (it may pick any thread) runs Python's handler only once the main thread
     runs again, and a wait with no timeout would not end before every item had.
+
+    Interrupted while it starts the threads, the caller cannot tell from ``start()`` whether the
+    thread began: an interrupted ``start()`` may return (by raising) after its thread took an
+    item. So each thread says it began (``began``), and the caller, once the stop is recorded,
+    writes off those that have not: one that begins later takes no item and does not count.
     """
     stop = _Stop()
     results: list[Any] = [_NOT_RUN] * len(items)
@@ -268,8 +273,14 @@ def _in_threads(fn: Any, items: list[Any], registry: Any, limit: int | None) -> 
     workers = min(limit or min(32, (os.cpu_count() or 1) + 4), len(items))  # (the pool's default)
     running = [workers]
     all_done = threading.Event()
+    began: list[bool | None] = [False] * workers
+    """Per thread, under ``taking``: True once it began, None once the caller wrote it off."""
 
-    def take_items() -> None:
+    def take_items(index: int) -> None:
+        with taking:
+            if began[index] is None:  # written off by an interrupted start: nothing to do
+                return
+            began[index] = True
         try:
             while not stop.stopped:
                 with taking:
@@ -283,18 +294,18 @@ def _in_threads(fn: Any, items: list[Any], registry: Any, limit: int | None) -> 
                 if not running[0]:
                     all_done.set()
 
-    started = 0
     try:
         for n in range(workers):
-            threading.Thread(target=take_items, name=f"sessionscope.fan_out_{n}").start()
-            started += 1
+            threading.Thread(target=take_items, args=(n,), name=f"sessionscope.fan_out_{n}").start()
     except BaseException as error:
         # A thread could not be started (or Ctrl-C came meanwhile): nothing more starts, and
-        # the threads started finish their items. A start() interrupted after its thread began
-        # counts as not started, so the caller may leave while that thread ends its item.
+        # the threads that began finish their items; the others are written off (see above).
         stop.failed(-1, error)
         with taking:
-            running[0] -= workers - started
+            for n, state in enumerate(began):
+                if state is False:
+                    began[n] = None
+                    running[0] -= 1
             if not running[0]:
                 all_done.set()
         all_done.wait()
