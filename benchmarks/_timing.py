@@ -80,9 +80,14 @@ class Comparison:
         return min(self.candidate)
 
     @property
+    def round_ratios(self) -> list[float]:
+        """Candidate / anchor, round by round."""
+        return [c / a for a, c in zip(self.anchor, self.candidate, strict=True)]
+
+    @property
     def ratio(self) -> float:
         """Median of the per-round ratios: each round's two samples ran back to back."""
-        return statistics.median(c / a for a, c in zip(self.anchor, self.candidate, strict=True))
+        return statistics.median(self.round_ratios)
 
     @property
     def ratio_min(self) -> float:

@@ -549,6 +549,7 @@ def run_case(
         sum(c.timed_cpu for c in side) * 1e6 / max(sum(c.timed_requests for c in side), 1)
         for side in (hand, scoped)
     ]
+    per_pair = [Comparison(a.rps, b.rps) for a, b in zip(hand, scoped, strict=True)]
     return WebResult(
         case,
         database.kind,
@@ -561,17 +562,9 @@ def run_case(
         cpu_us=(cpu[0], cpu[1]),
         guard=guard,
         urls=tuple(c.server.base_url for c in contenders[-1]),
-        pair_ratios=tuple(
-            Comparison(a.rps, b.rps).ratio for a, b in zip(hand, scoped, strict=True)
-        ),
-        interval=interval_over_pairs(
-            [round_ratios(a.rps, b.rps) for a, b in zip(hand, scoped, strict=True)]
-        ),
+        pair_ratios=tuple(pair.ratio for pair in per_pair),
+        interval=interval_over_pairs([pair.round_ratios for pair in per_pair]),
     )
-
-
-def round_ratios(anchor: Sequence[float], candidate: Sequence[float]) -> list[float]:
-    return [c / a for a, c in zip(anchor, candidate, strict=True)]
 
 
 def interval_over_pairs(
