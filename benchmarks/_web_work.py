@@ -11,7 +11,9 @@ The applications are configured by environment variables:
     BENCH_WEB_VARIANT   ``sessionscope``, ``by-hand``, or (WSGI only) ``registry``: sessionscope's
                         registry without the integration, ``Session()`` then ``remove()`` in
                         a ``finally`` (a layer of the sessionscope variant, to tell its costs
-                        apart)
+                        apart); or (WSGI only) ``imported``: the by-hand app in a process that
+                        imported sessionscope and its WSGI integration and made a registry it
+                        never calls (a control: what importing sessionscope costs by itself)
     BENCH_WEB_TAG       what the rows and answers are tagged with (default: the variant); two
                         servers of one variant (``--same``) need two tags
     BENCH_WEB_SESSION   ASGI only: ``sync`` (``def`` endpoint, Session) or ``async``
@@ -32,9 +34,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 SESSIONSCOPE = "sessionscope"
 BY_HAND = "by-hand"
 REGISTRY = "registry"
+IMPORTED = "imported"
 VARIANTS = (SESSIONSCOPE, BY_HAND)
-"""What the benchmarks compare; ``REGISTRY`` is a layer of the first, served on request."""
-KNOWN_VARIANTS = (*VARIANTS, REGISTRY)
+"""What the benchmarks compare. Served on request (WSGI only): ``REGISTRY``, a layer of the
+first, and ``IMPORTED``, the second in a process that imported the first (a control)."""
+KNOWN_VARIANTS = (*VARIANTS, REGISTRY, IMPORTED)
+LAYERS = (REGISTRY, IMPORTED)
+"""The variants only the WSGI app serves."""
 Guard = Literal["raise", "warn", "off"]
 GUARDS = ("raise", "warn", "off")
 ITEMS = 100

@@ -16,7 +16,9 @@ the hand-written session closed in a ``finally``) serve the same requests, calle
 one thread as a gthread worker's thread calls them: a process of its own per variant, seed and
 length under ``valgrind --tool=callgrind``; two runs that differ only in how many requests follow
 the warm-up give the instructions of those requests alone. What is left is the layout of this
-process, which the hash seed moves: the ratio is the median over seeds, per-seed figures too.
+process, which the hash seed moves: the ratio is the median over seeds, per-seed figures too; and
+since the type attribute cache's misses are most of that term, the ratio of the instructions
+outside their walks is printed too (see ``_callgrind.py``).
 
 Every answer is checked (200, its variant), and every request's row is counted in the database.
 """
@@ -36,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _callgrind import VALGRIND, collected, per_seed
+from _callgrind import MISS_WALK, VALGRIND, Split, collected, inclusive_cost, per_seed
 from _web_work import BY_HAND, ITEMS, SESSIONSCOPE, VARIANTS
 from sqlalchemy import delete
 from web_requests import Database, Hit, database
@@ -114,7 +116,7 @@ def run_child(
     ``prefix`` (a counting tool's command), with sessionscope's ``guard``; its rows checked, then
     deleted. What it printed is returned, for the counting tool's figure."""
     tag = tag or f"{variant[:8]}-{seed}-{requests}"  # (each run's own rows; 20 characters)
-    command = [*prefix, sys.executable, __file__, "--child", "--requests", str(requests)]
+    command = [*prefix, sys.executable, __file__, "--child", "--requests", f"{requests:06}"]
     env = {**_env(db, variant, tag, seed), "BENCH_WEB_GUARD": guard}
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")])
@@ -130,19 +132,28 @@ def run_child(
     return done
 
 
-def _run(db: Database, variant: str, seed: int, requests: int, *, callgrind: bool) -> int:
-    """A child process's instructions (0 without callgrind)."""
-    done = run_child(db, variant, seed, requests, prefix=VALGRIND if callgrind else ())
-    instructions = collected(done.stderr)
-    if callgrind and instructions is None:
-        raise RuntimeError(f"{variant}, seed {seed}: callgrind reported nothing:\n{done.stderr}")
-    return instructions or 0
+def _run(db: Database, variant: str, seed: int, requests: int, *, callgrind: bool) -> Split:
+    """A child process's instructions, and those in type attribute cache misses' walks (both 0
+    without callgrind)."""
+    if not callgrind:
+        run_child(db, variant, seed, requests)
+        return Split(0, 0)
+    with tempfile.TemporaryDirectory(prefix="sessionscope-callgrind-") as directory:
+        profile = Path(directory) / "callgrind.out"
+        prefix = [*VALGRIND[:-1], f"--callgrind-out-file={profile}"]
+        done = run_child(db, variant, seed, requests, prefix=prefix)
+        instructions = collected(done.stderr)
+        if instructions is None:
+            raise RuntimeError(
+                f"{variant}, seed {seed}: callgrind reported nothing:\n{done.stderr}"
+            )
+        return Split(instructions, inclusive_cost(profile, MISS_WALK))
 
 
-def per_request(db: Database, variant: str, seed: int, counted: int = COUNTED) -> float:
+def per_request(db: Database, variant: str, seed: int, counted: int = COUNTED) -> Split:
     """Instructions of one request of ``variant``: (warm-up + ``counted``) minus warm-up alone."""
     runs = [_run(db, variant, seed, n, callgrind=True) for n in (counted, 0)]
-    return (runs[0] - runs[1]) / counted
+    return runs[0].per(runs[1], counted)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,15 +187,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         count = lambda variant, seed: per_request(db, variant, seed)  # noqa: E731
         figures = per_seed(count, VARIANTS, range(args.seeds), args.jobs)
-    seen = [figures[SESSIONSCOPE][s] / figures[BY_HAND][s] for s in figures[BY_HAND]]
-    median = {v: statistics.median(figures[v].values()) for v in VARIANTS}
+    by_hand, ours = figures[BY_HAND], figures[SESSIONSCOPE]
+    seen = [ours[s].total / by_hand[s].total for s in by_hand]
+    seen_rest = [ours[s].rest / by_hand[s].rest for s in by_hand]
+    median = {v: statistics.median(f.total for f in figures[v].values()) for v in VARIANTS}
+    walks = {v: statistics.median(f.walks for f in figures[v].values()) for v in VARIANTS}
     print(
         f"by-hand {median[BY_HAND]:,.0f}  sessionscope {median[SESSIONSCOPE]:,.0f}"
         f"  added {median[SESSIONSCOPE] - median[BY_HAND]:,.0f}"
         f"  ratio {statistics.median(seen):.3f} (seeds: {', '.join(f'{r:.3f}' for r in seen)})"
+        f"\nof which in type cache misses' walks: by-hand {walks[BY_HAND]:,.0f}"
+        f"  sessionscope {walks[SESSIONSCOPE]:,.0f}; outside them: ratio"
+        f" {statistics.median(seen_rest):.3f} (seeds: {', '.join(f'{r:.3f}' for r in seen_rest)})"
     )
     if args.json:
-        report = {"database": db.kind, "instructions": figures, "ratios": seen}
+        report = {
+            "database": db.kind,
+            "instructions": {v: {s: f.total for s, f in figures[v].items()} for v in figures},
+            "miss_walks": {v: {s: f.walks for s, f in figures[v].items()} for v in figures},
+            "ratios": seen,
+            "ratios_outside_miss_walks": seen_rest,
+        }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -18,8 +18,13 @@ cancel out).
 What is left is layout: where the interpreter puts its objects decides which lookups collide in
 CPython's type attribute cache, and a collision costs hundreds of instructions. That depends on
 the hash seed (``PYTHONHASHSEED``), so each contender is counted under several seeds and the
-ratios are the medians over seeds (per-seed figures are printed too). The spread across seeds is
-about 1%.
+ratios are the medians over seeds (per-seed figures are printed too). It also depends on what
+else the process holds: the same contender and seed counted 1,518,747 and 1,548,857 a request
+in two processes whose environments differed by one variable, and a contender's walks of MROs
+on those misses went from 58,000 to 108,000 instructions a request between two runs. So each
+ratio is printed twice: of all instructions, and of those outside the misses' walks
+(``find_name_in_mro``, read from the profile: :func:`_callgrind.count_split`), which is what the
+code itself does, and moves far less with the layout.
 
 Instructions are not time (a cache miss costs more than an addition), so this complements the
 timed benchmark, it does not replace it: it says what sessionscope adds to a request's work,
@@ -30,13 +35,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
 from collections.abc import Sequence
 
 import per_request
-from _callgrind import count, counting_parser, per_seed
+from _callgrind import Split, count_split, counting_parser, per_seed
 
 WARMUP = 200
 COUNTED = 300
@@ -55,19 +61,21 @@ def child(label: str, contender: str, requests: int) -> int:
     return 0
 
 
-def _count(label: str, contender: str, requests: int, seed: int) -> int:
+def _count(label: str, contender: str, requests: int, seed: int) -> Split:
     """Instructions executed by a child process running ``requests`` after the warm-up."""
-    arguments = [__file__, "--child", contender, "--database", label, "--requests", str(requests)]
-    return count(arguments, seed, f"{label} {contender}")
+    requested = f"{requests:06}"  # (a fixed width: see _callgrind's docstring)
+    arguments = [__file__, "--child", contender, "--database", label, "--requests", requested]
+    return count_split(arguments, seed, f"{label} {contender}", dict(os.environ))
 
 
 def per_request_instructions(
     label: str, contender: str, seed: int, counted: int = COUNTED
-) -> float:
-    return (_count(label, contender, counted, seed) - _count(label, contender, 0, seed)) / counted
+) -> Split:
+    runs = [_count(label, contender, n, seed) for n in (counted, 0)]
+    return runs[0].per(runs[1], counted)
 
 
-def measure(label: str, seeds: Sequence[int], jobs: int) -> dict[str, dict[int, float]]:
+def measure(label: str, seeds: Sequence[int], jobs: int) -> dict[str, dict[int, Split]]:
     """Instructions per request of each contender under each seed."""
     return per_seed(
         lambda contender, seed: per_request_instructions(label, contender, seed),
@@ -77,9 +85,19 @@ def measure(label: str, seeds: Sequence[int], jobs: int) -> dict[str, dict[int, 
     )
 
 
-def ratios(figures: dict[str, dict[int, float]], candidate: str) -> list[float]:
+def ratios(
+    figures: dict[str, dict[int, Split]], candidate: str, *, rest: bool = False
+) -> list[float]:
+    """Per seed, ``candidate``'s instructions over by hand's: all of them, or (``rest``) those
+    outside the type attribute cache's misses."""
     anchor = figures[per_request.BY_HAND]
-    return [figures[candidate][seed] / anchor[seed] for seed in anchor]
+    if rest:
+        return [figures[candidate][seed].rest / anchor[seed].rest for seed in anchor]
+    return [figures[candidate][seed].total / anchor[seed].total for seed in anchor]
+
+
+def _seeds(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.3f} (seeds: {', '.join(f'{r:.3f}' for r in ratios)})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,16 +128,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = []
     for label in labels:
         figures = measure(label, range(args.seeds), args.jobs)
-        line = {c: statistics.median(figures[c].values()) for c in CONTENDERS}
+        line = {c: statistics.median(f.total for f in figures[c].values()) for c in CONTENDERS}
+        walks = {c: statistics.median(f.walks for f in figures[c].values()) for c in CONTENDERS}
         on, off = ratios(figures, per_request.SCOPE), ratios(figures, per_request.SCOPE_OFF)
+        on_rest = ratios(figures, per_request.SCOPE, rest=True)
+        off_rest = ratios(figures, per_request.SCOPE_OFF, rest=True)
         print(
             f"{label:<12} "
             + "  ".join(f"{c} {line[c]:,.0f}" for c in CONTENDERS)
-            + f"  scope/by hand {statistics.median(on):.3f} (seeds: "
-            + ", ".join(f"{r:.3f}" for r in on)
-            + f")  scope, guard=off/by hand {statistics.median(off):.3f}"
+            + f"  scope/by hand {_seeds(on)}  scope, guard=off/by hand {statistics.median(off):.3f}"
         )
-        report.append({"case": label, "instructions": figures, "scope/by hand": on, "off": off})
+        print(
+            f"{'':<12} of which in type cache misses' walks: "
+            + "  ".join(f"{c} {walks[c]:,.0f}" for c in CONTENDERS)
+            + f"\n{'':<12} outside them: scope/by hand {_seeds(on_rest)}"
+            + f"  scope, guard=off/by hand {_seeds(off_rest)}"
+        )
+        report.append(
+            {
+                "case": label,
+                "instructions": {c: {s: f.total for s, f in figures[c].items()} for c in figures},
+                "miss_walks": {c: {s: f.walks for s, f in figures[c].items()} for c in figures},
+                "scope/by hand": on,
+                "off": off,
+                "scope/by hand outside miss walks": on_rest,
+                "off outside miss walks": off_rest,
+            }
+        )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -20,7 +20,7 @@
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
-from _web_work import BY_HAND, REGISTRY, Config, work, work_async
+from _web_work import BY_HAND, LAYERS, Config, work, work_async
 from fastapi import Depends, FastAPI
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -31,10 +31,8 @@ def create_app() -> Any:
     """The uvicorn factory."""
     config = Config()
     variant, tag = config.variant, config.tag
-    if variant == REGISTRY:
-        raise ValueError(
-            f"BENCH_WEB_VARIANT={REGISTRY!r} is for the WSGI app only (gunicorn cases)"
-        )
+    if variant in LAYERS:
+        raise ValueError(f"BENCH_WEB_VARIANT={variant!r} is for the WSGI app only (gunicorn cases)")
     api = FastAPI()
 
     @api.get("/health")

@@ -5,6 +5,7 @@
     python benchmarks/web_requests.py --same     # the control: by-hand against by-hand
     python benchmarks/web_requests.py -k gevent  # only the cases whose label has "gevent"
     python benchmarks/web_requests.py -k gunicorn --candidate registry   # a layer alone
+    python benchmarks/web_requests.py -k gunicorn --candidate imported   # control: import only
 
 Each case serves the same application in two real server processes, one per variant (see
 ``web_wsgi_app.py`` and ``web_asgi_app.py``): ``sessionscope`` (the middleware, and FastAPI's
@@ -53,7 +54,18 @@ from typing import Any
 
 import httpx
 from _timing import Comparison
-from _web_work import BY_HAND, ITEMS, REGISTRY, SESSIONSCOPE, Base, Hit, Item, item_name
+from _web_work import (
+    BY_HAND,
+    IMPORTED,
+    ITEMS,
+    LAYERS,
+    REGISTRY,
+    SESSIONSCOPE,
+    Base,
+    Hit,
+    Item,
+    item_name,
+)
 from sqlalchemy import create_engine, delete, func, insert, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
@@ -740,8 +752,7 @@ def run(
     for result in runs:
         if not results:
             note = "" if guard == "raise" else f"The sessionscope registry has guard={guard!r}.\n"
-            if candidate == REGISTRY:
-                note += LAYER_NOTE
+            note += LAYER_NOTES.get(candidate, "")
             echo(header(settings, result.database, result.names) + note)
         results.append(result)
         echo(line(result))
@@ -752,6 +763,11 @@ LAYER_NOTE = (
     "The candidate is sessionscope's registry alone: Session(), then remove() in a finally; no"
     " middleware, unit of work or scope.\n"
 )
+IMPORTED_NOTE = (
+    "The candidate is the by-hand app in a process that imported sessionscope (and its WSGI"
+    " integration) and made a registry it never calls: a control.\n"
+)
+LAYER_NOTES = {REGISTRY: LAYER_NOTE, IMPORTED: IMPORTED_NOTE}
 
 
 def select_cases(text_: str, clients: int) -> list[WebCase]:
@@ -778,17 +794,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--candidate",
-        choices=(SESSIONSCOPE, REGISTRY),
+        choices=(SESSIONSCOPE, *LAYERS),
         default=SESSIONSCOPE,
-        help="what is compared with by-hand: the integration (default), or the registry alone"
-        " (gunicorn cases only)",
+        help="what is compared with by-hand: the integration (default), the registry alone, or"
+        " by-hand with sessionscope imported (a control); the last two for gunicorn cases only",
     )
     args = parser.parse_args(argv)
     settings = SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"]
     started = time.perf_counter()
     cases = select_cases(args.k, settings.clients)
-    if args.candidate == REGISTRY and any(case.server != "gunicorn" for case in cases):
-        parser.error("--candidate registry is for the WSGI app: add -k gunicorn (or gthread)")
+    if args.candidate in LAYERS and any(case.server != "gunicorn" for case in cases):
+        parser.error(
+            f"--candidate {args.candidate} is for the WSGI app: add -k gunicorn (or gthread)"
+        )
     results = run(
         cases,
         settings,

@@ -9,6 +9,9 @@
 - ``registry``: the sessionscope variant's registry alone, with no middleware, unit of work or
   scope: ``Session()``, used, then ``Session.remove()`` in a ``finally`` (what the registry and
   its guard cost, apart from the request's boundary).
+- ``imported``: ``by-hand`` in a process that also imported ``sessionscope`` and
+  ``sessionscope.wsgi`` and made a ``scoped_session`` it never calls: a control for what merely
+  importing sessionscope does to a process (its import-time hooks, its modules' memory).
 
 ``POST /work/{item_id}`` does :func:`_web_work.work` (SELECT by primary key, INSERT, commit) and
 answers ``{"variant": ..., "item": ...}``; ``GET /health`` answers without touching the database.
@@ -20,7 +23,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from _web_work import BY_HAND, REGISTRY, Config, work
+from _web_work import BY_HAND, IMPORTED, REGISTRY, Config, work
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,7 +43,13 @@ def create_app() -> WsgiApp:
     engine = create_engine(config.url, **config.engine_options())
     variant, tag = config.variant, config.tag
 
-    if variant == BY_HAND:
+    if variant in (BY_HAND, IMPORTED):
+        if variant == IMPORTED:
+            import sessionscope
+            import sessionscope.wsgi  # noqa: F401 - (imported for its side effects, if any)
+
+            unused = sessionscope.scoped_session(sessionmaker(engine), guard=config.guard)
+            assert unused.registry is not None
         SessionLocal = sessionmaker(engine)
 
         def by_hand(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

@@ -357,13 +357,15 @@ def test_request_instructions_benchmark_runs_every_contender(
 
 @pytest.mark.slow
 def test_request_instructions_counts_a_request_under_callgrind() -> None:
-    """A counted run under valgrind gives instructions per request (skipped without valgrind)."""
+    """A counted run under valgrind gives instructions per request, and the share of them in the
+    type attribute cache's misses, read from its profile (skipped without valgrind)."""
     import request_instructions
 
     if shutil.which("valgrind") is None:
         pytest.skip("valgrind is not installed")
     counted = request_instructions.per_request_instructions("SQLite file", "by hand", 0, 20)
-    assert 100_000 < counted < 100_000_000  # a light ORM request: about 1.5 million
+    assert 100_000 < counted.total < 100_000_000  # a light ORM request: about 1.5 million
+    assert 0 < counted.walks < counted.total / 4  # a few hundred misses' walks at most
 
 
 def test_session_instructions_benchmark_runs_every_contender(
@@ -435,7 +437,8 @@ def test_app_instructions_counts_a_request_under_callgrind(tmp_path: Path) -> No
         pytest.skip("valgrind is not installed")
     with web_requests.database(tmp_path) as db:
         counted = app_instructions.per_request(db, "sessionscope", 0, 20)
-    assert 300_000 < counted < 30_000_000
+    assert 300_000 < counted.total < 30_000_000
+    assert 0 < counted.walks < counted.total / 4
 
 
 @pytest.mark.slow
@@ -493,18 +496,21 @@ def test_the_interval_over_pairs_resamples_whole_pairs() -> None:
     assert web_requests.interval_over_pairs([]) == (0.0, 0.0)
 
 
-def test_the_registry_alone_is_a_candidate_for_the_wsgi_cases(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize("candidate", ["registry", "imported"])
+def test_a_layer_or_the_import_control_is_a_candidate_for_the_wsgi_cases(
+    candidate: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``--candidate registry`` serves the WSGI app's registry-only variant against by-hand (its
-    rows counted like the integration's); the ASGI cases have no such variant and are refused."""
-    assert web_requests.main(["--smoke", "-k", "gthread", "--candidate", "registry"]) == 0
+    """``--candidate registry`` (the registry alone) and ``--candidate imported`` (by-hand with
+    sessionscope imported) serve the WSGI app's variant against by-hand, their rows counted like
+    the integration's, and say what they are; the ASGI cases have no such variant and are
+    refused."""
+    assert web_requests.main(["--smoke", "-k", "gthread", "--candidate", candidate]) == 0
     out = capsys.readouterr().out
-    assert web_requests.LAYER_NOTE in out
-    assert re.search(r"gunicorn gthread WSGI\s+by-hand .* registry .* ratio \d", out)
+    assert web_requests.LAYER_NOTES[candidate] in out
+    assert re.search(rf"gunicorn gthread WSGI\s+by-hand .* {candidate} .* ratio \d", out)
     with pytest.raises(SystemExit):
-        web_requests.main(["--smoke", "-k", "uvicorn", "--candidate", "registry"])
-    assert "--candidate registry is for the WSGI app" in capsys.readouterr().err
+        web_requests.main(["--smoke", "-k", "uvicorn", "--candidate", candidate])
+    assert f"--candidate {candidate} is for the WSGI app" in capsys.readouterr().err
 
 
 def test_a_ratio_below_the_target_is_resolved_only_when_its_interval_is() -> None:
@@ -526,3 +532,25 @@ def test_a_ratio_below_the_target_is_resolved_only_when_its_interval_is() -> Non
     below = web_requests.verdict(result(90.0, (0.86, 0.92)))
     assert "0.97 target" in below and "not resolved" not in below
     assert "[95% over pairs 0.860-0.920]" in web_requests.line(result(90.0, (0.86, 0.92)))
+
+
+def test_the_type_cache_misses_walks_are_read_from_callgrind_annotate() -> None:
+    """``_callgrind.inclusive_in_annotation``: every entry of the function is summed (an inlined
+    fragment has an entry of its own), its recursive entry and other functions are not."""
+    from _callgrind import MISS_WALK, Split, inclusive_in_annotation
+
+    annotation = """
+2,044,467,076 (100.0%)  PROGRAM TOTALS
+--------------------------------------------------------------------------------
+Ir                       file:function
+--------------------------------------------------------------------------------
+   259,230,940 (12.68%)  /b/Objects/typeobject.c:find_name_in_mro [/lib/libpython3.11.so]
+     2,405,961 ( 0.12%)  /b/Python-3.11.7/./Include/object.h:find_name_in_mro
+       100,000 ( 0.01%)  /b/Objects/typeobject.c:find_name_in_mro'2 [/lib/libpython.so]
+    50,000,000 ( 2.00%)  /b/Python-3.11.7/Objects/typeobject.c:_PyType_Lookup [/lib/libpython.so]
+"""
+    assert inclusive_in_annotation(annotation, MISS_WALK) == 259_230_940 + 2_405_961
+    assert inclusive_in_annotation(annotation, "_PyType_Lookup") == 50_000_000
+    assert inclusive_in_annotation(annotation, "nowhere") == 0
+    per_request = Split(1_000_000, 100_000).per(Split(400_000, 40_000), 300)
+    assert per_request == Split(2_000, 200) and per_request.rest == 1_800
