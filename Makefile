@@ -30,7 +30,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # what an install builds from: a change to any of them reinstalls (the C extension is rebuilt)
 BUILD_INPUTS := pyproject.toml setup.py src/sessionscope/_speedups.c src/sessionscope/_frames.c \
-                src/sessionscope/_guard_setup.c src/sessionscope/_work_state.c
+                src/sessionscope/_guard_setup.c src/sessionscope/_work_state.c \
+                src/sessionscope/_fields.h
 CKSUM  := $(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(CKSUM)
 

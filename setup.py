@@ -20,6 +20,7 @@ extensions = (
         Extension(
             "sessionscope._speedups",
             ["src/sessionscope/_speedups.c"],
+            depends=["src/sessionscope/_fields.h"],
             optional=True,
         ),
         Extension(
@@ -30,6 +31,7 @@ extensions = (
         Extension(
             "sessionscope._guard_setup",
             ["src/sessionscope/_guard_setup.c"],
+            depends=["src/sessionscope/_fields.h"],
             optional=True,
         ),
         Extension(

@@ -119,6 +119,7 @@ def test_the_sdist_holds_license_readme_changelog_docs_and_tests(dist: Path) -> 
         "src/sessionscope/_frames.c",
         "src/sessionscope/_guard_setup.c",
         "src/sessionscope/_work_state.c",
+        "src/sessionscope/_fields.h",  # (included by two of them)
         "src/sessionscope/py.typed",
         "docs/conf.py",
         "docs/errors.md",

@@ -67,18 +67,18 @@ code_of(_PyInterpreterFrame *frame)
  * line serves them all. A tuple of its own was 64 bytes per live session, and 32 more for a line
  * number above 256 (Python caches smaller ints); sharing also saves making them.
  *
- * A direct-mapped table keyed by (code object address, line). An entry is only trusted if its
- * tuple holds the very filename and function-name objects of the code found now: a code object
- * freed and another made at its address either holds those same objects (then the site, which
- * is made of nothing else, is the same) or misses. The table holds strong references to its
- * tuples only, at most SITE_SLOTS of them. It relies on the GIL (the free-threaded build does not
- * use it).
+ * A direct-mapped table keyed by (code object, instruction offset): a hit neither computes the
+ * line (a walk of the code's line table, some 400 instructions a session) nor makes a tuple. A
+ * slot holds strong references to its code object and its tuple, at most SITE_SLOTS of each, so
+ * a code object in the table is never freed and no other can be made at its address: the key is
+ * exact. (Two calls on one line have two offsets, and share nothing: equal tuples.) It relies on
+ * the GIL (the free-threaded build does not use it).
  */
 #define SITE_SLOTS 256
 
 typedef struct {
-    const void *code;
-    int line;
+    PyObject *code; /* the code object (a strong reference), or NULL */
+    int lasti;      /* the frame's instruction offset in it */
     PyObject *site; /* (filename, line, function), or NULL */
 } SiteSlot;
 
@@ -97,32 +97,39 @@ make_site(PyCodeObject *code, int line)
     return site;
 }
 
+static int
+line_of(_PyInterpreterFrame *frame)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyUnstable_InterpreterFrame_GetLine(frame);
+#else
+    return PyCode_Addr2Line(code_of(frame),
+                            _PyInterpreterFrame_LASTI(frame) * sizeof(_Py_CODEUNIT));
+#endif
+}
+
 static PyObject *
 site_of(_PyInterpreterFrame *frame)
 {
     PyCodeObject *code = code_of(frame);
-#if PY_VERSION_HEX >= 0x030C0000
-    int line = PyUnstable_InterpreterFrame_GetLine(frame);
-#else
-    int line = PyCode_Addr2Line(code, _PyInterpreterFrame_LASTI(frame) * sizeof(_Py_CODEUNIT));
-#endif
 #ifdef Py_GIL_DISABLED
-    return make_site(code, line);
+    return make_site(code, line_of(frame));
 #else
-    size_t hash = ((size_t)code >> 4) ^ ((size_t)line * 0x9E3779B1u);
+    int lasti = _PyInterpreterFrame_LASTI(frame);
+    size_t hash = ((size_t)code >> 4) ^ ((size_t)lasti * 0x9E3779B1u);
     SiteSlot *slot = &recent_sites[(hash ^ (hash >> 8)) % SITE_SLOTS];
-    PyObject *known = slot->site;
-    if (known != NULL && slot->code == code && slot->line == line &&
-        PyTuple_GET_ITEM(known, 0) == code->co_filename &&
-        PyTuple_GET_ITEM(known, 2) == code->co_name)
-        return Py_NewRef(known);
-    PyObject *site = make_site(code, line);
+    if (slot->site != NULL && slot->code == (PyObject *)code && slot->lasti == lasti)
+        return Py_NewRef(slot->site);
+    PyObject *site = make_site(code, line_of(frame));
     if (site == NULL)
         return NULL;
-    slot->code = code;
-    slot->line = line;
+    PyObject *old_code = slot->code, *old_site = slot->site;
+    slot->code = Py_NewRef((PyObject *)code);
+    slot->lasti = lasti;
     slot->site = Py_NewRef(site);
-    Py_XDECREF(known); /* (last: freeing it may run no code of ours, but the slot is set) */
+    /* last: freeing them may run no code of ours, but the slot is set */
+    Py_XDECREF(old_site);
+    Py_XDECREF(old_code);
     return site;
 #endif
 }

@@ -23,6 +23,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "_fields.h"
+
 static PyObject *guard_type = NULL;          /* _ownership.SessionGuard */
 static PyObject *lineage_var = NULL;         /* _lineage.current_lineage */
 static PyObject *lineage_globals = NULL;     /* _lineage: on_guard_death, _drop_dead, _MIN_REBUILD */
@@ -46,22 +48,7 @@ static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transa
     *s_guards_by_id, *s_last_bind, *s_remember_session, *s_on_guard_death,
     *s_min_rebuild, *s_raise, *s_warn, *s_prune_owned_at;
 
-/* ---- fields by offset ---------------------------------------------------------------------
- *
- * The guard, its borrow token and the unit of work keep their fields in __slots__ (or, for the
- * guard's hot part, C members). PyObject_SetAttr and PyObject_GetAttr find such a field through
- * the class: a type attribute cache lookup (and, when that entry has been evicted by another
- * class's, a walk of the MRO's dicts) and a descriptor call, some 150-200 instructions each,
- * about thirty times per session made. The field's offset is read once from its member
- * descriptor (configure()), and an object of exactly that class is read and written there.
- * An object of another class (a subclass may add a property of the same name) goes the usual
- * way. */
-
-typedef struct {
-    PyObject *name;     /* the attribute (interned) */
-    Py_ssize_t offset;  /* its slot in an object of the configured class, or -1: the usual way */
-    int raise_if_unset; /* T_OBJECT_EX: reading an unset slot is an AttributeError */
-} Field;
+/* ---- fields by offset (_fields.h) ----------------------------------------------------- */
 
 static PyTypeObject *guard_class = NULL, *token_class = NULL, *work_class = NULL;
 static Field f_mode, f_label, f_created_at, f_on_hand_off, f_session_key, f_of_async, f_owner_ref,
@@ -69,61 +56,14 @@ static Field f_mode, f_label, f_created_at, f_on_hand_off, f_session_key, f_of_a
     f_token_length, f_token_rebuild_at, f_token_key, f_work_explicit, f_work_task, f_work_owned,
     f_work_via, f_work_prune_owned_at;
 
-/* `field` of class `cls`: its offset if it is a writable object slot (a member descriptor). */
-static int
-find_field(Field *field, PyTypeObject *cls, PyObject *name)
+/* type(obj).__name__ (a new reference): a class's own name, without a lookup on its metaclass
+ * when that is `type` itself (which answers a heap type's name from the type). */
+static PyObject *
+class_name(PyTypeObject *cls)
 {
-    field->name = name;
-    field->offset = -1;
-    field->raise_if_unset = 1;
-    PyObject *descriptor = PyObject_GetAttr((PyObject *)cls, name);
-    if (descriptor == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
-            return -1;
-        PyErr_Clear();
-        return 0;
-    }
-    if (Py_IS_TYPE(descriptor, &PyMemberDescr_Type) &&
-        PyType_IsSubtype(cls, PyDescr_TYPE(descriptor))) {
-        PyMemberDef *member = ((PyMemberDescrObject *)descriptor)->d_member;
-        if ((member->type == T_OBJECT_EX || member->type == T_OBJECT) &&
-            !(member->flags & READONLY)) {
-            field->offset = member->offset;
-            field->raise_if_unset = member->type == T_OBJECT_EX;
-        }
-    }
-    Py_DECREF(descriptor);
-    return 0;
-}
-
-/* obj.<field> = value (obj of class `cls`, or any other: then PyObject_SetAttr) */
-static inline int
-set_field(PyObject *obj, PyTypeObject *cls, Field *field, PyObject *value)
-{
-    if (field->offset < 0 || Py_TYPE(obj) != cls)
-        return PyObject_SetAttr(obj, field->name, value);
-    PyObject **slot = (PyObject **)((char *)obj + field->offset);
-    PyObject *old = *slot;
-    *slot = Py_NewRef(value);
-    Py_XDECREF(old);
-    return 0;
-}
-
-/* obj.<field>, a new reference (NULL with an error, as PyObject_GetAttr) */
-static inline PyObject *
-get_field(PyObject *obj, PyTypeObject *cls, Field *field)
-{
-    if (field->offset < 0 || Py_TYPE(obj) != cls)
-        return PyObject_GetAttr(obj, field->name);
-    PyObject *value = *(PyObject **)((char *)obj + field->offset);
-    if (value != NULL)
-        return Py_NewRef(value);
-    if (field->raise_if_unset) {
-        PyErr_Format(PyExc_AttributeError, "'%.100s' object has no attribute '%U'",
-                     Py_TYPE(obj)->tp_name, field->name);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    if (Py_IS_TYPE(cls, &PyType_Type) && (cls->tp_flags & Py_TPFLAGS_HEAPTYPE))
+        return Py_NewRef(((PyHeapTypeObject *)cls)->ht_name);
+    return PyObject_GetAttr((PyObject *)cls, s_name);
 }
 
 /* A global of one of the configured modules (a borrowed reference), or NULL with an error. */
@@ -609,7 +549,7 @@ guard_new_session(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (remember_session(sync) < 0)
         goto done;
     key = PyObject_GetAttr(sync, s_hash_key);
-    label = key == NULL ? NULL : PyObject_GetAttr((PyObject *)Py_TYPE(session), s_name);
+    label = key == NULL ? NULL : class_name(Py_TYPE(session));
     if (label == NULL)
         goto done;
     if (site == Py_None) { /* application_site(depth + 1), as if from the caller's frame */

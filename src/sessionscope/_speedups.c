@@ -31,6 +31,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "_fields.h"
+
 #ifndef Py_TPFLAGS_HAVE_VECTORCALL
 #define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
 #endif
@@ -106,6 +108,10 @@ is_nested(GuardState *guard, PyObject *current)
     return guard->depth && guard->entered == current;
 }
 
+/* A unit of work's fields the checks read (configure_work(WorkUnit)): at their offsets. */
+static PyTypeObject *work_class = NULL;
+static Field f_work_task, f_work_thread;
+
 #if PY_VERSION_HEX < 0x030C0000
 /* On CPython 3.10 and 3.11 asyncio's _get_running_loop() makes a getpid() system call whenever a
  * loop runs in the thread (to ignore a loop inherited through fork()), most of what a task's
@@ -116,13 +122,13 @@ is_nested(GuardState *guard, PyObject *current)
 static int
 running_task_of_work(PyObject *work, PyObject **running)
 {
-    PyObject *work_task = PyObject_GetAttr(work, s_task);
+    PyObject *work_task = get_field(work, work_class, &f_work_task);
     if (work_task == NULL)
         return -1;
     int known = 0;
     if (work_task == Py_None)
         goto done;
-    PyObject *thread = PyObject_GetAttr(work, s_thread);
+    PyObject *thread = get_field(work, work_class, &f_work_thread);
     if (thread == NULL)
         goto error;
     unsigned long opened_in = PyLong_AsUnsignedLong(thread);
@@ -186,7 +192,7 @@ owner_unit(PyObject *work, PyObject *current, PyObject **running)
     Py_DECREF(loop);
     if (task == NULL)
         return -1;
-    PyObject *work_task = PyObject_GetAttr(work, s_task);
+    PyObject *work_task = get_field(work, work_class, &f_work_task);
     if (work_task == NULL) {
         Py_DECREF(task);
         return -1;
@@ -213,15 +219,25 @@ owners_work(GuardState *guard, PyObject **work)
         Py_DECREF(found);
         return 0;
     }
-    PyObject *fast_key = Py_NewRef(guard->fast_key); /* (a Python callable could replace it) */
-    PyObject *key = PyObject_CallNoArgs(fast_key);
-    Py_DECREF(fast_key);
-    if (key == NULL) {
-        Py_DECREF(found);
-        return -1;
+    int same;
+#ifndef Py_GIL_DISABLED
+    /* the usual key, a weak reference to the owner's work: its referent read, not called (when
+     * it is `found`, it is alive: we hold a reference) */
+    if (PyWeakref_CheckRefExact(guard->fast_key))
+        same = ((PyWeakReference *)guard->fast_key)->wr_object == found;
+    else
+#endif
+    {
+        PyObject *fast_key = Py_NewRef(guard->fast_key); /* (a Python callable could replace it) */
+        PyObject *key = PyObject_CallNoArgs(fast_key);
+        Py_DECREF(fast_key);
+        if (key == NULL) {
+            Py_DECREF(found);
+            return -1;
+        }
+        same = key == found;
+        Py_DECREF(key);
     }
-    int same = key == found;
-    Py_DECREF(key);
     if (!same) {
         Py_DECREF(found);
         return 0;
@@ -1242,6 +1258,102 @@ configure_results(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---- handing out a guarded session's results (_handles.guard_handle) -------------------- */
+
+/* guard_handle(handle, guard): _handles.guard_handle for the handles a session call hands out
+ * most (a Result, or a ScalarResult/MappingResult over one), once their classes have their
+ * checked subclasses: the same class switches and the same guard entry in the result's
+ * __dict__, without a Python frame and its isinstance() calls (about 80 bytecodes a request
+ * that reads rows). Anything else (a connection, a transaction, the first result of a class) is
+ * handed to the Python function (configure_handles), which does the same again idempotently. */
+static PyObject *filter_result_class = NULL, *result_class = NULL, *guard_handle_fallback = NULL;
+static PyObject *s_real_result, *s_dunder_class, *s_result_classes, *s_filter_classes,
+    *s_unguarded_class;
+
+enum { HANDLED = 1, IN_PYTHON = 2 };
+
+/* The cached checked subclass of obj's class set as its class. HANDLED: switched, or the class is
+ * a checked one already; IN_PYTHON: no subclass made yet; -1. */
+static int
+switch_to_checked(PyObject *obj, PyObject *cache)
+{
+    PyObject *type_dict = Py_TYPE(obj)->tp_dict;
+    PyObject *checked = PyDict_GetItemWithError(type_dict, cache);
+    if (checked != NULL)
+        return PyObject_SetAttr(obj, s_dunder_class, checked) < 0 ? -1 : HANDLED;
+    if (PyErr_Occurred())
+        return -1;
+    int already = PyDict_Contains(type_dict, s_unguarded_class);
+    return already < 0 ? -1 : already ? HANDLED : IN_PYTHON;
+}
+
+/* A Result: switched and given its guard unless it has one (its __dict__ holds it). */
+static int
+guard_result(PyObject *result, PyObject *guard)
+{
+    PyObject *dict = PyObject_GenericGetDict(result, NULL);
+    if (dict == NULL)
+        return -1;
+    int rc = PyDict_Contains(dict, s_guard);
+    if (rc == 0) {
+        rc = switch_to_checked(result, s_result_classes);
+        if (rc == HANDLED && PyDict_SetItem(dict, s_guard, guard) < 0)
+            rc = -1;
+    }
+    Py_DECREF(dict);
+    return rc; /* (1 from PyDict_Contains: guarded already, HANDLED) */
+}
+
+static PyObject *
+guard_handle(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "guard_handle(handle, guard)");
+        return NULL;
+    }
+    if (guard_handle_fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sessionscope._speedups: configure_handles() first");
+        return NULL;
+    }
+    PyObject *handle = args[0], *guard = args[1];
+    int rc = IN_PYTHON;
+    if (PyObject_TypeCheck(handle, (PyTypeObject *)filter_result_class)) {
+        PyObject *real = PyObject_GetAttr(handle, s_real_result);
+        if (real == NULL)
+            return NULL;
+        rc = PyObject_TypeCheck(real, (PyTypeObject *)result_class) ? guard_result(real, guard)
+                                                                    : HANDLED;
+        Py_DECREF(real);
+        if (rc == HANDLED)
+            rc = switch_to_checked(handle, s_filter_classes);
+    }
+    else if (PyObject_TypeCheck(handle, (PyTypeObject *)result_class))
+        rc = guard_result(handle, guard);
+    if (rc < 0)
+        return NULL;
+    if (rc == IN_PYTHON)
+        return PyObject_Vectorcall(guard_handle_fallback, args, 2, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+configure_handles(PyObject *module, PyObject *args)
+{
+    PyObject *filter_result, *result, *fallback;
+    if (!PyArg_ParseTuple(args, "O!O!O:configure_handles", &PyType_Type, &filter_result,
+                          &PyType_Type, &result, &fallback))
+        return NULL;
+    if (!PyType_CheckExact(Py_TYPE(filter_result)) || !PyType_CheckExact(Py_TYPE(result))) {
+        /* (a metaclass could answer isinstance() otherwise than the C type check) */
+        PyErr_SetString(PyExc_TypeError, "configure_handles: classes whose metaclass is type");
+        return NULL;
+    }
+    Py_XSETREF(filter_result_class, Py_NewRef(filter_result));
+    Py_XSETREF(result_class, Py_NewRef(result));
+    Py_XSETREF(guard_handle_fallback, Py_NewRef(fallback));
+    Py_RETURN_NONE;
+}
+
 /* ---- the registries' lookup (sessionscope._registry.unit_session) ----------------------- */
 
 static PyObject *s_scope_var, *s_key, *s_session_for_use, *s_values, *s_value_key, *s_value, *s_miss,
@@ -1350,7 +1462,7 @@ lookup(PyObject *holder)
             if (task == NULL)
                 here = -1;
             else {
-                PyObject *work_task = PyObject_GetAttr(work, s_task);
+                PyObject *work_task = get_field(work, work_class, &f_work_task);
                 if (work_task == NULL)
                     here = clear_miss_error() ? 0 : -1;
                 else {
@@ -1591,6 +1703,21 @@ configure(PyObject *module, PyObject *args)
 }
 
 static PyObject *
+configure_work(PyObject *module, PyObject *cls)
+{
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "configure_work(WorkUnit): a class");
+        return NULL;
+    }
+    if (find_field(&f_work_task, (PyTypeObject *)cls, s_task) < 0 ||
+        find_field(&f_work_thread, (PyTypeObject *)cls, s_thread) < 0)
+        return NULL;
+    Py_INCREF(cls);
+    Py_XSETREF(work_class, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 configure_cleanup(PyObject *module, PyObject *args)
 {
     PyObject *var, *fork;
@@ -1612,6 +1739,8 @@ configure_cleanup(PyObject *module, PyObject *args)
 }
 
 static PyMethodDef module_methods[] = {
+    {"configure_work", configure_work, METH_O,
+     "configure_work(WorkUnit): the class whose fields the checks read at their offsets."},
     {"configure_cleanup", configure_cleanup, METH_VARARGS,
      "configure_cleanup(cleaning_up, fork): what a check reads to let sessionscope's own cleanup "
      "of an ended unit's session through (_lineage._cleaning_up, sessionscope._fork)."},
@@ -1633,6 +1762,11 @@ static PyMethodDef module_methods[] = {
      "configure_writes(guards): the dict of session ids to borrow tokens check_write() reads."},
     {"configure_results", configure_results, METH_VARARGS,
      "configure_results(recheck): what a result's rows check calls."},
+    {"configure_handles", configure_handles, METH_VARARGS,
+     "configure_handles(FilterResult, Result, guard_handle): the classes guard_handle() serves "
+     "itself, and the Python function it hands the others to."},
+    {"guard_handle", (PyCFunction)(void (*)(void))guard_handle, METH_FASTCALL,
+     "guard_handle(handle, guard): _handles.guard_handle, a result's usual case in C."},
     {"check_write", (PyCFunction)(void (*)(void))check_write, METH_FASTCALL,
      "check_write(state, key[, prefix]): the check of a write to a mapped attribute."},
     {"watch_flagging", (PyCFunction)(void (*)(void))watch_flagging_py, METH_FASTCALL,
@@ -1653,6 +1787,11 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     INTERN(s_guard, "_sessionscope_guard");
+    INTERN(s_real_result, "_real_result");
+    INTERN(s_dunder_class, "__class__");
+    INTERN(s_result_classes, "_sessionscope_guarded_result_class");
+    INTERN(s_filter_classes, "_sessionscope_guarded_filter_class");
+    INTERN(s_unguarded_class, "_sessionscope_unguarded_class");
     INTERN(s_is_asyncio, "_is_asyncio");
     INTERN(s_registry, "registry");
     INTERN(s_close_implicit, "close_implicit");
@@ -1679,6 +1818,9 @@ PyInit__speedups(void)
     INTERN(s_task, "task");
     INTERN(s_thread, "thread");
     INTERN(s__loop, "_loop");
+    /* read the usual way until configure_work() finds their offsets */
+    f_work_task = (Field){s_task, -1, 1};
+    f_work_thread = (Field){s_thread, -1, 1};
     INTERN(s_miss, "_miss");
     INTERN(s_flag_dirty, "(flag_dirty)");
     INTERN(s_modified, "modified");

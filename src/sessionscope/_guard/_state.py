@@ -19,7 +19,7 @@ from greenlet import getcurrent
 from .._extensions import NO_EXTENSIONS_VARIABLE as NO_EXTENSIONS_VARIABLE
 from .._extensions import load_extension
 from .._units._asyncio import _get_running_loop, current_task_of_loop
-from .._work import work_var
+from .._work import WorkUnit, work_var
 
 OWNED, HANDED_OFF, SHARED, ENDED = "owned", "handed off", "shared", "ended"
 """The values of a guard's ``state``."""
@@ -46,6 +46,7 @@ def _load_speedups() -> Any:
     _speedups.configure(
         getcurrent, work_var, _get_running_loop, current_task_of_loop, sys.modules, ENDED, INSIDE
     )
+    _speedups.configure_work(WorkUnit)
     return _speedups
 
 
