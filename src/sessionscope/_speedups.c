@@ -324,15 +324,23 @@ is_plain_data(PyObject *result, GuardState *guard)
         return closed;
     if (guard->state == NULL)
         return 0;
+    if (guard->state == ended_state) /* (the interned state itself, as a rule) */
+        return 1;
     return PyObject_RichCompareBool(guard->state, ended_state, Py_EQ);
 }
+
+static PyObject *guard_handle(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *guard_handle_function = NULL; /* this module's guard_handle, as an object */
 
 static PyObject *
 handed_out(CheckedMethod *self, PyObject *result, PyObject *guard)
 {
     if (result == NULL || self->kind != KIND_RETURNING)
         return result;
-    PyObject *done = PyObject_CallFunctionObjArgs(self->hook, result, guard, NULL);
+    PyObject *args[2] = {result, guard};
+    PyObject *done = self->hook == guard_handle_function
+                         ? guard_handle(NULL, args, 2) /* (ours: without a call's dispatch) */
+                         : PyObject_Vectorcall(self->hook, args, 2, NULL);
     if (done == NULL) {
         Py_DECREF(result);
         return NULL;
@@ -466,6 +474,12 @@ checked_call(CheckedMethod *self, PyObject *const *args, size_t nargsf, PyObject
         }
     }
     result = PyObject_Vectorcall(self->method, args, nargsf, kwnames);
+    if (result != NULL) { /* finally: leave (no exception to keep) */
+        if (leave(guard) < 0)
+            Py_CLEAR(result);
+        result = handed_out(self, result, found);
+        goto finish;
+    }
     /* finally: leave, keeping the call's exception unless leaving raises one of its own */
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
@@ -787,7 +801,11 @@ state_traverse(GuardState *self, visitproc visit, void *arg)
     Py_VISIT(self->fast_key);
     Py_VISIT(self->state);
     Py_VISIT(self->after_leave);
-    Py_VISIT(Py_TYPE(self)); /* SessionGuard's instances keep their (heap) type alive */
+    /* Not Py_TYPE(self): this static type's instances are made through a heap subclass
+     * (SessionGuard, WorkUnit), whose subtype_traverse visits the type itself before calling
+     * this; a second visit took one reference too many off the class in every collection,
+     * which drove the collector's count for it below zero and corrupted its lists (a crash
+     * in the test suite, tests/test_gc_traversal.py). */
     return 0;
 }
 
@@ -1348,6 +1366,10 @@ configure_handles(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "configure_handles: classes whose metaclass is type");
         return NULL;
     }
+    PyObject *in_c = PyObject_GetAttrString(module, "guard_handle"); /* (handed_out calls it) */
+    if (in_c == NULL)
+        return NULL;
+    Py_XSETREF(guard_handle_function, in_c);
     Py_XSETREF(filter_result_class, Py_NewRef(filter_result));
     Py_XSETREF(result_class, Py_NewRef(result));
     Py_XSETREF(guard_handle_fallback, Py_NewRef(fallback));

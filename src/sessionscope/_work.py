@@ -31,6 +31,7 @@ cannot be tied together. Each such job is then a unit of work of its own. Framew
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import sys
@@ -229,7 +230,12 @@ class PythonWorkState:
         # globals may be gone already; the default argument survives).
         # (A work whose __init__ failed has no fields: nothing to end.)
         if not getattr(self, "ended", True) and not _interpreter["shutting_down"]:
-            self.end(collected=True)
+            # In a context of its own: a finalizer can run inside any allocation, also one
+            # CPython makes while it sets a context variable (the copy of the context's
+            # mapping), and the end sets some (closing a session is cleanup()): set in that
+            # same context, they replaced the mapping the interrupted set was still copying
+            # (a crash; tests/test_gc_traversal.py).
+            contextvars.Context().run(self.end, collected=True)
 
 
 def _load_work_state() -> Any:

@@ -381,6 +381,39 @@ work_end(WorkState *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
 
 /* __del__: freed with the last context holding it (a thread's, a pool job's), unless it ended;
  * nothing runs at interpreter shutdown (module globals may be gone already). */
+/* end_work(self, collected=True) in a context of its own. A finalizer can run inside any
+ * allocation, also one CPython makes while it sets a context variable (copying the context's
+ * mapping), and the end sets some (closing a session is _lineage.cleanup()): set in that same
+ * context, they replaced the mapping the interrupted set was still copying (a crash;
+ * tests/test_gc_traversal.py). The Python __del__ does the same. */
+static int
+end_collected(WorkState *self)
+{
+    PyObject *context = PyContext_New();
+    if (context == NULL)
+        return -1;
+    if (PyContext_Enter(context) < 0) {
+        Py_DECREF(context);
+        return -1;
+    }
+    int rc = end_work(self, Py_True);
+    /* (leaving it cannot fail: it was entered here, and what ran inside left it current) */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *failure = PyErr_GetRaisedException();
+    if (PyContext_Exit(context) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
+    PyErr_SetRaisedException(failure);
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (PyContext_Exit(context) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
+    PyErr_Restore(type, value, traceback);
+#endif
+    Py_DECREF(context);
+    return rc;
+}
+
 static void
 work_finalize(WorkState *self)
 {
@@ -395,7 +428,7 @@ work_finalize(WorkState *self)
     PyObject *shutting_down = PyDict_GetItemWithError(interpreter, s_shutting_down);
     if (shutting_down == NULL && PyErr_Occurred())
         PyErr_WriteUnraisable((PyObject *)self);
-    else if (shutting_down != Py_True && end_work(self, Py_True) < 0)
+    else if (shutting_down != Py_True && end_collected(self) < 0)
         PyErr_WriteUnraisable((PyObject *)self);
 #if PY_VERSION_HEX >= 0x030C0000
     PyErr_SetRaisedException(saved);
@@ -410,7 +443,11 @@ work_traverse(WorkState *self, visitproc visit, void *arg)
 #define VISIT(field) Py_VISIT(self->field);
     FIELDS(VISIT)
 #undef VISIT
-    Py_VISIT(Py_TYPE(self)); /* WorkUnit's instances keep their (heap) type alive */
+    /* Not Py_TYPE(self): this static type's instances are made through a heap subclass
+     * (SessionGuard, WorkUnit), whose subtype_traverse visits the type itself before calling
+     * this; a second visit took one reference too many off the class in every collection,
+     * which drove the collector's count for it below zero and corrupted its lists (a crash
+     * in the test suite, tests/test_gc_traversal.py). */
     return 0;
 }
 
