@@ -15,6 +15,7 @@ import gc
 import os
 import threading
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import greenlet
@@ -104,7 +105,7 @@ def assert_same_guards(in_c: Any, in_python: Any) -> None:
         assert guard.owner_ref() is work and guard.fast_key is guard.owner_ref
         token = guard.token
         assert type(token) is _lineage.BorrowToken and token() is guard
-        assert token.key == sync.hash_key and _writes._guard_of_session_id[token.key] is token
+        assert _writes.guard_of_state(SimpleNamespace(session_id=sync.hash_key)) is guard
         assert token in work.owned_guards()
         assert type(sync.identity_map._modified) is _install.watch_flagging.__self__.FlaggingChecked  # type: ignore[attr-defined]
         assert sync.identity_map._modified.guard is guard
@@ -298,38 +299,50 @@ def test_what_is_not_the_usual_case_is_left_to_python(maker: sessionmaker[Sessio
 
 
 @pytest.mark.parametrize("in_python", [False, True])
-def test_a_dead_guards_session_id_is_forgotten(
+def test_write_checks_find_the_guard_through_sqlalchemys_sessions(
     maker: sessionmaker[Session], in_python: bool
 ) -> None:
-    """Whichever set-up made it, a guard's death unregisters its session id for write checks (in
-    C where the module is built: ``forget_session_id`` replaces ``_writes._forget``)."""
+    """Whichever set-up made it, a written object's guard is found through SQLAlchemy's own
+    registry of sessions by id, in C and in Python alike: a guarded session's, none for a plain
+    Session's objects or once the session is gone, and another unit's write is refused."""
     Scoped = sessionscope.scoped_session(maker)
-    keys: list[int] = []
+    with set_up(in_python):
+        session = Scoped()
+    guard = guard_of(session)
+    assert guard is not None
+    state = SimpleNamespace(session_id=session.hash_key, class_=object)
+    assert _writes.guard_of_state(state) is guard
+    plain = Session(bind=session.bind)
+    assert _writes.guard_of_state(SimpleNamespace(session_id=plain.hash_key)) is None
+    _writes._check(SimpleNamespace(session_id=plain.hash_key, class_=object), "name")  # no guard
+    _writes._check(state, "name")  # the owner's own write
 
-    def run() -> None:
-        with set_up(in_python):
-            session = Scoped()
-        keys.append(session.hash_key)
-        assert _writes._guard_of_session_id[session.hash_key]() is guard_of(session)
-        Scoped.remove()
+    refused: list[BaseException] = []
 
-    thread = threading.Thread(target=run)
+    def write_from_another_thread() -> None:
+        try:
+            _writes._check(state, "name")
+        except sessionscope.exc.CrossUnitError as error:
+            refused.append(error)
+
+    thread = threading.Thread(target=write_from_another_thread)
     thread.start()
     thread.join()
+    assert len(refused) == 1 and "name" in str(refused[0])
+    Scoped.remove()
+    del session, guard, plain
     gc.collect()
-    assert keys and keys[0] not in _writes._guard_of_session_id
-    if _install.guard_new_session is not None:
-        assert _lineage.on_guard_death.__name__ == "forget_session_id"
+    assert _writes.guard_of_state(state) is None  # the session is gone from SQLAlchemy's registry
 
 
 @in_c
 def test_the_guards_reference_to_its_work_is_left_to_reference_counting(
     maker: sessionmaker[Session],
 ) -> None:
-    """The guard's weak reference to its unit of work (callback-less: CPython's one per work) is
-    untracked by the collector, one object less per live unit for it to walk; the borrow token
-    (whose callback forgets the session's write checks) stays tracked. Works and guards that die
-    in collected cycles clear the reference, and the token's callback still runs."""
+    """The guard's weak reference to its unit of work (callback-less: CPython's one per work) and
+    its borrow token (no callback, no cycle) are untracked by the collector, two objects less per
+    live unit for it to walk. Works and guards that die in collected cycles clear the reference,
+    and their sessions end."""
     Scoped = sessionscope.scoped_session(maker)
 
     def unit() -> tuple[Any, Any, int]:
@@ -343,9 +356,9 @@ def test_the_guards_reference_to_its_work_is_left_to_reference_counting(
     thread.start()
     thread.join()
     owner_ref, token, key = holder["result"]
-    assert not gc.is_tracked(owner_ref) and gc.is_tracked(token)
+    assert not gc.is_tracked(owner_ref) and not gc.is_tracked(token)
     assert owner_ref() is None  # the thread's work ended and was freed: the reference cleared
-    assert key not in _writes._guard_of_session_id
+    assert token() is None and key not in _writes._live_session_refs
 
     keys = []
     for _ in range(200):  # works and guards freed by the collector, in cycles
@@ -356,5 +369,5 @@ def test_the_guards_reference_to_its_work_is_left_to_reference_counting(
         cycle.append(cycle)
         del context, session, cycle
     gc.collect()
-    assert not [k for k in keys if k in _writes._guard_of_session_id]  # the tokens' callbacks ran
+    assert not [k for k in keys if k in _writes._live_session_refs]  # the sessions were freed
     assert len(Scoped.registry) == 0

@@ -27,8 +27,8 @@
 
 static PyObject *guard_type = NULL;          /* _ownership.SessionGuard */
 static PyObject *lineage_var = NULL;         /* _lineage.current_lineage */
-static PyObject *lineage_globals = NULL;     /* _lineage: on_guard_death, _drop_dead, _MIN_REBUILD */
-static PyObject *writes_globals = NULL;      /* _writes: _installed, _install, _guard_of_session_id */
+static PyObject *lineage_globals = NULL;     /* _lineage: _drop_dead, _MIN_REBUILD */
+static PyObject *writes_globals = NULL;      /* _writes: _installed, _install */
 static PyObject *fork_globals = NULL;        /* _fork: generation */
 static PyObject *pools_globals = NULL;       /* _fork_pools: _last_bind, remember_session */
 static PyObject *application_site = NULL;    /* _site.application_site */
@@ -44,8 +44,8 @@ static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transa
     *s_binds, *s_private_binds, *s_name, *s_hash_key, *s_mode, *s_label, *s_created_at,
     *s_on_hand_off, *s_session_key, *s_of_async, *s_owner_ref, *s_fast_key, *s_owned_by_job,
     *s_explicit, *s_task, *s_generation, *s_token, *s_length, *s_rebuild_at, *s_parent,
-    *s_owned, *s_owns, *s_state, *s_identity_map, *s_key, *s_installed, *s_install,
-    *s_guards_by_id, *s_last_bind, *s_remember_session, *s_on_guard_death,
+    *s_owned, *s_owns, *s_state, *s_identity_map, *s_installed, *s_install,
+    *s_last_bind, *s_remember_session,
     *s_min_rebuild, *s_raise, *s_warn, *s_prune_owned_at;
 
 /* ---- fields by offset (_fields.h) ----------------------------------------------------- */
@@ -53,7 +53,7 @@ static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transa
 static PyTypeObject *guard_class = NULL, *token_class = NULL, *work_class = NULL;
 static Field f_mode, f_label, f_created_at, f_on_hand_off, f_session_key, f_of_async, f_owner_ref,
     f_fast_key, f_owned_by_job, f_guard_generation, f_guard_token, f_state, f_token_parent,
-    f_token_length, f_token_rebuild_at, f_token_key, f_work_explicit, f_work_task, f_work_owned,
+    f_token_length, f_token_rebuild_at, f_work_explicit, f_work_task, f_work_owned,
     f_work_via, f_work_prune_owned_at;
 
 /* type(obj).__name__ (a new reference): a class's own name, without a lookup on its metaclass
@@ -258,8 +258,7 @@ drop_dead_py(PyObject *module, PyObject *head)
  * unit's memory"). Such a reference holds nothing strongly, so it can be in no reference cycle;
  * the collector still clears it when its referent dies in a collection (it finds it through the
  * referent), and without a callback there is nothing it would have to queue (a reference *with*
- * a callback is moved between the collector's lists then, so a borrow token must stay tracked).
- * CPython shares one callback-less reference per object: this is the one `weakref.ref(work)`
+ * a callback is moved between the collector's lists then). CPython shares one callback-less reference per object: this is the one `weakref.ref(work)`
  * returns anywhere, and it is as acyclic there. */
 static void
 untrack_acyclic(PyObject *ref)
@@ -269,22 +268,23 @@ untrack_acyclic(PyObject *ref)
 }
 
 /* _lineage.lend_from_here(guard): a new borrow token, pushed on the running context's lineage
- * (a new reference, or NULL). */
+ * (a new reference, or NULL). The token is left to reference counting, as the guard's reference
+ * to its work (untrack_acyclic): it has no callback, and what it holds strongly (older tokens,
+ * small ints) can reach no token younger than itself, so it is in no cycle. */
 static PyObject *
 lend_from_here(PyObject *guard)
 {
-    PyObject *on_death = global_of(lineage_globals, s_on_guard_death);
-    if (on_death == NULL)
+    /* BorrowToken(guard): the weak reference's own __new__, whose __init__ would only check the
+     * same argument again */
+    PyObject *args = PyTuple_Pack(1, guard);
+    if (args == NULL)
         return NULL;
-    /* BorrowToken(guard, on_death): the weak reference's own __new__, whose __init__ would only
-     * check the same arguments again */
-    PyObject *pair = PyTuple_Pack(2, guard, on_death);
-    if (pair == NULL)
-        return NULL;
-    PyObject *token = token_class->tp_new(token_class, pair, NULL);
-    Py_DECREF(pair);
+    PyObject *token = token_class->tp_new(token_class, args, NULL);
+    Py_DECREF(args);
     if (token == NULL)
         return NULL;
+    if (PyObject_GC_IsTracked(token))
+        PyObject_GC_UnTrack(token);
     PyObject *head = NULL, *length = NULL, *rebuild_at = NULL;
     if (PyContextVar_Get(lineage_var, Py_None, &head) < 0)
         goto error;
@@ -415,9 +415,9 @@ done:
     return rc;
 }
 
-/* _writes.register(key, token) */
+/* _writes.register(): the write checks installed, once */
 static int
-register_writes(PyObject *key, PyObject *token)
+register_writes(void)
 {
     PyObject *installed = global_of(writes_globals, s_installed);
     if (installed == NULL)
@@ -432,45 +432,7 @@ register_writes(PyObject *key, PyObject *token)
             return -1;
         Py_DECREF(done);
     }
-    if (set_field(token, token_class, &f_token_key, key) < 0)
-        return -1;
-    PyObject *guards = global_of(writes_globals, s_guards_by_id);
-    if (guards == NULL)
-        return -1;
-    return PyObject_SetItem(guards, key, token);
-}
-
-/* forget_session_id(token): _writes._forget, a guard's death (its token's callback): the session
- * id registered under the token is forgotten, unless another token holds it by now. */
-static PyObject *
-forget_session_id(PyObject *module, PyObject *token)
-{
-    if (writes_globals == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "sessionscope._guard_setup is not configured");
-        return NULL;
-    }
-    PyObject *key = get_field(token, token_class, &f_token_key);
-    if (key == NULL) { /* (getattr(token, "key", None)) */
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
-            return NULL;
-        PyErr_Clear();
-        key = Py_NewRef(Py_None);
-    }
-    PyObject *guards = global_of(writes_globals, s_guards_by_id);
-    int rc = 0;
-    if (guards == NULL)
-        rc = -1;
-    else if (key != Py_None && PyDict_CheckExact(guards)) {
-        PyObject *registered = PyDict_GetItemWithError(guards, key);
-        if (registered == token)
-            rc = PyDict_DelItem(guards, key);
-        else if (registered == NULL && PyErr_Occurred())
-            rc = -1;
-    }
-    Py_DECREF(key);
-    if (rc < 0)
-        return NULL;
-    Py_RETURN_NONE;
+    return 0;
 }
 
 /* 1: the usual case (see the top of this file), with `*sync` set (a new reference); 0: not it;
@@ -583,18 +545,14 @@ guard_new_session(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(site);
     if (failed || own(guard, work) < 0)
         goto done;
-    PyObject *token = get_field(guard, cls, &f_guard_token);
-    if (token == NULL)
-        goto done;
     identity_map = PyObject_SetAttr(sync, s_guard, guard) < 0
                        ? NULL
                        : PyObject_GetAttr(sync, s_identity_map);
     watched = identity_map == NULL
                   ? NULL
                   : PyObject_CallFunctionObjArgs(watch_flagging, identity_map, guard, NULL);
-    if (watched != NULL && register_writes(key, token) == 0)
+    if (watched != NULL && register_writes() == 0)
         result = Py_NewRef(session);
-    Py_DECREF(token);
 done:
     Py_DECREF(sync);
     Py_XDECREF(label);
@@ -640,7 +598,6 @@ find_fields(PyTypeObject *guard, PyTypeObject *token, PyTypeObject *work)
         {&f_token_parent, token, s_parent},
         {&f_token_length, token, s_length},
         {&f_token_rebuild_at, token, s_rebuild_at},
-        {&f_token_key, token, s_key},
         {&f_work_explicit, work, s_explicit},
         {&f_work_task, work, s_task},
         {&f_work_owned, work, s_owned},
@@ -717,8 +674,6 @@ static PyMethodDef module_methods[] = {
      "_site, watch_flagging, OWNED, AsyncSession, WorkUnit): what the set-up reads."},
     {"drop_dead", drop_dead_py, METH_O,
      "drop_dead(head): _lineage._drop_dead(head) in C, what the set-up calls (for tests)."},
-    {"forget_session_id", forget_session_id, METH_O,
-     "forget_session_id(token): a dead guard's session id, unregistered (_writes._forget)."},
     {"guard_new_session", (PyCFunction)(void (*)(void))guard_new_session, METH_FASTCALL,
      "guard_new_session(session, mode, site, on_hand_off, work, depth): the session, guarded "
      "and owned by work; None (nothing done) when it is not the usual case."},
@@ -768,13 +723,10 @@ PyInit__guard_setup(void)
     INTERN(s_owns, "owns");
     INTERN(s_state, "state");
     INTERN(s_identity_map, "identity_map");
-    INTERN(s_key, "key");
     INTERN(s_installed, "_installed");
     INTERN(s_install, "_install");
-    INTERN(s_guards_by_id, "_guard_of_session_id");
     INTERN(s_last_bind, "_last_bind");
     INTERN(s_remember_session, "remember_session");
-    INTERN(s_on_guard_death, "on_guard_death");
     INTERN(s_min_rebuild, "_MIN_REBUILD");
     INTERN(s_raise, "raise");
     INTERN(s_warn, "warn");

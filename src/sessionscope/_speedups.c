@@ -68,7 +68,7 @@ not_configured(void)
                     "_state calls it on import)");
     return -1;
 }
-static PyObject *guards_by_session = NULL; /* _writes._guard_of_session_id */
+static PyObject *live_sessions = NULL; /* SQLAlchemy's sessions by id (weak references) */
 static PyObject *recheck_func = NULL;      /* _results._recheck */
 
 /* interned attribute names, and 0 (the slot's key) */
@@ -851,13 +851,16 @@ static PyTypeObject GuardStateType = {
 /* ---- writes to attributes of attached objects (sessionscope._guard._writes._check) ---------- */
 
 /* The guard of the session ``state``'s object is attached to (a new reference), or NULL with no
- * error when there is none (no session, an unguarded one, a guard that is gone). */
+ * error when there is none (no session, an unguarded one, a guard that is gone). The session is
+ * found in SQLAlchemy's own registry of sessions by id (the dict under its WeakValueDictionary),
+ * its guard as its attribute: a guarded session's class has one (None until it is guarded), an
+ * unguarded session's class none, which costs a type-cache lookup and no exception. */
 static PyObject *
 guard_of_state(PyObject *state)
 {
     if (!configured && not_configured() < 0)
         return NULL;
-    if (guards_by_session == NULL) {
+    if (live_sessions == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "sessionscope._speedups: configure_writes() first");
         return NULL;
     }
@@ -868,13 +871,19 @@ guard_of_state(PyObject *state)
         Py_DECREF(session_id);
         return NULL;
     }
-    PyObject *ref = PyDict_GetItemWithError(guards_by_session, session_id); /* borrowed */
+    PyObject *ref = PyDict_GetItemWithError(live_sessions, session_id); /* borrowed */
     Py_DECREF(session_id);
     if (ref == NULL)
         return NULL;
     Py_INCREF(ref);
-    PyObject *found = PyObject_CallNoArgs(ref);
+    PyObject *session = PyObject_CallNoArgs(ref);
     Py_DECREF(ref);
+    if (session == NULL)
+        return NULL;
+    PyObject *found = NULL;
+    if (session != Py_None && _PyType_Lookup(Py_TYPE(session), s_guard) != NULL)
+        found = PyObject_GetAttr(session, s_guard);
+    Py_DECREF(session);
     if (found == NULL)
         return NULL;
     if (found == Py_None || !PyObject_TypeCheck(found, &GuardStateType)) {
@@ -1254,14 +1263,15 @@ static PyTypeObject RowsCheckedOnResumeType = {
 };
 
 static PyObject *
-configure_writes(PyObject *module, PyObject *guards)
+configure_writes(PyObject *module, PyObject *sessions)
 {
-    if (!PyDict_Check(guards)) {
-        PyErr_SetString(PyExc_TypeError, "configure_writes: a dict of session ids");
+    if (!PyDict_Check(sessions)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure_writes: the dict of SQLAlchemy's sessions by id (weakly)");
         return NULL;
     }
-    Py_INCREF(guards);
-    Py_XSETREF(guards_by_session, guards);
+    Py_INCREF(sessions);
+    Py_XSETREF(live_sessions, sessions);
     Py_RETURN_NONE;
 }
 
@@ -1781,7 +1791,8 @@ static PyMethodDef module_methods[] = {
     {"lookup_method", lookup_method, METH_O,
      "lookup_method(cls): unit_session as a method of cls, for its __call__."},
     {"configure_writes", configure_writes, METH_O,
-     "configure_writes(guards): the dict of session ids to borrow tokens check_write() reads."},
+     "configure_writes(sessions): SQLAlchemy's sessions by id (weak references), where "
+     "check_write() finds the session of a written object."},
     {"configure_results", configure_results, METH_VARARGS,
      "configure_results(recheck): what a result's rows check calls."},
     {"configure_handles", configure_handles, METH_VARARGS,

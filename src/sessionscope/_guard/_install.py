@@ -96,8 +96,6 @@ def _load_guard_setup() -> GuardNewSession | None:
         AsyncSession,
         WorkUnit,
     )
-    # a dead guard's session id is forgotten in C too (``_writes._forget``, which it replaces)
-    _lineage.on_guard_death = _guard_setup.forget_session_id
     guard_new_session: GuardNewSession = _guard_setup.guard_new_session
     return guard_new_session
 
@@ -176,9 +174,7 @@ def install_in_python(
         watch_flagging(sync.identity_map, guard)
     else:
         guard_session_state(sync, guard)
-    token = guard.token
-    assert token is not None  # (just owned)
-    _writes.register(key, token)
+    _writes.register()
     return session
 
 
@@ -191,7 +187,6 @@ def _set_mode(session: Any, mode: Mode) -> None:
         guard.mode = "off"  # its handles (connection, transactions, results) keep a reference
         del sync._sessionscope_guard  # type: ignore[attr-defined]
         move_shadowed(sync, unguarded_class(type(sync)))
-        _writes.unregister(sync.hash_key)
     else:
         guard.mode = mode
 

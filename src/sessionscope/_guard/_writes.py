@@ -4,9 +4,10 @@ Lazy loads and expired-attribute refreshes reach the session and are checked the
 write (``user.name = ...``, ``del user.name``, ``parent.children.append(child)``, ``parent.children
 = [...]``) does not, so the methods of SQLAlchemy's attribute implementations that write are
 checked, once guarding is first used (see :func:`_patch_writing_methods`), and so is the
-``modified`` event of every mapped attribute (``flag_modified()``). A check costs one dict lookup
-for objects of unguarded sessions (keyed by SQLAlchemy's ``session_id``) and nothing more for
-objects attached to no session.
+``modified`` event of every mapped attribute (``flag_modified()``). A check finds the object's
+session by its ``session_id`` in SQLAlchemy's own registry of sessions (a dict lookup and a weak
+reference), and its guard as its attribute; for objects of unguarded sessions that is all, for
+objects attached to no session nothing.
 """
 
 from __future__ import annotations
@@ -30,49 +31,33 @@ from sqlalchemy.orm.mapper import _all_registries
 from .. import _fork
 from .._units._asyncio import _get_running_loop
 from .._work import work_var
-from . import _lazy_loads, _lineage
-from ._lineage import BorrowToken
-from ._ownership import SessionGuard, _nobody
+from . import _lazy_loads
+from ._guarded_class import GUARD_ATTRIBUTE
+from ._ownership import SessionGuard, _live_session_refs, _nobody
 from ._state import INSIDE, speedups
 
-_guard_of_session_id: dict[int, BorrowToken] = {}
 _installed = False
 _install_lock = threading.Lock()
 _modules = sys.modules
 
 
-def register(session_id: int, token: BorrowToken) -> None:
-    """Check writes to objects attached to the session ``session_id`` with the guard that
-    ``token`` (its borrow token, a weak reference) refers to.
+def register() -> None:
+    """A session is being guarded: check writes from now on (installed once).
 
-    The token was made with ``_lineage.on_guard_death`` as its callback: the entry goes with
-    the guard, and no other weak reference is made per session.
+    A written object's session is found in SQLAlchemy's own registry of sessions by id
+    (:data:`_live_session_refs`), and its guard as its attribute: no table of sessionscope's own,
+    whose entry per guarded session (about 45 bytes) and whose clean-up on a guard's death (a
+    callback on its borrow token) every unit of work paid.
     """
     if not _installed:
         _install()
-    token.key = session_id
-    _guard_of_session_id[session_id] = token
-
-
-def _forget(token: BorrowToken) -> None:
-    """A guard died: forget the session id registered under its token, if any."""
-    session_id = getattr(token, "key", None)
-    if session_id is not None and _guard_of_session_id.get(session_id) is token:
-        del _guard_of_session_id[session_id]
-
-
-_lineage.on_guard_death = _forget
-
-
-def unregister(session_id: int) -> None:
-    _guard_of_session_id.pop(session_id, None)
 
 
 def _forget_owners_after_fork() -> list[Any]:
     """In a forked child no guard made before the fork may take its fast path (its owner's
     unit of work is a copy of the parent's); the slow path refuses them (``_fork.generation``)."""
-    for ref in list(_guard_of_session_id.values()):
-        guard = ref()
+    for ref in list(_live_session_refs.values()):
+        guard = _guard_of_session(ref())
         if guard is not None:
             guard.owner_ref = guard.fast_key = _nobody
     return []
@@ -85,23 +70,29 @@ _listened: weakref.WeakKeyDictionary[type, set[str]] = weakref.WeakKeyDictionary
 """Mapped class -> attribute names whose writes are checked already."""
 
 
+def _guard_of_session(session: Any) -> SessionGuard | None:
+    """A live session's guard, if it is guarded (a guarded class has the attribute: None until
+    its guard is set; an unguarded session's class has none)."""
+    guard: SessionGuard | None = getattr(session, GUARD_ATTRIBUTE, None)
+    return guard
+
+
 def guard_of_state(state: Any) -> SessionGuard | None:
     """The guard of the session an object's state is attached to; None if none or unguarded."""
     session_id = state.session_id
     if session_id is not None:
-        ref = _guard_of_session_id.get(session_id)
+        ref = _live_session_refs.get(session_id)
         if ref is not None:
-            guard: SessionGuard | None = ref()
-            return guard
+            return _guard_of_session(ref())
     return None
 
 
 def _check_in_python(state: Any, key: str, prefix: str = "") -> None:
     session_id = state.session_id
     if session_id is not None:
-        ref = _guard_of_session_id.get(session_id)
+        ref = _live_session_refs.get(session_id)
         if ref is not None:
-            guard = ref()
+            guard = _guard_of_session(ref())
             if guard is None:
                 return
             # SessionGuard.check_write()'s fast paths, inlined (writes are an ORM workload's most
@@ -127,7 +118,7 @@ _check: Callable[..., None] = _check_in_python
 ``check_write`` (the same, in C) when it is built, else ``_check_in_python``. ``prefix + key``
 names the operation in a refusal."""
 if speedups is not None:
-    speedups.configure_writes(_guard_of_session_id)
+    speedups.configure_writes(_live_session_refs)
     _check = speedups.check_write
 
 _COMMITTED = "(set_committed_value)"
