@@ -53,8 +53,9 @@ def _unit_session_in_python(holder: _FastLookup[S]) -> S:
     scoped sessions, so a proxied call costs one Python frame as in SQLAlchemy (a call costs as
     much as this whole lookup); the C module's ``unit_session`` takes the same steps in none.
     It mirrors ``UnitLocal.get`` (the running code's unit of work, see ``_work``): anything
-    unusual (no session yet, trio, a child task) goes to ``holder._miss()``. An ended or
-    pre-fork work holds no values, so it misses too.
+    unusual (no session yet, trio, a child task) goes to ``holder._miss()``. An ended work holds
+    no values, so it misses too, and so does a parent process's (its fork generation is older:
+    a forked child empties only its greenlets' works, see ``_work.holding_values``).
     """
     scope = holder._scope_var.get()
     if scope is not None:
@@ -65,14 +66,16 @@ def _unit_session_in_python(holder: _FastLookup[S]) -> S:
         if loop is None:
             if "trio" not in _modules:  # a thread or greenlet: in the work of its context
                 try:
-                    if work.value_key == holder._key:  # (the work's first value: see WorkUnit)
-                        return work.value  # type: ignore[no-any-return]
-                    return work.values[holder._key]  # type: ignore[index,no-any-return]
+                    if work.generation == _fork.generation:
+                        if work.value_key == holder._key:  # (the first value: see WorkUnit)
+                            return work.value  # type: ignore[no-any-return]
+                        return work.values[holder._key]  # type: ignore[index,no-any-return]
                 except (KeyError, TypeError, ReferenceError):  # (None, or a pool job's ended
                     pass  # work, weakly held)
         else:
             try:
-                if current_task_of_loop(loop) is work.task:  # only the task that opened it
+                # only the task that opened it
+                if current_task_of_loop(loop) is work.task and work.generation == _fork.generation:
                     if work.value_key == holder._key:
                         return work.value  # type: ignore[no-any-return]
                     return work.values[holder._key]  # type: ignore[index,no-any-return]
@@ -155,8 +158,8 @@ class UnitRegistry(Generic[S]):
             work.value_key, work.value = key, session
             local = self._local
             local._count += 1
-            holding_values[id(work)] = weakref.ref(work)
-            if type(work.root) is weakref.ref:  # a greenlet's work (see UnitLocal._sweep)
+            if type(work.root) is weakref.ref:  # a greenlet's work (see holding_values)
+                holding_values[id(work)] = weakref.ref(work)
                 local.greenlet_holds()
         else:
             self._local.set(session, work)
@@ -180,9 +183,15 @@ class UnitRegistry(Generic[S]):
         ``remove()``, with one lookup of the unit of work (a close that raises forgets
         nothing, as ``implicit()``, close, ``clear()`` would)."""
         work: Any = work_var.get()
-        # current_work()'s usual answer without its calls, as in _miss (an ended or pre-fork work
-        # holds no values: nothing is closed or forgotten, as when current_work() says None)
-        if type(work) is not WorkUnit or _get_running_loop() is not None or "trio" in _modules:
+        # current_work()'s usual answer without its calls, as in _miss (an ended work holds no
+        # values: nothing is closed or forgotten, as when current_work() says None; a parent
+        # process's may, and is not this process's to close)
+        if (
+            type(work) is not WorkUnit
+            or work.generation != _fork.generation
+            or _get_running_loop() is not None
+            or "trio" in _modules
+        ):
             work = current_work()
             if work is None:
                 return

@@ -110,7 +110,7 @@ is_nested(GuardState *guard, PyObject *current)
 
 /* A unit of work's fields the checks read (configure_work(WorkUnit)): at their offsets. */
 static PyTypeObject *work_class = NULL;
-static Field f_work_task, f_work_thread;
+static Field f_work_task, f_work_thread, f_work_generation;
 
 #if PY_VERSION_HEX < 0x030C0000
 /* On CPython 3.10 and 3.11 asyncio's _get_running_loop() makes a getpid() system call whenever a
@@ -1436,6 +1436,26 @@ work_value(PyObject *work, PyObject *key)
     return found;
 }
 
+/* Whether `work` was opened in this process's fork generation: 1, 0 (a parent's, or unknown
+ * yet), -1. A forked child empties only its greenlets' works (they are the ones kept in
+ * `_work.holding_values`); a thread's or task's work of the parent keeps its values until its
+ * end abandons them, and is never this process's answer. */
+static int
+of_this_process(PyObject *work)
+{
+    if (fork_globals == NULL)
+        return 0;
+    PyObject *now = PyDict_GetItemWithError(fork_globals, s_generation); /* borrowed */
+    if (now == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *generation = get_field(work, work_class, &f_work_generation);
+    if (generation == NULL)
+        return clear_miss_error() ? 0 : -1;
+    int same = generation == now ? 1 : PyObject_RichCompareBool(generation, now, Py_EQ);
+    Py_DECREF(generation);
+    return same;
+}
+
 /* The current unit's session: the hot path under every proxied call, as unit_session() in
  * _registry.py (which says why each step is there); anything unusual goes to holder._miss(). */
 static PyObject *
@@ -1505,6 +1525,8 @@ lookup(PyObject *holder)
             }
         }
         Py_DECREF(loop);
+        if (here > 0)
+            here = of_this_process(work);
         if (here < 0)
             goto error;
         if (here) {
@@ -1735,15 +1757,24 @@ configure(PyObject *module, PyObject *args)
 }
 
 static PyObject *
-configure_work(PyObject *module, PyObject *cls)
+configure_work(PyObject *module, PyObject *args)
 {
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "configure_work(WorkUnit): a class");
+    PyObject *cls, *fork;
+    if (!PyArg_ParseTuple(args, "OO:configure_work", &cls, &fork))
+        return NULL;
+    if (!PyType_Check(cls) || !PyModule_Check(fork)) {
+        PyErr_SetString(PyExc_TypeError, "configure_work(WorkUnit, _fork): a class and a module");
         return NULL;
     }
     if (find_field(&f_work_task, (PyTypeObject *)cls, s_task) < 0 ||
-        find_field(&f_work_thread, (PyTypeObject *)cls, s_thread) < 0)
+        find_field(&f_work_thread, (PyTypeObject *)cls, s_thread) < 0 ||
+        find_field(&f_work_generation, (PyTypeObject *)cls, s_generation) < 0)
         return NULL;
+    PyObject *globals = PyModule_GetDict(fork);
+    if (globals == NULL)
+        return NULL;
+    Py_INCREF(globals);
+    Py_XSETREF(fork_globals, globals);
     Py_INCREF(cls);
     Py_XSETREF(work_class, (PyTypeObject *)cls);
     Py_RETURN_NONE;
@@ -1771,8 +1802,9 @@ configure_cleanup(PyObject *module, PyObject *args)
 }
 
 static PyMethodDef module_methods[] = {
-    {"configure_work", configure_work, METH_O,
-     "configure_work(WorkUnit): the class whose fields the checks read at their offsets."},
+    {"configure_work", configure_work, METH_VARARGS,
+     "configure_work(WorkUnit, _fork): the class whose fields the checks read at their offsets, "
+     "and the module of the fork generation the lookup compares a work's with."},
     {"configure_cleanup", configure_cleanup, METH_VARARGS,
      "configure_cleanup(cleaning_up, fork): what a check reads to let sessionscope's own cleanup "
      "of an ended unit's session through (_lineage._cleaning_up, sessionscope._fork)."},
@@ -1852,8 +1884,9 @@ PyInit__speedups(void)
     INTERN(s_thread, "thread");
     INTERN(s__loop, "_loop");
     /* read the usual way until configure_work() finds their offsets */
-    f_work_task = (Field){s_task, -1, 1};
-    f_work_thread = (Field){s_thread, -1, 1};
+    f_work_task = (Field){s_task, -1, 1, FIELD_OBJECT};
+    f_work_thread = (Field){s_thread, -1, 1, FIELD_OBJECT};
+    f_work_generation = (Field){s_generation, -1, 1, FIELD_OBJECT};
     INTERN(s_miss, "_miss");
     INTERN(s_flag_dirty, "(flag_dirty)");
     INTERN(s_modified, "modified");

@@ -44,10 +44,10 @@ class UnitLocal(Generic[T]):
     counts apart those held by the works of greenlets: a raw greenlet's end goes unannounced, and
     the sweep (:meth:`_sweep`) also ends a finished gevent greenlet's work before the hub runs its
     link, which keeps fewer sessions alive at once (docs/design.md, "How the end of a unit is
-    seen"). The sweep walks ``holding_values`` (every work holding a value has its shared weak
-    reference there): a ``WeakSet`` of the greenlets' works was a weak reference with a callback
-    per live greenlet unit, one more object for the garbage collector, and three Python calls
-    (``add``, ``len``, ``discard``) per unit.
+    seen"). The sweep walks ``holding_values`` (every greenlet's work holding a value has its
+    shared weak reference there): a ``WeakSet`` of the greenlets' works was a weak reference
+    with a callback per live greenlet unit, one more object for the garbage collector, and three
+    Python calls (``add``, ``len``, ``discard``) per unit.
     """
 
     def __init__(self, on_end: Callable[[T], None]) -> None:
@@ -83,8 +83,8 @@ class UnitLocal(Generic[T]):
             new = work.set_value(self._key, value)
         if new:
             self._count += 1
-            holding_values[id(work)] = weakref.ref(work)  # (see holding_values)
-            if type(work.root) is weakref.ref:  # a greenlet's (see WorkUnit.root)
+            if type(work.root) is weakref.ref:  # a greenlet's (see holding_values)
+                holding_values[id(work)] = weakref.ref(work)
                 self.greenlet_holds()
 
     def greenlet_holds(self) -> None:

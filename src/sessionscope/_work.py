@@ -71,8 +71,11 @@ held weakly (see :func:`end_hook`). A plain dict of weak references, not a
 
 
 holding_values: dict[int, weakref.ref[WorkUnit]] = {}
-"""The works holding a registry value, by id (until they end): what a forked child empties.
-``UnitLocal.set`` adds to it.
+"""The greenlets' works holding a registry value, by id (until they end): what a forked child
+empties, and what ``UnitLocal``'s sweep walks for finished greenlets. ``UnitLocal.set`` adds to
+it. A thread's or task's work is not kept here (about 60 bytes a live unit): in a forked child
+the lookups' fast paths compare its fork generation with the process's and miss, and its end
+abandons its values (``_fork.abandon_if_parents``).
 
 A weak reference without a callback is the one CPython shares per object (the guard's
 ``owner_ref`` is that same object), so this costs no object per unit, where a ``WeakSet`` made
@@ -704,11 +707,12 @@ def unit_of_work(*, lend_to_tasks: bool = False) -> UnitOfWork:
 
 
 def _forget_works_after_fork() -> list[Any]:
-    """In a forked child: the parent's works hold nothing, and nothing of theirs is touched.
+    """In a forked child: the parent's greenlets' works hold nothing, and nothing of theirs is
+    touched (a greenlet's work may be ended by the sweep, from any greenlet).
 
-    (Works holding no registry value need nothing: their generation is the parent's, so
-    :func:`current_work` never returns them, their guards are refused in the child, and their
-    end abandons what they own: ``_fork.abandon_if_parents``.)
+    (The other works need nothing: their generation is the parent's, so :func:`current_work`
+    and the lookups never return them or their values, their guards are refused in the child,
+    and their end abandons what they hold and own: ``_fork.abandon_if_parents``.)
     """
     abandoned: list[Any] = []
     for ref in list(holding_values.values()):

@@ -29,7 +29,7 @@ static PyObject *end_hooks = NULL;      /* _work._end_hooks: {key: ref(owner)} *
 static PyObject *hook_failed = NULL;    /* _work._hook_failed(work, collected, error) */
 static PyObject *interpreter = NULL;    /* _units._thread.INTERPRETER: {"shutting_down": bool} */
 
-static PyObject *min_prune = NULL;      /* _work._MIN_PRUNE */
+static int min_prune = 0;               /* _work._MIN_PRUNE */
 static PyObject *s_generation, *s_ident, *s_work_ended, *s_owner_ended, *s_shutting_down,
     *s_collected, *s_forking_pid, *s_abandon_if_parents;
 
@@ -40,22 +40,23 @@ typedef struct {
     PyObject *values;         /* the values of other keys (a dict), or None */
     PyObject *task;           /* the asyncio or trio task that opened the work, or None */
     PyObject *root;           /* the unit that opened it (a greenlet held weakly) */
-    PyObject *ended;          /* True or False */
     PyObject *generation;     /* the fork generation it was opened in */
-    PyObject *explicit;       /* opened by a boundary (True) or implicitly (False) */
     PyObject *owned;          /* a weak reference to the guard of the session it owns, a list */
-    PyObject *prune_owned_at; /* the length at which `owned` is next pruned */
     PyObject *parent;         /* the work this one runs inside, or None */
-    PyObject *lends;          /* whether asyncio tasks of the opening thread may take it over */
     PyObject *via;            /* what a pool job's context holds instead (a weak proxy), or None */
     PyObject *thread;         /* the ident of the thread that opened it */
     PyObject *weakreflist;
+    /* Flags, a byte each (Python reads and writes them as bools), and a C int: four object
+     * fields were 24 bytes more of every live unit of work (issue 14's memory per unit). */
+    int prune_owned_at; /* the length at which `owned` is next pruned */
+    char ended;         /* the work has ended */
+    char explicit;      /* opened by a boundary (1) or implicitly (0) */
+    char lends;         /* whether asyncio tasks of the opening thread may take it over */
 } WorkState;
 
 #define FIELDS(apply)                                                                          \
-    apply(value_key) apply(value) apply(values) apply(task) apply(root) apply(ended)          \
-        apply(generation) apply(explicit) apply(owned) apply(prune_owned_at) apply(parent)    \
-            apply(lends) apply(via) apply(thread)
+    apply(value_key) apply(value) apply(values) apply(task) apply(root) apply(generation)     \
+        apply(owned) apply(parent) apply(via) apply(thread)
 
 static int
 not_configured(void)
@@ -83,11 +84,12 @@ static PyObject *
 work_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *keywords[] = {"root", "task", "explicit", "parent", "lends", NULL};
-    PyObject *root, *task, *explicit, *parent = Py_None, *lends = Py_False;
+    PyObject *root, *task, *parent = Py_None;
+    int explicit_flag, lends_flag = 0;
     if (fork_globals == NULL && not_configured() < 0)
         return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OO:WorkUnit", keywords, &root, &task,
-                                     &explicit, &parent, &lends))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOp|Op:WorkUnit", keywords, &root, &task,
+                                     &explicit_flag, &parent, &lends_flag))
         return NULL;
     /* a greenlet is held weakly: the work lives in the greenlet's own context */
     PyObject *held = PyObject_TypeCheck(root, greenlet_type) ? PyWeakref_NewRef(root, NULL)
@@ -117,13 +119,13 @@ work_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->values = Py_NewRef(Py_None);
     self->task = Py_NewRef(task);
     self->root = held;
-    self->ended = Py_NewRef(Py_False);
+    self->ended = 0;
     self->generation = Py_NewRef(generation);
-    self->explicit = Py_NewRef(explicit);
+    self->explicit = (char)explicit_flag;
     self->owned = Py_NewRef(Py_None);
-    self->prune_owned_at = Py_NewRef(min_prune);
+    self->prune_owned_at = min_prune;
     self->parent = Py_NewRef(parent);
-    self->lends = Py_NewRef(lends);
+    self->lends = (char)lends_flag;
     self->via = Py_NewRef(Py_None);
     self->thread = thread;
     return (PyObject *)self;
@@ -310,20 +312,18 @@ abandoned_in_child(WorkState *self)
 static int
 end_work(WorkState *self, PyObject *collected)
 {
-    if (self->ended == Py_True)
+    if (self->ended)
         return 0;
-    Py_SETREF(self->ended, Py_NewRef(Py_True));
-    if (PyDict_GET_SIZE(holding_values)) {
+    self->ended = 1;
+    if (PyDict_GET_SIZE(holding_values)) { /* (only greenlets' works are kept there) */
         PyObject *id = PyLong_FromVoidPtr(self);
         if (id == NULL)
             return -1;
-        int failed = PyDict_DelItem(holding_values, id);
+        int held = PyDict_Contains(holding_values, id);
+        int failed = held < 0 || (held && PyDict_DelItem(holding_values, id) < 0);
         Py_DECREF(id);
-        if (failed < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_KeyError))
-                return -1;
-            PyErr_Clear(); /* it held no registry value */
-        }
+        if (failed)
+            return -1;
     }
     int abandoned = abandoned_in_child(self);
     if (abandoned != 0)
@@ -417,7 +417,7 @@ end_collected(WorkState *self)
 static void
 work_finalize(WorkState *self)
 {
-    if (self->ended == Py_True || self->ended == NULL || interpreter == NULL)
+    if (self->ended || self->value_key == NULL || interpreter == NULL)
         return;
 #if PY_VERSION_HEX >= 0x030C0000
     PyObject *saved = PyErr_GetRaisedException();
@@ -476,6 +476,10 @@ static PyMemberDef work_members[] = {
 #define MEMBER(field) {#field, T_OBJECT_EX, offsetof(WorkState, field), 0, NULL},
     FIELDS(MEMBER)
 #undef MEMBER
+    {"ended", T_BOOL, offsetof(WorkState, ended), 0, NULL},
+    {"explicit", T_BOOL, offsetof(WorkState, explicit), 0, NULL},
+    {"lends", T_BOOL, offsetof(WorkState, lends), 0, NULL},
+    {"prune_owned_at", T_INT, offsetof(WorkState, prune_owned_at), 0, NULL},
     {NULL},
 };
 
@@ -527,7 +531,14 @@ configure(PyObject *module, PyObject *args)
     Py_XSETREF(end_hooks, Py_NewRef(hooks));
     Py_XSETREF(hook_failed, Py_NewRef(failed));
     Py_XSETREF(interpreter, Py_NewRef(shutdown));
-    Py_XSETREF(min_prune, Py_NewRef(prune));
+    long prune_at = PyLong_AsLong(prune);
+    if (prune_at == -1 && PyErr_Occurred())
+        return NULL;
+    if (prune_at < 1 || prune_at > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "configure(): _MIN_PRUNE is a positive int");
+        return NULL;
+    }
+    min_prune = (int)prune_at;
     Py_XSETREF(fork_globals, Py_NewRef(globals)); /* last: what says it is configured */
     Py_RETURN_NONE;
 }

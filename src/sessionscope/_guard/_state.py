@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from greenlet import getcurrent
 
+from .. import _fork
 from .._extensions import NO_EXTENSIONS_VARIABLE as NO_EXTENSIONS_VARIABLE
 from .._extensions import load_extension
 from .._units._asyncio import _get_running_loop, current_task_of_loop
@@ -46,7 +47,7 @@ def _load_speedups() -> Any:
     _speedups.configure(
         getcurrent, work_var, _get_running_loop, current_task_of_loop, sys.modules, ENDED, INSIDE
     )
-    _speedups.configure_work(WorkUnit)
+    _speedups.configure_work(WorkUnit, _fork)
     return _speedups
 
 
