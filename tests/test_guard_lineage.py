@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 import sessionscope
 from sessionscope._guard._install import guard_of
-from sessionscope._guard._lineage import current_lineage
+from sessionscope._guard._lineage import ITSELF, current_lineage
 
 
 def chain_length() -> int:
@@ -76,10 +76,10 @@ def test_a_session_made_after_a_task_was_created_is_not_lendable_to_that_task(
     asyncio.run(body())
 
 
-def test_dropping_dead_tokens_changes_nothing_a_context_copied_earlier_may_borrow(
+def test_dropping_dead_links_changes_nothing_a_context_copied_earlier_may_borrow(
     engine: Engine,
 ) -> None:
-    """Chains are shared by the contexts copied from them, and dead tokens are dropped from them
+    """Chains are shared by the contexts copied from them, and dead links are dropped from them
     in place: a task created earlier (a copy of the owner's context then) still borrows exactly
     the sessions it could, every live one made before it and none made after, once the owner's
     later sessions have relinked the chain they share."""
@@ -100,7 +100,8 @@ def test_dropping_dead_tokens_changes_nothing_a_context_copied_earlier_may_borro
         del made, session
         gc.collect()
         assert chain_length() == 40
-        newest_live = guard_of(kept[-1]).token
+        newest_live = guard_of(kept[-1])
+        assert newest_live is not None and newest_live.token is ITSELF  # its own link
         assert newest_live.length == 31
         go = asyncio.Event()
 

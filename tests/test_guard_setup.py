@@ -14,6 +14,7 @@ import contextvars
 import gc
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -85,7 +86,7 @@ def both_ways(make: Callable[[bool], Any]) -> tuple[Any, Any]:
 
 def assert_same_guards(in_c: Any, in_python: Any) -> None:
     """The guards of two sessions made in one unit of work, one after the other: equal fields,
-    each registered for its own session, the second's token lent after the first's."""
+    each registered for its own session, the second lent (as its own link) after the first."""
     first, second = guard_of(in_c), guard_of(in_python)
     assert first is not None and second is not None
     for name in ("mode", "label", "created_at", "of_async", "owned_by_job", "generation", "state"):
@@ -103,17 +104,16 @@ def assert_same_guards(in_c: Any, in_python: Any) -> None:
         assert guard.session_key == sync.hash_key
         assert guard.session_ref() is session
         assert guard.owner_ref() is work and guard.fast_key is guard.owner_ref
-        token = guard.token
-        assert type(token) is _lineage.BorrowToken and token() is guard
+        assert guard.token is _lineage.ITSELF  # its first ownership: the guard is its own link
         assert _writes.guard_of_state(SimpleNamespace(session_id=sync.hash_key)) is guard
-        assert token in work.owned_guards()
+        assert any(link is guard for link in work.owned_guards())
         assert type(sync.identity_map._modified) is _install.watch_flagging.__self__.FlaggingChecked  # type: ignore[attr-defined]
         assert sync.identity_map._modified.guard is guard
         assert guard.is_owned_by_current()
-    assert second.token.parent is first.token
-    assert second.token.length == first.token.length + 1
-    assert second.token.rebuild_at == first.token.rebuild_at
-    assert _lineage.current_lineage.get() is second.token
+    assert second.parent is first
+    assert second.length == first.length + 1
+    assert second.rebuild_at == first.rebuild_at
+    assert _lineage.current_lineage.get() is second
 
 
 @pytest.fixture
@@ -231,52 +231,71 @@ def test_the_lineage_is_pruned_as_in_python(maker: sessionmaker[Session]) -> Non
 
 
 class _Owner:
-    """What a token's referent is read for: a guard's ``token`` (still owning by it, or not)."""
+    """What a link's guard is read for: its ``token`` (which link it owns by now) and its
+    session's ``hash_key`` (whether that session is alive), and its fields as a link itself."""
 
     token: Any = None
+    session_key: Any = None
+    parent: Any = None
+    length = 0
+    rebuild_at = 0
 
 
-def _chain(spec: str) -> tuple[list[Any], list[_lineage.BorrowToken]]:
-    """Tokens linked oldest first, one per letter: ``l`` lendable, ``d`` its guard dead, ``o``
-    its guard owning by another token now. (The guards kept alive, and the tokens.)"""
-    guards: list[Any] = []
-    tokens: list[_lineage.BorrowToken] = []
+def _chain(spec: str) -> tuple[list[Any], list[Any]]:
+    """Links oldest first, one per letter. Tokens: ``l`` lendable, ``d`` its guard dead, ``o``
+    its guard owning by another link now, ``s`` its session gone. Guards that are their own link:
+    ``g`` lendable, ``x`` its session gone, ``y`` owned anew (by a token). (What is kept alive,
+    and the links.)"""
+    kept: list[Any] = []
+    links: list[Any] = []
     parent = None
     for length, kind in enumerate(spec, 1):
         guard = _Owner()
-        token = _lineage.BorrowToken(guard)
-        token.parent, token.length, token.rebuild_at = parent, length, 99
-        guard.token = token if kind == "l" else object()
+        session = Session()
+        guard.session_key = session.hash_key
+        if kind in "lgdoy":
+            kept.append(session)
+        if kind in "gxy":
+            link: Any = guard
+            guard.token = _lineage.ITSELF if kind != "y" else object()
+        else:
+            link = _lineage.BorrowToken(guard)
+            guard.token = link if kind in "ls" else object()
+        link.parent, link.length, link.rebuild_at = parent, length, 99
         if kind != "d":
-            guards.append(guard)
-        tokens.append(token)
-        parent = token
-    gc.collect()  # (the dead ones' guards: freed now)
-    return guards, tokens
+            kept.append(guard)
+        links.append(link)
+        parent = link
+    guard = session = None  # (the last ones: not kept by these names)
+    gc.collect()  # (the dead ones' guards and sessions: freed now)
+    return kept, links
 
 
 @in_c
-@pytest.mark.parametrize("spec", ["", "l", "d", "ldldl", "dddd", "llll", "oldlo", "l" * 20 + "d"])
-def test_dead_tokens_are_dropped_as_in_python(spec: str) -> None:
+@pytest.mark.parametrize(
+    "spec",
+    ["", "l", "d", "g", "x", "ldldl", "dddd", "llll", "oldlo", "gxgyg", "lgsxodly", "l" * 20 + "d"],
+)
+def test_dead_links_are_dropped_as_in_python(spec: str) -> None:
     """The C set-up's ``drop_dead`` (what it calls once a chain has grown to twice its live
     length) relinks a chain as ``_lineage._drop_dead`` does: the same tokens, lengths and
     rebuild point."""
     from sessionscope import _guard_setup  # type: ignore[attr-defined]
 
     def dropped(drop: Callable[[Any], Any]) -> list[tuple[int, int, int]]:
-        guards, tokens = _chain(spec)
-        head = drop(tokens[-1] if tokens else None)
+        kept, links = _chain(spec)
+        head = drop(links[-1] if links else None)
         found = []
         while head is not None:
-            found.append((tokens.index(head), head.length, head.rebuild_at))
+            found.append((links.index(head), head.length, head.rebuild_at))
             head = head.parent
-        del guards
+        del kept
         return found
 
     by_c = dropped(_guard_setup.drop_dead)
     by_python = dropped(lambda head: None if head is None else _lineage._drop_dead(head))
     assert by_c == by_python
-    assert [index for index, _, _ in by_c] == [i for i, k in enumerate(spec) if k == "l"][::-1]
+    assert [index for index, _, _ in by_c] == [i for i, k in enumerate(spec) if k in "lg"][::-1]
 
 
 @in_c
@@ -339,26 +358,31 @@ def test_write_checks_find_the_guard_through_sqlalchemys_sessions(
 def test_the_guards_reference_to_its_work_is_left_to_reference_counting(
     maker: sessionmaker[Session],
 ) -> None:
-    """The guard's weak reference to its unit of work (callback-less: CPython's one per work) and
-    its borrow token (no callback, no cycle) are untracked by the collector, two objects less per
-    live unit for it to walk. Works and guards that die in collected cycles clear the reference,
-    and their sessions end."""
+    """The guard's weak reference to its unit of work (callback-less: CPython's one per work) is
+    untracked by the collector, an object less per live unit for it to walk, and the guard is its
+    own lineage link (no token object at all). Once the unit has ended, its work, its guard (held
+    by the work and the lineage) and its session are freed by reference counting. Works and
+    guards that die in collected cycles clear the reference, and their sessions end."""
     Scoped = sessionscope.scoped_session(maker)
 
     def unit() -> tuple[Any, Any, int]:
         session = Scoped()
         guard = guard_of(session)
-        assert guard is not None
-        return guard.owner_ref, guard.token, session.hash_key
+        assert guard is not None and guard.token is _lineage.ITSELF
+        return guard.owner_ref, weakref.ref(guard), session.hash_key
 
     holder: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: holder.update(result=unit()))
-    thread.start()
-    thread.join()
-    owner_ref, token, key = holder["result"]
-    assert not gc.is_tracked(owner_ref) and not gc.is_tracked(token)
-    assert owner_ref() is None  # the thread's work ended and was freed: the reference cleared
-    assert token() is None and key not in _writes._live_session_refs
+    gc.disable()  # (reference counting alone)
+    try:
+        thread = threading.Thread(target=lambda: holder.update(result=unit()))
+        thread.start()
+        thread.join()
+        owner_ref, guard_ref, key = holder["result"]
+        assert not gc.is_tracked(owner_ref)
+        assert owner_ref() is None  # the thread's work ended and was freed: the reference cleared
+        assert guard_ref() is None and key not in _writes._live_session_refs
+    finally:
+        gc.enable()
 
     keys = []
     for _ in range(200):  # works and guards freed by the collector, in cycles

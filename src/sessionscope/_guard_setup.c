@@ -2,7 +2,7 @@
  * sessionscope._guard_setup: a new session's guard, set up in one C call.
  *
  * Every session a registry or a scope makes is guarded as it is made: a SessionGuard owned by
- * the running unit of work, a borrow token pushed on the context's lineage, the session switched
+ * the running unit of work, the guard itself pushed on the context's lineage, the session switched
  * to carry it, its identity map's flagging watched, its id registered for write checks. In
  * Python that is five functions (`_install.install`, `SessionGuard.__init__`, `own`,
  * `_lineage.lend_from_here`, `_writes.register`) and about 250 bytecodes, a third of what a
@@ -39,6 +39,8 @@ static PyObject *watch_flagging = NULL;      /* _handles.watch_flagging */
 static PyObject *owned_state = NULL;         /* _state.OWNED */
 static PyTypeObject *async_session_type = NULL;
 static PyObject *empty_tuple = NULL;
+static PyObject *itself = NULL;             /* _lineage_node.ITSELF */
+static PyObject *live_session_refs = NULL;  /* _lineage_node._live_session_refs */
 
 static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transaction, *s_bind,
     *s_binds, *s_private_binds, *s_name, *s_hash_key, *s_mode, *s_label, *s_created_at,
@@ -53,7 +55,8 @@ static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transa
 static PyTypeObject *guard_class = NULL, *token_class = NULL, *work_class = NULL;
 static Field f_mode, f_label, f_created_at, f_on_hand_off, f_session_key, f_of_async, f_owner_ref,
     f_fast_key, f_owned_by_job, f_guard_generation, f_guard_token, f_state, f_token_parent,
-    f_token_length, f_token_rebuild_at, f_work_explicit, f_work_task, f_work_owned,
+    f_token_length, f_token_rebuild_at, f_guard_parent, f_guard_length, f_guard_rebuild_at,
+    f_work_explicit, f_work_task, f_work_owned,
     f_work_via, f_work_prune_owned_at;
 
 /* type(obj).__name__ (a new reference): a class's own name, without a lookup on its metaclass
@@ -145,12 +148,47 @@ error:
     return -1;
 }
 
-/* A lineage's head token's `length` and `rebuild_at` (new references): 0, or -1 with both NULL. */
+/* The field `which` of a lineage link: a BorrowToken's, or a guard's (a guard is its own link,
+ * see sessionscope._lineage_node); `*cls` is the class it is found at by offset. */
+enum { LINK_PARENT, LINK_LENGTH, LINK_REBUILD_AT };
+
+static Field *
+link_field(PyObject *link, int which, PyTypeObject **cls)
+{
+    if (Py_TYPE(link) == token_class) {
+        *cls = token_class;
+        return which == LINK_PARENT   ? &f_token_parent
+               : which == LINK_LENGTH ? &f_token_length
+                                      : &f_token_rebuild_at;
+    }
+    *cls = guard_class; /* (get_field and set_field go by name for any other class) */
+    return which == LINK_PARENT ? &f_guard_parent
+           : which == LINK_LENGTH ? &f_guard_length
+                                  : &f_guard_rebuild_at;
+}
+
+static PyObject *
+get_link_field(PyObject *link, int which)
+{
+    PyTypeObject *cls;
+    Field *field = link_field(link, which, &cls);
+    return get_field(link, cls, field);
+}
+
+static int
+set_link_field(PyObject *link, int which, PyObject *value)
+{
+    PyTypeObject *cls;
+    Field *field = link_field(link, which, &cls);
+    return set_field(link, cls, field, value);
+}
+
+/* A lineage's head link's `length` and `rebuild_at` (new references): 0, or -1 with both NULL. */
 static int
 read_chain(PyObject *head, PyObject **length, PyObject **rebuild_at)
 {
-    *length = get_field(head, token_class, &f_token_length);
-    *rebuild_at = *length == NULL ? NULL : get_field(head, token_class, &f_token_rebuild_at);
+    *length = get_link_field(head, LINK_LENGTH);
+    *rebuild_at = *length == NULL ? NULL : get_link_field(head, LINK_REBUILD_AT);
     if (*rebuild_at == NULL) {
         Py_CLEAR(*length);
         return -1;
@@ -158,37 +196,74 @@ read_chain(PyObject *head, PyObject **length, PyObject **rebuild_at)
     return 0;
 }
 
-/* BorrowToken.still_lendable(token): its guard is alive and still owns by this token. 1, 0, -1. */
+/* The referent of weak reference `ref` (a new reference), NULL when it is dead; -1 on error. */
 static int
-still_lendable(PyObject *token)
+referent_of(PyObject *ref, PyObject **object)
 {
-    PyObject *guard;
 #if PY_VERSION_HEX >= 0x030D0000
-    if (PyWeakref_GetRef(token, &guard) < 0)
-        return -1;
-    if (guard == NULL) /* dead */
-        return 0;
+    return PyWeakref_GetRef(ref, object) < 0 ? -1 : 0;
 #else
-    guard = PyWeakref_GetObject(token); /* borrowed */
-    if (guard == NULL)
+    PyObject *found = PyWeakref_GetObject(ref); /* borrowed */
+    if (found == NULL)
         return -1;
-    if (guard == Py_None)
-        return 0;
-    Py_INCREF(guard);
+    *object = found == Py_None ? NULL : Py_NewRef(found);
+    return 0;
 #endif
-    PyObject *owning = get_field(guard, guard_class, &f_guard_token);
-    Py_DECREF(guard);
-    if (owning == NULL)
-        return -1;
-    int same = owning == token;
-    Py_DECREF(owning);
-    return same;
 }
 
-/* _lineage._drop_dead(head): the chain from `head` linked past the tokens that can no longer be
- * lent (their guard died, or owns by another token), lengths and rebuild point renewed; its
- * newest live token or None (a new reference), NULL with an error. The Python function is the
- * reference (tests/test_guard_setup.py compares both on the same chains). */
+/* _lineage_node.still_lendable(link): its guard still owns by it (a token: the guard's `token`
+ * is it; the guard itself: its `token` is ITSELF) and its session is alive (in SQLAlchemy's
+ * registry of live sessions). 1, 0, -1. */
+static int
+still_lendable(PyObject *link)
+{
+    PyObject *guard, *expected;
+    if (PyWeakref_Check(link)) {
+        if (referent_of(link, &guard) < 0)
+            return -1;
+        if (guard == NULL) /* dead */
+            return 0;
+        expected = link;
+    }
+    else {
+        guard = Py_NewRef(link);
+        expected = itself;
+    }
+    int lendable = 0;
+    PyObject *owning = get_field(guard, guard_class, &f_guard_token);
+    if (owning == NULL)
+        goto error;
+    int same = owning == expected;
+    Py_DECREF(owning);
+    if (same) {
+        PyObject *key = get_field(guard, guard_class, &f_session_key);
+        if (key == NULL)
+            goto error;
+        PyObject *ref = PyDict_GetItemWithError(live_session_refs, key); /* borrowed */
+        Py_DECREF(key);
+        if (ref == NULL) {
+            if (PyErr_Occurred())
+                goto error;
+        }
+        else if (PyWeakref_Check(ref)) {
+            PyObject *session;
+            if (referent_of(ref, &session) < 0)
+                goto error;
+            lendable = session != NULL;
+            Py_XDECREF(session);
+        }
+    }
+    Py_DECREF(guard);
+    return lendable;
+error:
+    Py_DECREF(guard);
+    return -1;
+}
+
+/* _lineage._drop_dead(head): the chain from `head` linked past the links that can no longer be
+ * lent (see still_lendable), lengths and rebuild point renewed; its newest live link or None (a
+ * new reference), NULL with an error. The Python function is the reference
+ * (tests/test_guard_setup.py compares both on the same chains). */
 static PyObject *
 drop_dead(PyObject *head)
 {
@@ -200,7 +275,7 @@ drop_dead(PyObject *head)
         int lendable = still_lendable(node);
         if (lendable < 0 || (lendable && PyList_Append(live, node) < 0))
             goto error;
-        Py_SETREF(node, get_field(node, token_class, &f_token_parent));
+        Py_SETREF(node, get_link_field(node, LINK_PARENT));
         if (node == NULL)
             goto error;
     }
@@ -218,17 +293,17 @@ drop_dead(PyObject *head)
         goto error;
     PyObject *parent = Py_None; /* borrowed: from the list, or None */
     for (Py_ssize_t i = count - 1; i >= 0; i--) { /* oldest first: its length is 1 */
-        PyObject *token = PyList_GET_ITEM(live, i);
+        PyObject *link = PyList_GET_ITEM(live, i);
         PyObject *length = PyLong_FromSsize_t(count - i);
-        int failed = length == NULL || set_field(token, token_class, &f_token_parent, parent) < 0 ||
-                     set_field(token, token_class, &f_token_length, length) < 0 ||
-                     set_field(token, token_class, &f_token_rebuild_at, rebuild_at) < 0;
+        int failed = length == NULL || set_link_field(link, LINK_PARENT, parent) < 0 ||
+                     set_link_field(link, LINK_LENGTH, length) < 0 ||
+                     set_link_field(link, LINK_REBUILD_AT, rebuild_at) < 0;
         Py_XDECREF(length);
         if (failed) {
             Py_DECREF(rebuild_at);
             goto error;
         }
-        parent = token;
+        parent = link;
     }
     Py_DECREF(rebuild_at);
     Py_INCREF(parent);
@@ -267,24 +342,12 @@ untrack_acyclic(PyObject *ref)
         PyObject_GC_UnTrack(ref);
 }
 
-/* _lineage.lend_from_here(guard): a new borrow token, pushed on the running context's lineage
- * (a new reference, or NULL). The token is left to reference counting, as the guard's reference
- * to its work (untrack_acyclic): it has no callback, and what it holds strongly (older tokens,
- * small ints) can reach no token younger than itself, so it is in no cycle. */
-static PyObject *
-lend_from_here(PyObject *guard)
+/* _lineage.lend_from_here(guard) for a new guard (its first ownership): the guard is its own
+ * link (sessionscope._lineage_node), pushed on the running context's lineage; 0, or -1 with an
+ * error. The caller sets the guard's `token` to ITSELF. */
+static int
+lend_itself(PyObject *guard)
 {
-    /* BorrowToken(guard): the weak reference's own __new__, whose __init__ would only check the
-     * same argument again */
-    PyObject *args = PyTuple_Pack(1, guard);
-    if (args == NULL)
-        return NULL;
-    PyObject *token = token_class->tp_new(token_class, args, NULL);
-    Py_DECREF(args);
-    if (token == NULL)
-        return NULL;
-    if (PyObject_GC_IsTracked(token))
-        PyObject_GC_UnTrack(token);
     PyObject *head = NULL, *length = NULL, *rebuild_at = NULL;
     if (PyContextVar_Get(lineage_var, Py_None, &head) < 0)
         goto error;
@@ -294,7 +357,7 @@ lend_from_here(PyObject *guard)
         int full = PyObject_RichCompareBool(length, rebuild_at, Py_GE);
         if (full < 0)
             goto error;
-        if (full) { /* the chain has grown to twice its live length: drop the dead tokens */
+        if (full) { /* the chain has grown to twice its live length: drop the dead links */
             Py_SETREF(head, drop_dead(head));
             Py_CLEAR(length);
             Py_CLEAR(rebuild_at);
@@ -323,24 +386,23 @@ lend_from_here(PyObject *guard)
         if (length == NULL)
             goto error;
     }
-    if (set_field(token, token_class, &f_token_parent, head) < 0 ||
-        set_field(token, token_class, &f_token_length, length) < 0 ||
-        set_field(token, token_class, &f_token_rebuild_at, rebuild_at) < 0)
+    if (set_field(guard, guard_class, &f_guard_parent, head) < 0 ||
+        set_field(guard, guard_class, &f_guard_length, length) < 0 ||
+        set_field(guard, guard_class, &f_guard_rebuild_at, rebuild_at) < 0)
         goto error;
-    PyObject *context_token = PyContextVar_Set(lineage_var, token);
+    PyObject *context_token = PyContextVar_Set(lineage_var, guard);
     if (context_token == NULL)
         goto error;
     Py_DECREF(context_token);
     Py_DECREF(head);
     Py_DECREF(length);
     Py_DECREF(rebuild_at);
-    return token;
+    return 0;
 error:
     Py_XDECREF(head);
     Py_XDECREF(length);
     Py_XDECREF(rebuild_at);
-    Py_DECREF(token);
-    return NULL;
+    return -1;
 }
 
 /* SessionGuard.own(work) for a work that is not a pool job's: 0, or -1 with an error. */
@@ -352,7 +414,7 @@ own(PyObject *guard, PyObject *work)
         return -1;
     untrack_acyclic(owner_ref);
     int rc = -1;
-    PyObject *explicit = NULL, *task = NULL, *token = NULL, *owned = NULL, *prune_at;
+    PyObject *explicit = NULL, *task = NULL, *link = NULL, *owned = NULL, *prune_at;
     if (set_field(guard, guard_class, &f_owner_ref, owner_ref) < 0 ||
         set_field(guard, guard_class, &f_fast_key, owner_ref) < 0)
         goto done;
@@ -369,14 +431,14 @@ own(PyObject *guard, PyObject *work)
     PyObject *generation = global_of(fork_globals, s_generation);
     if (generation == NULL || set_field(guard, guard_class, &f_guard_generation, generation) < 0)
         goto done;
-    token = lend_from_here(guard);
-    if (token == NULL || set_field(guard, guard_class, &f_guard_token, token) < 0)
+    if (lend_itself(guard) < 0 || set_field(guard, guard_class, &f_guard_token, itself) < 0)
         goto done;
+    link = Py_NewRef(guard); /* what the work keeps (WorkUnit.owns) */
     owned = get_field(work, work_class, &f_work_owned);
     if (owned == NULL)
         goto done;
     if (owned == Py_None) { /* WorkUnit.owns(), its first session */
-        if (set_field(work, work_class, &f_work_owned, token) < 0)
+        if (set_field(work, work_class, &f_work_owned, link) < 0)
             goto done;
     }
     else if (PyList_CheckExact(owned) &&
@@ -387,11 +449,11 @@ own(PyObject *guard, PyObject *work)
         if (limit == -1 && PyErr_Occurred())
             goto done;
         if (PyList_GET_SIZE(owned) + 1 < limit) {
-            if (PyList_Append(owned, token) < 0)
+            if (PyList_Append(owned, link) < 0)
                 goto done;
         }
         else {
-            PyObject *added = PyObject_CallMethodOneArg(work, s_owns, token);
+            PyObject *added = PyObject_CallMethodOneArg(work, s_owns, link);
             if (added == NULL)
                 goto done;
             Py_DECREF(added);
@@ -400,7 +462,7 @@ own(PyObject *guard, PyObject *work)
     else if (PyErr_Occurred())
         goto done;
     else {
-        PyObject *added = PyObject_CallMethodOneArg(work, s_owns, token);
+        PyObject *added = PyObject_CallMethodOneArg(work, s_owns, link);
         if (added == NULL)
             goto done;
         Py_DECREF(added);
@@ -410,7 +472,7 @@ done:
     Py_DECREF(owner_ref);
     Py_XDECREF(explicit);
     Py_XDECREF(task);
-    Py_XDECREF(token);
+    Py_XDECREF(link);
     Py_XDECREF(owned);
     return rc;
 }
@@ -595,6 +657,9 @@ find_fields(PyTypeObject *guard, PyTypeObject *token, PyTypeObject *work)
         {&f_guard_generation, guard, s_generation},
         {&f_guard_token, guard, s_token},
         {&f_state, guard, s_state},
+        {&f_guard_parent, guard, s_parent},
+        {&f_guard_length, guard, s_length},
+        {&f_guard_rebuild_at, guard, s_rebuild_at},
         {&f_token_parent, token, s_parent},
         {&f_token_length, token, s_length},
         {&f_token_rebuild_at, token, s_rebuild_at},
@@ -642,6 +707,22 @@ configure(PyObject *module, PyObject *args)
         Py_DECREF(var);
         return NULL;
     }
+    PyObject *node_module = PyImport_ImportModule("sessionscope._lineage_node");
+    PyObject *node_itself = node_module == NULL ? NULL : PyObject_GetAttrString(node_module, "ITSELF");
+    PyObject *refs = node_itself == NULL
+                         ? NULL
+                         : PyObject_GetAttrString(node_module, "_live_session_refs");
+    Py_XDECREF(node_module);
+    if (refs == NULL || !PyDict_Check(refs)) {
+        if (refs != NULL)
+            PyErr_SetString(PyExc_TypeError, "configure(): _live_session_refs is no dict");
+        Py_XDECREF(node_itself);
+        Py_XDECREF(refs);
+        Py_DECREF(var);
+        return NULL;
+    }
+    Py_XSETREF(itself, node_itself);
+    Py_XSETREF(live_session_refs, refs);
     Py_XSETREF(lineage_var, var);
     PyObject *walk = PyObject_GetAttrString(site, "_frame_walk");
     PyObject *kinds = walk == NULL ? NULL : PyObject_GetAttrString(site, "_kinds");

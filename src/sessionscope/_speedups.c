@@ -97,6 +97,13 @@ typedef struct {
     PyObject *fast_key;    /* returns what the owner's context holds (a weak reference) */
     PyObject *state;       /* "owned", "handed off", "shared", "ended" */
     PyObject *after_leave; /* a close deferred until the unit inside leaves, or None */
+    /* Read rarely (its set-up, the end, slow paths, messages), but kept here as C numbers and
+     * bytes: as Python slots they were 8 bytes each per live session (issue 14's memory). */
+    int generation;        /* the fork generation it was (last) owned in */
+    int length;            /* as a lineage link: the chain's length from it; 0: never a link */
+    int rebuild_at;        /* as a lineage link: the length at which the chain is pruned */
+    char of_async;         /* guards an AsyncSession's sync session */
+    char owned_by_job;     /* the (last) owner was a thread's or pool job's own work */
 } GuardState;
 
 static PyTypeObject GuardStateType;
@@ -833,6 +840,11 @@ static PyMemberDef state_members[] = {
     {"fast_key", T_OBJECT_EX, offsetof(GuardState, fast_key), 0, "the owner's context's key"},
     {"state", T_OBJECT_EX, offsetof(GuardState, state), 0, "owned, handed off, shared, ended"},
     {"after_leave", T_OBJECT, offsetof(GuardState, after_leave), 0, "a deferred close"},
+    {"generation", T_INT, offsetof(GuardState, generation), 0, "the fork generation it owns in"},
+    {"length", T_INT, offsetof(GuardState, length), 0, "as a lineage link: its chain's length"},
+    {"rebuild_at", T_INT, offsetof(GuardState, rebuild_at), 0, "as a link: when it is pruned"},
+    {"of_async", T_BOOL, offsetof(GuardState, of_async), 0, "guards an AsyncSession's session"},
+    {"owned_by_job", T_BOOL, offsetof(GuardState, owned_by_job), 0, "owned by a thread's work"},
     {NULL},
 };
 

@@ -45,6 +45,7 @@ from greenlet import greenlet
 
 from . import _fork
 from ._extensions import load_extension
+from ._lineage_node import guard_of_link, still_lendable
 from ._units import ThreadUnit, Unit, _trio, describe_unit, unit_outside_tasks, watch_unit_end
 from ._units._asyncio import _get_running_loop, current_task_of_loop
 from ._units._asyncio import watch_end as watch_task_end
@@ -99,7 +100,8 @@ def end_hook(key: str) -> Any:
 
 
 _MIN_PRUNE = 16
-"""A work's list of owned sessions is first pruned of dead references at this length."""
+"""A work's list of owned sessions is first pruned (of the links that can no longer be lent) at
+this length."""
 
 
 def _run_hook(work: WorkUnit, collected: bool, hook: Callable[..., object], *args: Any) -> None:
@@ -165,7 +167,7 @@ class PythonWorkState:
         self.ended = False
         self.generation = _fork.generation
         self.explicit = explicit
-        self.owned: weakref.ref[Any] | list[weakref.ref[Any]] | None = None
+        self.owned: Any = None  # a lineage link (a guard, or its token), a list of them, or None
         """The guarded sessions this work owns (see :meth:`owns`): one reference, or a list."""
         self.prune_owned_at = _MIN_PRUNE
         self.parent = parent
@@ -212,8 +214,8 @@ class PythonWorkState:
                 if hook is not None:
                     _run_hook(work, collected, hook.work_ended, work, value)
         if owned is not None:
-            for ref in owned if isinstance(owned, list) else (owned,):
-                guard = ref()
+            for link in owned if isinstance(owned, list) else (owned,):
+                guard = link() if isinstance(link, weakref.ref) else link  # (guard_of_link())
                 if guard is not None:
                     try:  # (_run_hook(), inlined: a request's session ends here)
                         guard.owner_ended(work)
@@ -292,36 +294,38 @@ class WorkUnit(WorkState):
             return f"the unit of work opened in {who}"
         return who
 
-    def owns(self, guard_ref: weakref.ref[Any]) -> None:
-        """Remember a guarded session this work owns (a weak reference to its guard, which is its
-        borrow token), to close it when the work ends.
+    def owns(self, link: Any) -> None:
+        """Remember a guarded session this work owns by its lineage link (its guard, or the
+        guard's :class:`~sessionscope._lineage_node.BorrowToken` when it was owned anew), to
+        close it when the work ends.
 
         Most units of work own one session: it is kept as it is, and a list is made for a second
         one (an object less per unit, which counts when 100,000 units are alive at once). A
         long-lived work (a thread's, making session after session with ``Session()`` and
-        ``remove()``) would keep a dead reference per session: once the list has doubled since
-        it was last pruned, the dead ones are dropped (amortised O(1) per session).
+        ``remove()``) would keep a link per session: once the list has doubled since it was last
+        pruned, the links that can no longer be lent (their session gone, or owned by another
+        link) are dropped (amortised O(1) per session).
         """
         owned = self.owned
         if owned is None:
-            self.owned = guard_ref
+            self.owned = link
             return
         if not isinstance(owned, list):
-            self.owned = [owned, guard_ref]
+            self.owned = [owned, link]
             return
-        owned.append(guard_ref)
+        owned.append(link)
         if len(owned) >= self.prune_owned_at:
-            owned[:] = [ref for ref in owned if ref() is not None]
+            owned[:] = [kept for kept in owned if still_lendable(kept)]
             self.prune_owned_at = max(_MIN_PRUNE, 2 * len(owned))
 
-    def owned_guards(self) -> list[weakref.ref[Any]]:
-        """What :meth:`owns` was given (a new list: the caller may end sessions meanwhile)."""
+    def owned_guards(self) -> list[Any]:
+        """The guards of what :meth:`owns` was given and are still there (a new list: the
+        caller may end sessions meanwhile)."""
         owned = self.owned
         if owned is None:
             return []
-        if isinstance(owned, list):
-            return list(owned)
-        return [owned]
+        links = owned if isinstance(owned, list) else (owned,)
+        return [guard for guard in map(guard_of_link, links) if guard is not None]
 
     # -- values --------------------------------------------------------------------------------
 

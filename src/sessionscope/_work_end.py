@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._async_session_end import _closing, closers_on_its_loop
 from ._guard._lineage import cleanup
+from ._lineage_node import guard_of_link
 from ._session_end import close_quietly_or_invalidate, needs_io_to_close
 from ._units._asyncio import _get_running_loop
 from ._work import WorkUnit, end_hook
@@ -107,8 +108,8 @@ def _each_session_of(work: WorkUnit) -> Iterator[Any]:
     owned = work.owned
     if owned is None:
         return
-    for ref in owned if isinstance(owned, list) else (owned,):
-        guard = ref()
+    for link in owned if isinstance(owned, list) else (owned,):
+        guard = guard_of_link(link)
         if guard is None or (first_key is not None and guard.session_key == first_key):
             continue
         session = guard.unsealed_session()
@@ -150,7 +151,6 @@ async def close_lent_async_sessions(loop: asyncio.AbstractEventLoop) -> None:
                 hook = end_hook(key)
                 if hook is not None:
                     hook.work_ended(work, value)
-        for ref in work.owned_guards():
-            guard = ref()
-            if guard is not None and isinstance(guard.session_ref(), AsyncSession):
+        for guard in work.owned_guards():
+            if isinstance(guard.session_ref(), AsyncSession):
                 guard.owner_ended(work)

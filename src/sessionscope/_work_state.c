@@ -41,7 +41,7 @@ typedef struct {
     PyObject *task;           /* the asyncio or trio task that opened the work, or None */
     PyObject *root;           /* the unit that opened it (a greenlet held weakly) */
     PyObject *generation;     /* the fork generation it was opened in */
-    PyObject *owned;          /* a weak reference to the guard of the session it owns, a list */
+    PyObject *owned;          /* the lineage link of the session it owns (its guard), a list */
     PyObject *parent;         /* the work this one runs inside, or None */
     PyObject *via;            /* what a pool job's context holds instead (a weak proxy), or None */
     PyObject *thread;         /* the ident of the thread that opened it */
@@ -214,13 +214,16 @@ end_values(WorkState *self, PyObject *items, PyObject *collected)
     return 0;
 }
 
-/* The guards of the sessions the work owned: guard.owner_ended(work). */
+/* The guards of the sessions the work owned: guard.owner_ended(work). What it keeps of each is
+ * its lineage link: the guard itself, or a weak reference to it (a BorrowToken: a guard owned
+ * anew; see sessionscope._lineage_node). */
 static int
 end_owned(WorkState *self, PyObject *owned, PyObject *collected)
 {
     int many = PyList_Check(owned);
     for (Py_ssize_t i = 0; i < (many ? PyList_GET_SIZE(owned) : 1); i++) {
-        PyObject *guard = referent(many ? PyList_GET_ITEM(owned, i) : owned);
+        PyObject *link = many ? PyList_GET_ITEM(owned, i) : owned;
+        PyObject *guard = PyWeakref_Check(link) ? referent(link) : Py_NewRef(link);
         if (guard == NULL)
             continue;
         PyObject *done = PyObject_CallMethodOneArg(guard, s_owner_ended, (PyObject *)self);

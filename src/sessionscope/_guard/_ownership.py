@@ -42,7 +42,7 @@ from ..exc import (
     background,
 )
 from . import _lineage
-from ._lineage import BorrowToken, inherits, is_cleanup, lend_from_here
+from ._lineage import ITSELF, inherits, is_cleanup, lend_from_here
 from ._site import Site, describe_site, warn_at_application
 from ._state import ENDED, HANDED_OFF, INSIDE, OWNED, SHARED, GuardState, speedups
 
@@ -126,16 +126,20 @@ class SessionGuard(GuardState):
         "created_at",
         "owner_ref",
         "session_key",
-        "of_async",
-        "generation",
         "token",
+        "parent",
         "on_hand_off",
-        "owned_by_job",
         "__weakref__",
     )
 
     owner_ref: Callable[[], WorkUnit | None]
-    token: BorrowToken | None
+    token: Any
+    """The lineage link it owns by (see ``sessionscope._lineage_node``): ``ITSELF`` (the guard
+    is its own link), a :class:`BorrowToken` (owned anew), or None (nobody owns it)."""
+    parent: Any
+    """As a link of lineages: the next older link (see ``_lineage``). Its ``length`` (0 while
+    it has never been one) and ``rebuild_at`` are in its base, with ``generation``,
+    ``of_async`` and ``owned_by_job``."""
 
     def __init__(
         self,
@@ -213,8 +217,8 @@ class SessionGuard(GuardState):
         self.owned_by_job = not work.explicit and work.task is None
         """Whether the (last) owner was a thread's or pool job's own work, for the refusal's fix."""
         self.generation = _fork.generation
-        self.token = lend_from_here(self)
-        work.owns(self.token)  # the token is a weak reference to this guard: no other is made
+        token = self.token = lend_from_here(self)
+        work.owns(self if token is ITSELF else token)  # (the link: no other reference is made)
         self.state = OWNED
 
     def disown(self, state: str) -> None:
@@ -369,7 +373,7 @@ class SessionGuard(GuardState):
             identity = running_task() or getcurrent()
         # a unit that inherited the owner's context while it held the session (a child task):
         # a legitimate borrower
-        elif not inherits(self.token):
+        elif not inherits(self):
             if is_cleanup():
                 return False
             if not (operation in _CLOSING and self._owner_gone(owner)):

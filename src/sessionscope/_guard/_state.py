@@ -58,13 +58,30 @@ speedups: Any = _load_speedups()
 class PythonGuardState:
     """What the C ``GuardState`` holds, as slots (and the fields' types, for both)."""
 
-    __slots__ = ("depth", "entered", "fast_key", "state", "after_leave")
+    __slots__ = (
+        "depth",
+        "entered",
+        "fast_key",
+        "state",
+        "after_leave",
+        "generation",
+        "length",
+        "rebuild_at",
+        "of_async",
+        "owned_by_job",
+    )
 
     depth: int
     entered: Any  # greenlet | None
     fast_key: Callable[[], Any]
     state: str
     after_leave: list[Callable[[], object]] | None
+    # (read rarely, but C numbers and bytes in the C type: 8 bytes each as Python slots)
+    generation: int
+    length: int
+    rebuild_at: int
+    of_async: bool
+    owned_by_job: bool
 
     def __new__(cls, *args: Any, **kw: Any) -> Any:
         """Starts as the C type's ``tp_new`` does (subclasses' ``__init__`` need not set these)."""
@@ -72,6 +89,8 @@ class PythonGuardState:
         self.depth = 0
         self.entered = None  # the greenlet whose call took the slot
         self.after_leave = None  # a close deferred until the unit inside leaves
+        self.generation = self.length = self.rebuild_at = 0
+        self.of_async = self.owned_by_job = False
         return self
 
 
