@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 import sessionscope
 from sessionscope._guard._install import guard_of
-from sessionscope._guard._lineage import ITSELF, current_lineage
+from sessionscope._guard._lineage import ITSELF, BorrowToken, current_lineage
 
 
 def chain_length() -> int:
@@ -121,3 +121,42 @@ def test_dropping_dead_links_changes_nothing_a_context_copied_earlier_may_borrow
             session.close()
 
     contextvars.Context().run(asyncio.run, body())  # (no lineage inherited from earlier tests)
+
+
+def test_a_guard_owned_anew_is_not_lent_through_its_first_link(engine: Engine) -> None:
+    """A guard is its own link for its first ownership; owned anew (handed off, then adopted) it
+    lends through a new token. A child task created before the hand-off holds the first link
+    only: it is refused after the session came back, where a child created after it borrows."""
+
+    def borrows(session: Session) -> bool:
+        try:
+            session.execute(text("select 1"))
+        except sessionscope.CrossUnitError:
+            return False
+        return True
+
+    async def body() -> None:
+        session = sessionscope.guard(Session(engine))
+        guard = guard_of(session)
+        assert guard is not None and guard.token is ITSELF and current_lineage.get() is guard
+        go = asyncio.Event()
+
+        async def before() -> tuple[bool, bool]:
+            first = borrows(session)  # inherited while the guard owned by its first link
+            await go.wait()
+            return first, borrows(session)
+
+        earlier = asyncio.create_task(before())
+        await asyncio.sleep(0)
+        session.rollback()  # (the child's statement began a transaction of the owner's)
+        sessionscope.hand_off(session)
+        sessionscope.adopt(session)  # the same task owns it again, by a new link
+        token = guard.token
+        assert type(token) is BorrowToken and token() is guard and current_lineage.get() is token
+        assert token.parent is guard  # the first link stays in the chain, no longer lendable
+        go.set()
+        assert await earlier == (True, False)
+        assert await asyncio.create_task(asyncio.to_thread(borrows, session))
+        session.close()
+
+    contextvars.Context().run(asyncio.run, body())
