@@ -129,7 +129,8 @@ def ended_with(
     work.values = {"test-key-b": "value-b", "test-key-none": "value-none"}
     work.owned = [weakref.ref(guards[0]), weakref.ref(gone), weakref.ref(guards[1])]
     del gone
-    _work.holding_values[id(work)] = weakref.ref(work)
+    work.root = weakref.ref(greenlet.getcurrent())  # a greenlet's work: kept for the sweep
+    _work.holding_values[weakref.ref(work)] = None
     try:
         work.end(collected=collected)
     finally:
@@ -143,7 +144,7 @@ def test_the_end_calls_the_same_hooks_in_the_same_order() -> None:
     for work in both(current_unit(), None, False):
         calls: list[Any] = []
         ended_with(work, calls)
-        seen.append((calls, fields(work), id(work) in _work.holding_values))
+        seen.append((calls, fields(work), weakref.ref(work) in _work.holding_values))
     assert seen[0] == seen[1]
     calls, held, holding = seen[0]
     assert calls == [
@@ -175,7 +176,7 @@ def test_a_parent_process_s_work_is_abandoned_untouched_by_both(
             ended_with(work, calls)
         orphaned = _fork._orphans[orphans_before:]
         del _fork._orphans[orphans_before:]
-        seen.append((calls, fields(work), id(work) in _work.holding_values, orphaned))
+        seen.append((calls, fields(work), weakref.ref(work) in _work.holding_values, orphaned))
     assert seen[0] == seen[1]
     calls, held, holding, orphaned = seen[0]
     assert calls == [] and sorted(orphaned) == ["value-a", "value-b", "value-none"]

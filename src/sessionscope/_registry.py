@@ -159,7 +159,7 @@ class UnitRegistry(Generic[S]):
             local = self._local
             local._count += 1
             if type(work.root) is weakref.ref:  # a greenlet's work (see holding_values)
-                holding_values[id(work)] = weakref.ref(work)
+                holding_values[weakref.ref(work)] = None
                 local.greenlet_holds()
         else:
             self._local.set(session, work)

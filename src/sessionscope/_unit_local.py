@@ -84,7 +84,7 @@ class UnitLocal(Generic[T]):
         if new:
             self._count += 1
             if type(work.root) is weakref.ref:  # a greenlet's (see holding_values)
-                holding_values[id(work)] = weakref.ref(work)
+                holding_values[weakref.ref(work)] = None
                 self.greenlet_holds()
 
     def greenlet_holds(self) -> None:
@@ -132,7 +132,7 @@ class UnitLocal(Generic[T]):
         """End the works of greenlets that finished (a raw one still referenced by the
         application, a gevent one whose link the hub has not run yet): any work holding a
         value, this local's or another's (ending a work ends all its values)."""
-        for ref in list(holding_values.values()):
+        for ref in list(holding_values):
             work = ref()
             if work is not None and type(work.root) is weakref.ref:
                 root = work.root()

@@ -71,12 +71,15 @@ held weakly (see :func:`end_hook`). A plain dict of weak references, not a
 ``WeakValueDictionary``, whose ``get()`` is a Python call more at every unit's end."""
 
 
-holding_values: dict[int, weakref.ref[WorkUnit]] = {}
-"""The greenlets' works holding a registry value, by id (until they end): what a forked child
-empties, and what ``UnitLocal``'s sweep walks for finished greenlets. ``UnitLocal.set`` adds to
-it. A thread's or task's work is not kept here (about 60 bytes a live unit): in a forked child
-the lookups' fast paths compare its fork generation with the process's and miss, and its end
-abandons its values (``_fork.abandon_if_parents``).
+holding_values: dict[weakref.ref[WorkUnit], None] = {}
+"""The greenlets' works holding a registry value, as keys: their weak references (until they
+end). Keyed by the reference each such work has anyway, not by ``id()``, whose ``int`` was 32
+bytes more per live greenlet unit; a dict, not a set, because a set's table grows fourfold and
+was as large or larger per entry at some sizes. What a forked child empties, and what
+``UnitLocal``'s sweep walks for finished greenlets; ``UnitLocal.set`` adds to it. A thread's
+or task's work is not kept here (about 60 bytes a live unit): in a forked child the lookups'
+fast paths compare its fork generation with the process's and miss, and its end abandons its
+values (``_fork.abandon_if_parents``).
 
 A weak reference without a callback is the one CPython shares per object (the guard's
 ``owner_ref`` is that same object), so this costs no object per unit, where a ``WeakSet`` made
@@ -195,7 +198,8 @@ class PythonWorkState:
             return
         work = cast("WorkUnit", self)  # (what every instance is: this is WorkUnit's base)
         self.ended = True
-        holding_values.pop(id(self), None)
+        if holding_values and type(self.root) is weakref.ref:  # (only greenlets' works are kept)
+            holding_values.pop(weakref.ref(work), None)
         if (self.generation != _fork.generation or _fork.forking_pid) and _fork.abandon_if_parents(
             self
         ):
@@ -719,7 +723,7 @@ def _forget_works_after_fork() -> list[Any]:
     and their end abandons what they hold and own: ``_fork.abandon_if_parents``.)
     """
     abandoned: list[Any] = []
-    for ref in list(holding_values.values()):
+    for ref in list(holding_values):
         work = ref()
         if work is None:
             continue

@@ -24,7 +24,7 @@ static PyObject *fork_globals = NULL;   /* sessionscope._fork's globals: "genera
 static PyObject *per_thread = NULL;     /* _units._thread.per_thread: its "ident" */
 static PyObject *thread_ident = NULL;   /* _units._thread.thread_ident */
 static PyTypeObject *greenlet_type = NULL;
-static PyObject *holding_values = NULL; /* _work.holding_values: {id(work): ref} */
+static PyObject *holding_values = NULL; /* _work.holding_values: {weakref.ref(work): None} */
 static PyObject *end_hooks = NULL;      /* _work._end_hooks: {key: ref(owner)} */
 static PyObject *hook_failed = NULL;    /* _work._hook_failed(work, collected, error) */
 static PyObject *interpreter = NULL;    /* _units._thread.INTERPRETER: {"shutting_down": bool} */
@@ -318,13 +318,15 @@ end_work(WorkState *self, PyObject *collected)
     if (self->ended)
         return 0;
     self->ended = 1;
-    if (PyDict_GET_SIZE(holding_values)) { /* (only greenlets' works are kept there) */
-        PyObject *id = PyLong_FromVoidPtr(self);
-        if (id == NULL)
+    if (PyDict_GET_SIZE(holding_values) && PyWeakref_CheckRefExact(self->root)) {
+        /* a greenlet's work (only those are kept there): its weak reference (CPython's one
+         * callback-less reference per object, the one in the set), discarded */
+        PyObject *ref = PyWeakref_NewRef((PyObject *)self, NULL);
+        if (ref == NULL)
             return -1;
-        int held = PyDict_Contains(holding_values, id);
-        int failed = held < 0 || (held && PyDict_DelItem(holding_values, id) < 0);
-        Py_DECREF(id);
+        int held = PyDict_Contains(holding_values, ref);
+        int failed = held < 0 || (held && PyDict_DelItem(holding_values, ref) < 0);
+        Py_DECREF(ref);
         if (failed)
             return -1;
     }
