@@ -372,3 +372,32 @@ def test_a_long_lived_unit_making_session_after_session_keeps_no_trace_of_closed
     thread.start()
     thread.join()
     assert lengths and lengths[0] < 64, lengths
+
+
+def test_pruning_a_long_lived_units_sessions_keeps_the_live_ones_to_close_at_its_end(
+    engine: Engine,
+) -> None:
+    """Sessions a thread keeps open (from a guarded sessionmaker: only its unit of work closes
+    them) while it makes and removes hundreds of others: every prune of the unit's owned list
+    must keep them, so they are all closed, their connections back in the pool, when the thread
+    ends."""
+    maker = sessionscope.guard(sessionmaker(engine))
+    churn = sessionscope.scoped_session(sessionmaker(engine))
+    made: list[Session] = []
+
+    def worker() -> None:
+        for _ in range(40):
+            session = maker()
+            session.execute(select(1))  # a connection checked out until the session closes
+            made.append(session)
+            for _ in range(25):
+                churn().execute(select(1))
+                churn.remove()
+        assert engine.pool.checkedout() == len(made)  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert len(made) == 40
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert all(session.get_transaction() is None for session in made)

@@ -41,6 +41,7 @@ static PyTypeObject *async_session_type = NULL;
 static PyObject *empty_tuple = NULL;
 static PyObject *itself = NULL;             /* _lineage_node.ITSELF */
 static PyObject *live_session_refs = NULL;  /* _lineage_node._live_session_refs */
+static Py_ssize_t min_prune = 16;           /* _work._MIN_PRUNE */
 
 static PyObject *s_unguarded_class, *s_guard, *s_sync_session, *s_via, *s_transaction, *s_bind,
     *s_binds, *s_private_binds, *s_name, *s_hash_key, *s_mode, *s_label, *s_created_at,
@@ -405,6 +406,41 @@ error:
     return -1;
 }
 
+/* WorkUnit.owns() when a long-lived work's list of owned links is due to be pruned: the links
+ * that can no longer be lent dropped in place (still_lendable; a thread making session after
+ * session keeps only the live ones), the next prune point set at twice what is left. In C
+ * because a thread's `Session()` + `remove()` pays it: in Python it was about 1,000 CPU
+ * instructions a session (issue 14's 1.2x bar). 0, or -1 with an error. */
+static int
+prune_owned(PyObject *work, PyObject *owned)
+{
+    PyObject *kept = PyList_New(0);
+    if (kept == NULL)
+        return -1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(owned); i++) {
+        PyObject *link = PyList_GET_ITEM(owned, i);
+        Py_INCREF(link);
+        int lendable = still_lendable(link);
+        int failed = lendable < 0 || (lendable && PyList_Append(kept, link) < 0);
+        Py_DECREF(link);
+        if (failed)
+            goto error;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(kept);
+    PyObject *prune_at = PyLong_FromSsize_t(2 * count > min_prune ? 2 * count : min_prune);
+    if (prune_at == NULL || PyList_SetSlice(owned, 0, PyList_GET_SIZE(owned), kept) < 0) {
+        Py_XDECREF(prune_at);
+        goto error;
+    }
+    Py_DECREF(kept);
+    int rc = set_field(work, work_class, &f_work_prune_owned_at, prune_at);
+    Py_DECREF(prune_at);
+    return rc;
+error:
+    Py_DECREF(kept);
+    return -1;
+}
+
 /* SessionGuard.own(work) for a work that is not a pool job's: 0, or -1 with an error. */
 static int
 own(PyObject *guard, PyObject *work)
@@ -448,16 +484,10 @@ own(PyObject *guard, PyObject *work)
         Py_DECREF(prune_at);
         if (limit == -1 && PyErr_Occurred())
             goto done;
-        if (PyList_GET_SIZE(owned) + 1 < limit) {
-            if (PyList_Append(owned, link) < 0)
-                goto done;
-        }
-        else {
-            PyObject *added = PyObject_CallMethodOneArg(work, s_owns, link);
-            if (added == NULL)
-                goto done;
-            Py_DECREF(added);
-        }
+        if (PyList_GET_SIZE(owned) + 1 >= limit && prune_owned(work, owned) < 0)
+            goto done;
+        if (PyList_Append(owned, link) < 0)
+            goto done;
     }
     else if (PyErr_Occurred())
         goto done;
@@ -721,6 +751,20 @@ configure(PyObject *module, PyObject *args)
         Py_DECREF(var);
         return NULL;
     }
+    PyObject *work_module = PyImport_ImportModule("sessionscope._work");
+    PyObject *least = work_module == NULL ? NULL : PyObject_GetAttrString(work_module, "_MIN_PRUNE");
+    Py_XDECREF(work_module);
+    Py_ssize_t least_prune = least == NULL ? -1 : PyLong_AsSsize_t(least);
+    Py_XDECREF(least);
+    if (least_prune < 1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "configure(): _work._MIN_PRUNE must be positive");
+        Py_XDECREF(node_itself);
+        Py_XDECREF(refs);
+        Py_DECREF(var);
+        return NULL;
+    }
+    min_prune = least_prune;
     Py_XSETREF(itself, node_itself);
     Py_XSETREF(live_session_refs, refs);
     Py_XSETREF(lineage_var, var);
