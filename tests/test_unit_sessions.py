@@ -254,6 +254,66 @@ def test_remove_closes_only_the_current_units_session(Scoped: Any) -> None:
     thread.join()
 
 
+class CountingSession(Session):
+    """A Session that counts its closes."""
+
+    closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+        super().close()
+
+
+def run_in_thread(target: Any) -> None:
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+
+
+@pytest.mark.parametrize("guard", ["raise", "off"])
+def test_a_removed_session_is_not_closed_again_for_nothing_at_its_units_end(
+    engine: Engine, guard: str
+) -> None:
+    Scoped = sessionscope.scoped_session(sessionmaker(engine, class_=CountingSession), guard=guard)
+    removed: list[CountingSession] = []
+
+    def request() -> None:
+        session = hold_connection(Scoped)
+        Scoped.remove()
+        removed.append(session)  # type: ignore[arg-type]
+
+    run_in_thread(request)
+    assert removed[0].closes == 1  # remove()'s: the unit's end found nothing to close
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_session_used_after_remove_is_still_closed_at_its_units_end(engine: Engine) -> None:
+    Scoped = sessionscope.scoped_session(sessionmaker(engine, class_=CountingSession))
+    used: list[CountingSession] = []
+
+    def request() -> None:
+        session = hold_connection(Scoped)
+        Scoped.remove()
+        session.execute(text("select 1"))  # still the unit's session: a new transaction
+        used.append(session)  # type: ignore[arg-type]
+
+    run_in_thread(request)
+    assert used[0].closes == 2 and not used[0].in_transaction()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("guard", ["raise", "off"])
+def test_a_session_its_unit_never_used_is_closed_at_its_end(engine: Engine, guard: str) -> None:
+    """Empty or not, a session not closed yet is closed: ``close()`` is what a subclass hooks,
+    and what makes a ``close_resets_only=False`` session refuse any use since."""
+    Scoped = sessionscope.scoped_session(
+        sessionmaker(engine, class_=CountingSession, close_resets_only=False), guard=guard
+    )
+    unused: list[CountingSession] = []
+    run_in_thread(lambda: unused.append(Scoped()))
+    assert unused[0].closes == 1
+
+
 def test_trio_tasks_get_their_own_sessions_closed_when_each_task_exits(Scoped: Any) -> None:
     trio = pytest.importorskip("trio")
     sessions: list[Session] = []

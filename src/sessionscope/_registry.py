@@ -186,11 +186,12 @@ class UnitRegistry(Generic[S]):
         # current_work()'s usual answer without its calls, as in _miss (an ended work holds no
         # values: nothing is closed or forgotten, as when current_work() says None; a parent
         # process's may, and is not this process's to close)
+        loop = _get_running_loop()
         if (
             type(work) is not WorkUnit
             or work.generation != _fork.generation
-            or _get_running_loop() is not None
-            or "trio" in _modules
+            or (loop is None and "trio" in _modules)
+            or (loop is not None and (work.ended or current_task_of_loop(loop) is not work.task))
         ):
             work = current_work()
             if work is None:
@@ -204,11 +205,19 @@ class UnitRegistry(Generic[S]):
                 close(session)
             work.value_key = work.value = None
             self._local._count -= 1
-            return
-        session = work.get_value(key)
+        else:
+            session = work.get_value(key)
+            if session is not None:
+                close(session)
+            self._local.pop(work)
         if session is not None:
-            close(session)
-        self._local.pop(work)
+            # _session_state.mark_removed(session), without its frame: its unit's end need
+            # not close it again for nothing (an object that takes no attribute is no guarded
+            # session, and no unit's end closes it)
+            try:  # noqa: SIM105 - contextlib.suppress() would be 3 more calls per remove()
+                session._sessionscope_removed = True
+            except AttributeError:
+                pass
 
     def forget(self, session: S) -> None:
         """Stop holding ``session`` for the current unit (it was handed off), without closing it."""

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.session import _sessions as _live_sessions
 
 from .. import _fork
+from .._session_state import closed_already
 from .._units import Unit, current_unit, describe_unit
 from .._units._asyncio import _get_running_loop, current_task_of_loop
 from .._units._thread import THREAD_UNIT_ATTRIBUTE
@@ -258,9 +259,16 @@ class SessionGuard(GuardState):
             self.token = None
             self.state = ENDED
             return
-        close, close_later = _closers_for(session)
         if violation_sink is not None:
             violation_sink(self, "left-open", None)
+        if not self.of_async:
+            # (end()'s first step, then: with nobody inside, a session that remove() closed and
+            # that has held nothing since is not closed again; asked after disowning, so that no
+            # borrower can enter after the question)
+            self.disown(ENDED)
+            if INSIDE.get(self) is None and closed_already(session):
+                return
+        close, close_later = _closers_for(session)
         self.end(close, close_later)
 
     # -- the entry check -----------------------------------------------------------------------
