@@ -211,9 +211,9 @@ class UnitRegistry(Generic[S]):
                 close(session)
             self._local.pop(work)
         if session is not None:
-            # _session_state.mark_removed(session), without its frame: its unit's end need
-            # not close it again for nothing (an object that takes no attribute is no guarded
-            # session, and no unit's end closes it)
+            # the mark _session_state.closed_already reads (REMOVED_ATTRIBUTE, stored without a
+            # call): its unit's end need not close it again for nothing (an object that takes no
+            # attribute is no guarded session, and no unit's end closes it)
             try:  # noqa: SIM105 - contextlib.suppress() would be 3 more calls per remove()
                 session._sessionscope_removed = True
             except AttributeError:
