@@ -314,6 +314,36 @@ def test_a_session_its_unit_never_used_is_closed_at_its_end(engine: Engine, guar
     assert unused[0].closes == 1
 
 
+def test_remove_in_a_child_task_closes_its_own_session_never_the_parents(
+    Scoped: Any, engine: Engine
+) -> None:
+    """A child task's context holds its parent's unit of work: ``remove()`` there must find the
+    child's own (or none), not close the parent's."""
+
+    async def main() -> tuple[Session, Session]:
+        parent = hold_connection(Scoped)
+
+        async def child_without_a_session() -> None:
+            Scoped.remove()
+
+        async def child_with_one() -> Session:
+            session = hold_connection(Scoped)
+            Scoped.remove()
+            return session
+
+        await asyncio.create_task(child_without_a_session())
+        child = await asyncio.create_task(child_with_one())
+        still_open = parent.in_transaction() and Scoped() is parent
+        Scoped.remove()
+        assert still_open
+        return parent, child
+
+    parent, child = asyncio.run(main())
+    assert child is not parent
+    assert not child.in_transaction() and not parent.in_transaction()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 def test_trio_tasks_get_their_own_sessions_closed_when_each_task_exits(Scoped: Any) -> None:
     trio = pytest.importorskip("trio")
     sessions: list[Session] = []

@@ -18,6 +18,7 @@ from sqlalchemy.util import ScopedRegistry
 from . import _fork
 from ._guard._state import speedups
 from ._scope import ScopeState
+from ._session_state import REMOVED_ATTRIBUTE
 from ._unit_local import UnitLocal
 from ._units import unit_outside_tasks
 from ._units._asyncio import _get_running_loop, current_task_of_loop
@@ -211,11 +212,11 @@ class UnitRegistry(Generic[S]):
                 close(session)
             self._local.pop(work)
         if session is not None:
-            # the mark _session_state.closed_already reads (REMOVED_ATTRIBUTE, stored without a
-            # call): its unit's end need not close it again for nothing (an object that takes no
-            # attribute is no guarded session, and no unit's end closes it)
+            # the mark _session_state.closed_already reads: its unit's end need not close it
+            # again for nothing (an object that takes no attribute is no guarded session, and
+            # no unit's end closes it)
             try:  # noqa: SIM105 - contextlib.suppress() would be 3 more calls per remove()
-                session._sessionscope_removed = True
+                setattr(session, REMOVED_ATTRIBUTE, True)
             except AttributeError:
                 pass
 

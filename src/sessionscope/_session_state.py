@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 REMOVED_ATTRIBUTE = "_sessionscope_removed"
-"""Set True on a session once ``remove()`` has closed it (``UnitRegistry.close_implicit``, which
-spells the name out: an attribute store, no call); see :func:`closed_already`."""
+"""Set True on a session once ``remove()`` has closed it (``UnitRegistry.close_implicit``); see
+:func:`closed_already`."""
 
 
 def closed_already(session: Any) -> bool:
