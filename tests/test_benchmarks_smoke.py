@@ -554,3 +554,19 @@ Ir                       file:function
     assert inclusive_in_annotation(annotation, "nowhere") == 0
     per_request = Split(1_000_000, 100_000).per(Split(400_000, 40_000), 300)
     assert per_request == Split(2_000, 200) and per_request.rest == 1_800
+
+
+def test_scope_cpu_benchmark_yields_a_ratio_for_every_contender(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``scope_cpu.py --smoke``: every contender ran its batches and has a ratio to by hand."""
+    import scope_cpu
+
+    out = tmp_path / "scope_cpu.json"
+    assert scope_cpu.main(["--smoke", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["ratio"]) == list(scope_cpu.contenders())
+    assert report["ratio"][scope_cpu.BASE] == 1.0
+    assert all(len(rounds) == scope_cpu.SIZES["smoke"][1] for rounds in report["rounds"].values())
+    assert min(report["us_per_call"].values()) > 0
+    assert report["markdown"] in capsys.readouterr().out
