@@ -152,7 +152,7 @@ def lines(result: dict[str, Any]) -> list[str]:
     for label, us in result["us_per_request"].items():
         added = result["added_us"][label]
         out.append(
-            f"  {label:<12} {us:8.1f} µs  ratio {result['ratio'][label]:.3f}"
+            f"  {label:<13} {us:8.1f} µs  ratio {result['ratio'][label]:.3f}"
             + (f"  ({added:+.1f} µs)" if label != "by hand" else "")
         )
     return out
