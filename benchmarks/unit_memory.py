@@ -5,11 +5,28 @@ appended to a plain list (the baseline: the unit and its session, nothing else),
 SQLAlchemy's ``scoped_session`` / ``async_scoped_session`` with the usual ``scopefunc``, and through
 sessionscope's drop-in for it. Subtracting the baseline cancels out the session and the unit,
 leaving the registry's bookkeeping per unit.
+
+Each variant is measured in a process of its own, started the same way. Measured one after
+another in one process, the later variants found tables the earlier ones had grown (asyncio's
+set of tasks, SQLAlchemy's registry of live sessions: a dict or set keeps its size when emptied)
+and did not pay for growing them: SQLAlchemy's registry came out at -31 bytes a unit, below the
+baseline, and sessionscope's at 460 where a process of its own gives 512.
+
+``blocks`` counts what pymalloc really hands out: it serves requests of up to 512 bytes in
+blocks of multiples of 16, so an object made 8 bytes smaller often takes the same block.
+tracemalloc's figure (``peak``, ``held``) is the bytes asked for.
+
+    python benchmarks/unit_memory.py            # every row, 10,000 units
+    python benchmarks/unit_memory.py -k gevent  # rows whose label has "gevent"
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,6 +51,7 @@ class Traced:
 
     held: float  # still allocated once all N hold (current - start)
     peak: float  # peak on the way there (peak - start)
+    blocks: float  # held, each allocation rounded up to its pymalloc block (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,11 @@ class MemoryResult:
     def sqlalchemy_held(self) -> float:
         return self.sqlalchemy.held - self.plain.held
 
+    @property
+    def sessionscope_blocks(self) -> float:
+        """sessionscope's bookkeeping per unit in pymalloc's blocks, as held once all hold."""
+        return self.sessionscope.blocks - self.plain.blocks
+
     def as_dict(self) -> dict[str, object]:
         return {
             **asdict(self),
@@ -68,6 +91,7 @@ class MemoryResult:
             "sessionscope_bytes_per_unit_held": self.sessionscope_held,
             "sqlalchemy_bytes_per_unit_peak": self.sqlalchemy_peak,
             "sqlalchemy_bytes_per_unit_held": self.sqlalchemy_held,
+            "sessionscope_bytes_per_unit_blocks": self.sessionscope_blocks,
         }
 
 
@@ -86,22 +110,79 @@ def _holders(contest: Contest) -> dict[str, Callable[[], Hold]]:
     }
 
 
+_SMALL_REQUEST = 512  # pymalloc's limit: larger requests go to the system's malloc
+_ALIGNMENT = 16  # pymalloc's size classes on 64-bit builds
+
+
+def _block(size: int) -> int:
+    return size if size > _SMALL_REQUEST else -(-size // _ALIGNMENT) * _ALIGNMENT
+
+
 def _traced(unit: str, hold: Hold, units: int) -> Traced:
     gc.collect()
     tracemalloc.start()
     try:
         start, _ = tracemalloc.get_traced_memory()
-        current, peak = ENVS[unit](tracemalloc.get_traced_memory, hold, units)
+        start_blocks = sum(_block(t.size) for t in tracemalloc.take_snapshot().traces)
+
+        def when_all_hold() -> tuple[int, int, int]:
+            current, peak = tracemalloc.get_traced_memory()
+            blocks = sum(_block(t.size) for t in tracemalloc.take_snapshot().traces)
+            return current, peak, blocks
+
+        current, peak, blocks = ENVS[unit](when_all_hold, hold, units)
     finally:
         tracemalloc.stop()
-    return Traced(held=(current - start) / units, peak=(peak - start) / units)
+    return Traced(
+        held=(current - start) / units,
+        peak=(peak - start) / units,
+        blocks=(blocks - start_blocks) / units,
+    )
+
+
+def measure_variant(row: str, variant: str, units: int) -> Traced:
+    """One variant of ``row``, in this process (:func:`measure_memory` gives each its own)."""
+    unit, contest = ROWS[row]
+    make_hold = _holders(contest)[variant]
+    ENVS[unit](lambda: None, make_hold(), min(units, 200))  # first-use caches are not per unit
+    return _traced(unit, make_hold(), units)
 
 
 def measure_memory(row: str, units: int) -> MemoryResult:
-    """Bytes per unit of each variant of ``row`` with ``units`` units alive, each holding one."""
+    """Bytes per unit of each variant of ``row`` with ``units`` units alive, each holding one,
+    each variant measured in a fresh process (see the module's docstring)."""
     unit, contest = ROWS[row]
-    holders = _holders(contest)
-    for make_hold in holders.values():  # warm up: first-use caches must not count as per-unit
-        ENVS[unit](lambda: None, make_hold(), min(units, 200))
-    traced = {name: _traced(unit, make_hold(), units) for name, make_hold in holders.items()}
+    traced = {}
+    for variant in _holders(contest):
+        command = [sys.executable, __file__, "--variant", row, variant, str(units)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"measuring {variant!r} of {row!r} failed:\n{done.stderr}")
+        traced[variant] = Traced(**json.loads(done.stdout.splitlines()[-1]))
     return MemoryResult(row, units, **traced)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", metavar="TEXT", default="", help="only rows whose label has TEXT")
+    parser.add_argument("--units", type=int, default=10_000)
+    parser.add_argument("--variant", nargs=3, metavar=("ROW", "VARIANT", "UNITS"), help="internal")
+    args = parser.parse_args()
+    if args.variant:
+        row, variant, units = args.variant
+        print(json.dumps(asdict(measure_variant(row, variant, int(units)))))
+        return
+    print(f"Bookkeeping per live unit beyond the session ({args.units:,} units, tracemalloc)")
+    for row in ROWS:
+        if args.k in row:
+            result = measure_memory(row, args.units)
+            print(
+                f"{row:<28} sessionscope {result.sessionscope_peak:5.0f} B"
+                f" ({result.sessionscope_blocks:.0f} B in pymalloc blocks)"
+                f"  SQLAlchemy {result.sqlalchemy_peak:5.0f} B",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
